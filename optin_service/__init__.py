@@ -1,0 +1,40 @@
+"""optin-service: record a loyalty member's consent to communications.
+
+``create_app()`` builds the standalone service (``wsgi.py`` runs it under
+gunicorn); :class:`OptIn` mounts the same API on an existing Flask app.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+from . import defaults
+from .extension import OptIn
+
+__all__ = ["OptIn", "create_app"]
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """The standalone service: Flask, its ``OPTIN_*`` config, and the opt-in API.
+
+    Settings come from ``defaults.py``, then same-named environment variables,
+    then ``config``. An unknown storage scheme raises here, so gunicorn refuses
+    to start rather than serve errors.
+    """
+    app = Flask(__name__, instance_relative_config=True)
+    if config:
+        app.config.update(config)
+    defaults.apply(app.config)
+    pkg_log = logging.getLogger(__name__)
+    if pkg_log.level == logging.NOTSET:
+        pkg_log.setLevel(logging.INFO)
+    if not pkg_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(levelname)s %(name)s: %(message)s"))
+        pkg_log.addHandler(handler)
+    OptIn(app)
+    return app

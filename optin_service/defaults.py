@@ -1,0 +1,47 @@
+"""Every ``OPTIN_*`` setting and its default, in one place.
+
+Each can be overridden by an environment variable of the same name, and then
+by the mapping passed to :func:`optin_service.create_app` (or by the host app's
+own config when the extension is embedded).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+#: Which backend and where (``memory://``, ``sqlite:///rel.db``, ``redis://host:6379/0``...).
+#: ``None`` means an SQLite file named ``optin.db`` in the Flask instance folder.
+OPTIN_STORAGE_URL: str | None = None
+
+#: Largest request body accepted, in bytes (becomes Flask's ``MAX_CONTENT_LENGTH``).
+OPTIN_MAX_BODY_BYTES: int = 16384
+
+#: Seconds a client is told to wait (``Retry-After``) when storage is unavailable.
+OPTIN_RETRY_AFTER_SECONDS: int = 1
+
+DEFAULTS: dict[str, Any] = {
+    name: value for name, value in globals().items() if name.startswith("OPTIN_")
+}
+
+
+def _from_env(name: str, default: Any, environ: Mapping[str, str]) -> Any:
+    raw = environ[name]
+    if isinstance(default, bool):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"{name} must be a whole number, not {raw!r}") from None
+    return raw
+
+
+def apply(config: MutableMapping[str, Any], environ: Mapping[str, str] | None = None) -> None:
+    """Fill every ``OPTIN_*`` key ``config`` lacks, from the environment or the default."""
+    environ = os.environ if environ is None else environ
+    for name, default in DEFAULTS.items():
+        if name in config:
+            continue
+        config[name] = _from_env(name, default, environ) if name in environ else default

@@ -1,0 +1,126 @@
+"""The JSON error envelope, and the handlers that give every error status one.
+
+Every error, whichever layer raises it (routing, body limit, validation,
+storage, a bug), answers ``{"statusCode": ..., "errorCode": ..., "errorMessage": ...}``
+and never an HTML page or a stack trace.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from http import HTTPStatus
+
+from flask import Flask, Response, current_app, request
+from werkzeug.exceptions import HTTPException
+
+from .headers import request_id
+from .storage import StorageError, StorageUnavailable
+
+log = logging.getLogger(__name__)
+
+ERROR_CODES: dict[int, str] = {
+    400: "INVALID_REQUEST",
+    401: "UNAUTHORIZED",
+    403: "FORBIDDEN",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    413: "PAYLOAD_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+    429: "TOO_MANY_REQUESTS",
+    500: "INTERNAL_ERROR",
+    503: "SERVICE_UNAVAILABLE",
+}
+
+
+class ApiError(HTTPException):
+    """An error answered with the envelope: raise it from anywhere in a request."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        error_code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = status
+        self.error_code = error_code
+        self.extra_headers = headers or {}
+
+
+def error_response(
+    status: int,
+    message: str,
+    error_code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """The envelope as a response. Codes not in the table are derived from the reason."""
+    if error_code is None:
+        error_code = ERROR_CODES.get(status) or _reason_code(status)
+    body = json.dumps(
+        {"statusCode": status, "errorCode": error_code, "errorMessage": message},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return Response(body, status, headers=headers, mimetype="application/json")
+
+
+def _reason_code(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase.upper().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return "INTERNAL_ERROR" if status >= 500 else "INVALID_REQUEST"
+
+
+def _message(exc: HTTPException) -> str:
+    """Short, specific messages for what Werkzeug raises; ours carry their own."""
+    if isinstance(exc, ApiError):
+        return exc.description or ""
+    if exc.code == 404:
+        return f"No such resource: {request.path}"
+    if exc.code == 405:
+        return f"Method {request.method} is not allowed on {request.path}"
+    if exc.code == 413:
+        return f"Request body is larger than {request.max_content_length} bytes"
+    return exc.description or exc.name
+
+
+def handle_http_exception(exc: HTTPException) -> Response:
+    """Routing, body-limit and our own :class:`ApiError` errors."""
+    headers = dict(getattr(exc, "extra_headers", {}))
+    if exc.code == 405 and getattr(exc, "valid_methods", None):
+        headers["Allow"] = ", ".join(exc.valid_methods)
+    status = exc.code or 500
+    return error_response(status, _message(exc), getattr(exc, "error_code", None), headers)
+
+
+def handle_storage_unavailable(exc: StorageUnavailable) -> Response:
+    """Storage down or busy: the client may retry after a moment."""
+    log.warning("storage unavailable (request id %s): %s", request_id(), exc)
+    retry_after = str(current_app.config.get("OPTIN_RETRY_AFTER_SECONDS", 1))
+    return error_response(
+        503,
+        "Storage is unavailable, please retry later",
+        headers={"Retry-After": retry_after},
+    )
+
+
+def handle_unexpected(exc: Exception) -> Response:
+    """A bug or a storage fault: logged with its trace, answered without details."""
+    log.error(
+        "unhandled error on %s %s (request id %s)",
+        request.method,
+        request.path,
+        request_id(),
+        exc_info=exc,
+    )
+    return error_response(500, "Internal error")
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Give every error status of ``app`` the envelope."""
+    app.register_error_handler(HTTPException, handle_http_exception)
+    app.register_error_handler(StorageUnavailable, handle_storage_unavailable)
+    app.register_error_handler(StorageError, handle_unexpected)
+    app.register_error_handler(Exception, handle_unexpected)

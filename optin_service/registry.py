@@ -1,0 +1,79 @@
+"""Turn an ``OPTIN_STORAGE_URL`` into a store, through entry points.
+
+Backends are entry points in the group ``optin_service.backends`` whose name is
+the URL scheme. Only the entry for the scheme in use is loaded, so a broken
+plugin that nobody asked for cannot stop start-up. :func:`register` is an escape
+hatch for tests and for apps that build a backend in code.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from urllib.parse import urlsplit, urlunsplit
+
+from .storage import OptInStore
+
+GROUP = "optin_service.backends"
+
+_registered: dict[str, type[OptInStore]] = {}
+
+
+class BackendNotFound(LookupError):
+    """No backend is installed for a URL's scheme."""
+
+
+def register(scheme: str, backend: type[OptInStore]) -> None:
+    """Make ``scheme`` resolve to ``backend`` in this process, ahead of entry points."""
+    _registered[scheme] = backend
+
+
+def unregister(scheme: str) -> None:
+    """Undo :func:`register` (tests call this so a throwaway backend does not linger)."""
+    _registered.pop(scheme, None)
+
+
+def installed_schemes() -> list[str]:
+    """Every scheme a store can be built for, without importing any backend."""
+    return sorted(set(entry_points(group=GROUP).names) | set(_registered))
+
+
+def backend_for(scheme: str) -> type[OptInStore]:
+    """The backend class for ``scheme``; raises :class:`BackendNotFound` naming the choices."""
+    if scheme in _registered:
+        return _registered[scheme]
+    found = entry_points(group=GROUP, name=scheme)
+    if not found:
+        known = ", ".join(installed_schemes()) or "none"
+        raise BackendNotFound(
+            f"no storage backend for URL scheme {scheme!r} "
+            f"(entry-point group {GROUP!r}); installed: {known}"
+        )
+    entry = next(iter(found))
+    try:
+        return entry.load()
+    except Exception as exc:  # a plugin's import error, reported with its name
+        raise BackendNotFound(
+            f"storage backend {scheme!r} ({entry.value}, entry-point group {GROUP!r}) "
+            f"failed to load: {exc}"
+        ) from exc
+
+
+def store_from_url(url: str) -> OptInStore:
+    """Build the store named by ``url`` (for example ``redis://localhost:6379/0``)."""
+    scheme = urlsplit(url).scheme
+    if not scheme:
+        raise BackendNotFound(
+            f"storage URL {redact(url)!r} has no scheme; "
+            f"installed: {', '.join(installed_schemes())}"
+        )
+    return backend_for(scheme).from_url(url)
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***``, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
