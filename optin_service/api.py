@@ -9,6 +9,7 @@ import json
 import re
 
 from flask import Blueprint, Response, current_app, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from .errors import ApiError
 from .schemas import dump_state, load_optin_status
@@ -37,15 +38,26 @@ def _checked_id(correlation_id: str) -> str:
     return correlation_id
 
 
+def _body() -> bytes:
+    """The request body, at most ``OPTIN_MAX_BODY_BYTES`` long (else 413)."""
+    limit = current_app.config["OPTIN_MAX_BODY_BYTES"]
+    # Set per request (Flask >= 3.1) so a host app's own limit is left alone. One
+    # byte of headroom: a body without Content-Length (chunked) is cut at the limit
+    # silently, and that extra byte tells a body that fits from one that does not.
+    request.max_content_length = limit + 1
+    data = request.get_data(cache=False)
+    if len(data) > limit:
+        raise RequestEntityTooLarge()
+    return data
+
+
 @bp.put(OPTIN_PATH)
 def put_optin(correlation_id: str) -> Response:
     """Record the member's answer; the body is the seed's, byte for byte."""
     correlation_id = _checked_id(correlation_id)
     if request.mimetype != "application/json":
         raise ApiError(415, "Content-Type must be application/json")
-    # Per request (Flask >= 3.1), so a host app's own limit is left alone.
-    request.max_content_length = current_app.config["OPTIN_MAX_BODY_BYTES"]
-    status = load_optin_status(request.get_data(cache=False))
+    status = load_optin_status(_body())
     store().set(OptInRecord.now(correlation_id, status))
     return Response(UPDATED_BODY, 200, mimetype="application/json")
 

@@ -82,7 +82,8 @@ def _message(exc: HTTPException) -> str:
     if exc.code == 405:
         return f"Method {request.method} is not allowed on {request.path}"
     if exc.code == 413:
-        return f"Request body is larger than {request.max_content_length} bytes"
+        limit = current_app.config.get("OPTIN_MAX_BODY_BYTES")
+        return f"Request body is larger than {limit} bytes"
     return exc.description or exc.name
 
 
