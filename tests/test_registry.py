@@ -1,0 +1,162 @@
+"""The registry: URL scheme -> backend class, through entry points only."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from optin_service import create_app, registry
+from optin_service.storage import OptInStore
+
+PLUGIN_DIR = Path(__file__).parent / "plugins" / "optin-dummy-backend"
+BUILT_IN = ["memory", "redis", "rediss", "sqlite", "unix"]
+
+
+@pytest.mark.parametrize("scheme", BUILT_IN)
+def test_every_built_in_scheme_is_an_entry_point_to_a_store(scheme):
+    backend = registry.backend_for(scheme)
+    assert issubclass(backend, OptInStore)
+    assert scheme in registry.installed_schemes()
+
+
+def test_unknown_scheme_names_it_and_lists_installed_ones():
+    with pytest.raises(registry.BackendNotFound) as info:
+        registry.store_from_url("postgres://db/optin")
+    message = str(info.value)
+    assert "'postgres'" in message
+    assert registry.GROUP in message
+    for scheme in BUILT_IN:
+        assert scheme in message
+
+
+def test_create_app_refuses_an_unknown_scheme():
+    with pytest.raises(registry.BackendNotFound, match="nosuch"):
+        create_app({"OPTIN_STORAGE_URL": "nosuch://anything"})
+
+
+def test_url_without_scheme_is_refused():
+    with pytest.raises(registry.BackendNotFound, match="no scheme"):
+        registry.store_from_url("/var/lib/optin.db")
+
+
+def test_register_is_a_process_local_escape_hatch():
+    class Custom(registry.backend_for("memory")):
+        pass
+
+    registry.register("custom-test", Custom)
+    try:
+        assert type(registry.store_from_url("custom-test://")) is Custom
+        assert "custom-test" in registry.installed_schemes()
+    finally:
+        registry.unregister("custom-test")
+    with pytest.raises(registry.BackendNotFound):
+        registry.store_from_url("custom-test://")
+
+
+def test_a_backend_missing_a_method_fails_at_construction():
+    class Incomplete(OptInStore):
+        @classmethod
+        def from_url(cls, url):
+            return cls()
+
+        def get(self, correlation_id):
+            return None
+
+    with pytest.raises(TypeError, match="abstract"):
+        Incomplete.from_url("x://")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:s3cret@host:6379/0", "redis://:***@host:6379/0"),
+        ("redis://user:s3cret@host/0", "redis://user:***@host/0"),
+        ("sqlite:////var/optin.db", "sqlite:////var/optin.db"),
+    ],
+)
+def test_redact_hides_passwords(url, shown):
+    assert registry.redact(url) == shown
+
+
+@pytest.fixture(scope="module")
+def plugin_site(tmp_path_factory):
+    """The tiny third-party distribution under tests/plugins, installed into a folder."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run(
+        [
+            sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+            "--no-build-isolation", "--no-index", "--target", str(target), str(PLUGIN_DIR),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return target
+
+
+def _run_with_plugin(site: Path, code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.getcwd()])}
+    env.pop("OPTIN_STORAGE_URL", None)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_an_installed_third_party_backend_is_found_by_its_entry_point(plugin_site):
+    # Nothing imports the plugin's module: only its installed entry point names it.
+    result = _run_with_plugin(
+        plugin_site,
+        """
+        import json, sys
+        from optin_service import create_app
+        app = create_app({"OPTIN_STORAGE_URL": "dummy://somewhere"})
+        store = app.extensions["optin"].store
+        client = app.test_client()
+        put = client.put("/client/users/m1/profile/optin", json={"LOYALTY_OPTIN": "declined"})
+        got = client.get("/client/users/m1/profile/optin").get_json()
+        print(json.dumps({
+            "class": type(store).__module__ + "." + type(store).__name__,
+            "url": store.url,
+            "put": put.status_code,
+            "got": got["LOYALTY_OPTIN"],
+            "held": store.records["m1"].status,
+        }))
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out == {
+        "class": "optin_dummy_backend.DummyStore",
+        "url": "dummy://somewhere",
+        "put": 200,
+        "got": "declined",
+        "held": "declined",
+    }
+
+
+def test_a_broken_plugin_only_matters_when_asked_for(plugin_site):
+    result = _run_with_plugin(
+        plugin_site,
+        """
+        from optin_service import create_app, registry
+        create_app({"OPTIN_STORAGE_URL": "memory://"})   # the broken entry is never loaded
+        assert "broken" in registry.installed_schemes()
+        try:
+            create_app({"OPTIN_STORAGE_URL": "broken://"})
+        except registry.BackendNotFound as exc:
+            print(exc)
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "'broken'" in result.stdout
+    assert "failed to load" in result.stdout
+    assert "optin_dummy_backend_does_not_exist" in result.stdout
