@@ -1,0 +1,78 @@
+"""The contract on the wire: raw HTTP/1.1 against gunicorn, as a client sees it."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from tests.servers import LOOPBACK, Gunicorn
+
+pytestmark = pytest.mark.slow
+PATH = "/client/users/wire-1/profile/optin"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("wire")
+    gunicorn = Gunicorn({"OPTIN_STORAGE_URL": f"sqlite:///{tmp}/optin.db"}, workers=1)
+    gunicorn.start(tmp / "gunicorn.log")
+    yield gunicorn
+    gunicorn.stop()
+
+
+def raw(server, request: bytes) -> tuple[str, dict[str, str], bytes]:
+    """Send ``request`` as is; return the status line, headers (names as sent) and body."""
+    with socket.create_connection((LOOPBACK, server.port), timeout=5) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return lines[0], headers, body
+
+
+def put_request(body: bytes, *, chunked: bool = False) -> bytes:
+    head = f"PUT {PATH} HTTP/1.1\r\nHost: {LOOPBACK}\r\nContent-Type: application/json\r\n"
+    if not chunked:
+        return (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i : i + 4096]), body[i : i + 4096])
+                      for i in range(0, len(body), 4096))  # fmt: skip
+    return (head + "Transfer-Encoding: chunked\r\n\r\n").encode() + chunks + b"0\r\n\r\n"
+
+
+def test_200_is_the_seeds_bytes_with_its_header_names(server):
+    status, headers, body = raw(server, put_request(b'{"LOYALTY_OPTIN":"accepted"}'))
+    assert status == "HTTP/1.1 200 OK"
+    assert body == b'{"message":"Opt-in updated."}'
+    assert headers["Content-Length"] == "29"
+    assert headers["X-XSS-Protection"] == "1;mode=block"
+    assert headers["cache-control"] == "no-cache, no-store, must-revalidate"
+    assert len(headers["x-amzn-RequestId"]) == 36
+    assert headers["Strict-Transport-Security"] == "max-age=31536000"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"LOYALTY_OPTIN":"maybe"}', b"Invalid opt-in response provided"),
+        (b"{}", b"LOYALTY_OPTIN missing from body"),
+    ],
+)
+def test_seed_400s_on_the_wire(server, body, message):
+    status, headers, answer = raw(server, put_request(body))
+    assert status == "HTTP/1.1 400 BAD REQUEST"
+    assert answer == (
+        b'{"statusCode":400,"errorCode":"INVALID_REQUEST","errorMessage":"' + message + b'"}'
+    )
+    assert headers["Content-Type"] == "application/json"
+
+
+@pytest.mark.parametrize(("pad", "code"), [(100, "200"), (16400, "413"), (200_000, "413")])
+def test_chunked_bodies_are_held_to_the_limit(server, pad, code):
+    body = b'{"LOYALTY_OPTIN":"declined","pad":"' + b"x" * pad + b'"}'
+    status, headers, answer = raw(server, put_request(body, chunked=True))
+    assert status.split()[1] == code, answer
+    assert headers["X-Content-Type-Options"] == "nosniff"
