@@ -46,6 +46,7 @@ _UPSERT = (
 )
 _SELECT = "SELECT status, updated_us FROM optin WHERE correlation_id = ?"
 _SYNCHRONOUS = ("FULL", "NORMAL", "EXTRA")
+_MAX_TIMEOUT = (2**31 - 1) // 1000  # busy_timeout takes a C int of milliseconds
 
 
 class SQLiteStore(OptInStore):
@@ -60,6 +61,8 @@ class SQLiteStore(OptInStore):
         synchronous = synchronous.upper()
         if synchronous not in _SYNCHRONOUS:
             raise ValueError(f"synchronous must be one of {_SYNCHRONOUS}, not {synchronous!r}")
+        if not 0 <= timeout <= _MAX_TIMEOUT:  # also rejects NaN
+            raise ValueError(f"timeout must be 0 to {_MAX_TIMEOUT} seconds, not {timeout!r}")
         self.path = os.path.abspath(path)
         self.synchronous = synchronous
         self.timeout = timeout
@@ -75,7 +78,7 @@ class SQLiteStore(OptInStore):
             raise ValueError(
                 f"sqlite URL {url!r} has a host part; use sqlite:///relative.db or sqlite:////abs.db"
             )
-        options = dict(parse_qsl(parts.query))
+        options = dict(parse_qsl(parts.query, keep_blank_values=True))
         unknown = set(options) - {"synchronous", "timeout"}
         if unknown:
             raise ValueError(f"unknown sqlite URL option(s): {', '.join(sorted(unknown))}")

@@ -61,12 +61,14 @@ class OptIn:
         defaults.apply(app.config)
         url = None
         if store is None:
-            url = app.config["OPTIN_STORAGE_URL"]
-            if not url:
-                url = default_storage_url(app)
-                log.info("OPTIN_STORAGE_URL not set: using %s", url)
+            url = app.config["OPTIN_STORAGE_URL"] or default_storage_url(app)
             store = store_from_url(url)
-            log.info("opt-in storage: %s", redact(url))
+            how = (
+                ""
+                if app.config["OPTIN_STORAGE_URL"]
+                else " (default: OPTIN_STORAGE_URL is not set)"
+            )
+            log.info("opt-in storage: %s%s", redact(url), how)
         app.extensions["optin"] = OptInState(store=store, storage_url=url)
         app.register_blueprint(bp, url_prefix=url_prefix)
         register_error_handlers(app)

@@ -42,6 +42,27 @@ def wait_for_port(port: int, timeout: float = 10.0, proc: subprocess.Popen | Non
     raise TimeoutError(f"nothing listening on {LOOPBACK}:{port} after {timeout}s")
 
 
+def child_pids(pid: int) -> list[int]:
+    """Live (non-zombie) children of ``pid``, read from ``/proc/*/stat``.
+
+    For a gunicorn master these are its workers. Works on kernels without
+    ``/proc/<pid>/task/<tid>/children`` (CONFIG_PROC_CHILDREN) and without procps.
+    """
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # the process exited while we looked
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        state, ppid = stat.rpartition(")")[2].split()[:2]
+        if int(ppid) == pid and state != "Z":
+            children.append(int(entry.name))
+    return sorted(children)
+
+
 class RedisServer:
     """A redis-server of our own in a temp dir, with AOF on so restarts keep data."""
 
@@ -114,6 +135,10 @@ class Gunicorn:
         self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=log, stderr=log)
         wait_for_port(self.port, timeout=20, proc=self.proc)
         return self
+
+    def worker_pids(self) -> list[int]:
+        """The pids of the live workers of this gunicorn (children of its master)."""
+        return child_pids(self.proc.pid) if self.proc is not None else []
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
