@@ -36,5 +36,5 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("[%(asctime)s] %(levelname)s %(name)s: %(message)s"))
         pkg_log.addHandler(handler)
-    OptIn(app)
+    OptIn(app, standalone=True)
     return app

@@ -11,13 +11,18 @@ import re
 from flask import Blueprint, Response, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from .errors import ApiError
+from .errors import ApiError, register_error_handlers
 from .schemas import dump_state, load_optin_status
 from .storage import OptInRecord, OptInStore
 
 bp = Blueprint("optin", __name__)
+# Errors raised by these views get the envelope even when a host app has its own
+# handlers: Flask consults a blueprint's handlers before the app's.
+register_error_handlers(bp)
 
 OPTIN_PATH = "/client/users/<correlation_id>/profile/optin"
+#: Path prefixes of the API when mounted without a url_prefix (its 404s and 405s).
+API_PATHS = ("/client/users/", "/healthz", "/readyz")
 #: The seed's 200 body, exactly these 29 bytes (``jsonify`` would add a newline).
 UPDATED_BODY = b'{"message":"Opt-in updated."}'
 _CORRELATION_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")

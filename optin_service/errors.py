@@ -11,7 +11,7 @@ import json
 import logging
 from http import HTTPStatus
 
-from flask import Flask, Response, current_app, request
+from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
 from .headers import request_id
@@ -119,9 +119,9 @@ def handle_unexpected(exc: Exception) -> Response:
     return error_response(500, "Internal error")
 
 
-def register_error_handlers(app: Flask) -> None:
-    """Give every error status of ``app`` the envelope."""
-    app.register_error_handler(HTTPException, handle_http_exception)
-    app.register_error_handler(StorageUnavailable, handle_storage_unavailable)
-    app.register_error_handler(StorageError, handle_unexpected)
-    app.register_error_handler(Exception, handle_unexpected)
+def register_error_handlers(target: Flask | Blueprint) -> None:
+    """Give every error raised in ``target`` (an app, or a blueprint's views) the envelope."""
+    target.register_error_handler(HTTPException, handle_http_exception)
+    target.register_error_handler(StorageUnavailable, handle_storage_unavailable)
+    target.register_error_handler(StorageError, handle_unexpected)
+    target.register_error_handler(Exception, handle_unexpected)

@@ -1,17 +1,25 @@
-"""``OptIn``: the Flask extension that mounts the opt-in API on an app."""
+"""``OptIn``: the Flask extension that mounts the opt-in API on an app.
+
+Embedded in a host app, it changes nothing of the host's own responses: the
+JSON error envelope, the seed's headers and the request id apply only to the
+opt-in routes and to routing errors (404, 405) under the API's mount point.
+Standalone (``create_app``), the whole app is the opt-in API.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
+import weakref
 
-from flask import Flask, current_app
+from flask import Flask, Request, Response, current_app, request
+from werkzeug.exceptions import HTTPException
 
 from . import defaults
-from .api import bp
-from .errors import register_error_handlers
-from .headers import init_headers
+from .api import API_PATHS, bp
+from .errors import handle_http_exception, register_error_handlers
+from .headers import apply_headers
 from .registry import redact, store_from_url
 from .storage import OptInStore
 
@@ -23,7 +31,21 @@ class OptInState:
     """What one app needs at request time, kept in ``app.extensions["optin"]``."""
 
     store: OptInStore
+    #: The URL the store was built from (``None`` for a store passed in).
     storage_url: str | None
+    #: Where the routes are mounted ("" for the root).
+    url_prefix: str
+    #: True when the whole app is the opt-in API (``create_app``).
+    standalone: bool
+
+    def owns(self, req: Request) -> bool:
+        """Whether ``req`` is the opt-in API's to answer (envelope, headers, request id)."""
+        if self.standalone or req.blueprint == bp.name:
+            return True
+        path = req.path
+        if self.url_prefix:
+            return path == self.url_prefix or path.startswith(self.url_prefix + "/")
+        return path.startswith(API_PATHS)
 
 
 def default_storage_url(app: Flask) -> str:
@@ -35,9 +57,12 @@ class OptIn:
     """Mounts the opt-in API on a Flask app: ``OptIn(app)`` or ``OptIn().init_app(app)``.
 
     ``store`` takes a ready store (for example one around the host's own Redis
-    client); without it the store is built from ``OPTIN_STORAGE_URL``. Per-app
-    state lives in ``app.extensions["optin"]``, so one extension object can
-    serve several apps.
+    client, which the host then keeps owning); without it the store is built
+    from ``OPTIN_STORAGE_URL`` and closed when the app is garbage-collected.
+    ``url_prefix`` mounts every route, health checks included, under a path.
+    ``standalone`` makes the whole app the opt-in API (``create_app`` sets it).
+    Per-app state lives in ``app.extensions["optin"]``, so one extension object
+    can serve several apps.
     """
 
     def __init__(
@@ -46,9 +71,10 @@ class OptIn:
         *,
         store: OptInStore | None = None,
         url_prefix: str | None = None,
+        standalone: bool = False,
     ) -> None:
         if app is not None:
-            self.init_app(app, store=store, url_prefix=url_prefix)
+            self.init_app(app, store=store, url_prefix=url_prefix, standalone=standalone)
 
     def init_app(
         self,
@@ -56,25 +82,51 @@ class OptIn:
         *,
         store: OptInStore | None = None,
         url_prefix: str | None = None,
+        standalone: bool = False,
     ) -> None:
-        """Register routes, headers, error handlers and the store on ``app``."""
+        """Register the routes, the store, and the envelope and headers on the API's responses."""
+        if "optin" in app.extensions:
+            raise RuntimeError("OptIn is already registered on this app")
         defaults.apply(app.config)
         url = None
         if store is None:
-            url = app.config["OPTIN_STORAGE_URL"] or default_storage_url(app)
+            configured = app.config["OPTIN_STORAGE_URL"]
+            url = configured or default_storage_url(app)
             store = store_from_url(url)
-            how = (
-                ""
-                if app.config["OPTIN_STORAGE_URL"]
-                else " (default: OPTIN_STORAGE_URL is not set)"
-            )
+            weakref.finalize(app, store.close)
+            how = "" if configured else " (default: OPTIN_STORAGE_URL is not set)"
             log.info("opt-in storage: %s%s", redact(url), how)
-        app.extensions["optin"] = OptInState(store=store, storage_url=url)
-        app.register_blueprint(bp, url_prefix=url_prefix)
-        register_error_handlers(app)
-        init_headers(app)
+        prefix = (url_prefix or "").rstrip("/")
+        state = OptInState(store, url, prefix, standalone)
+        app.extensions["optin"] = state
+        app.register_blueprint(bp, url_prefix=prefix or None)
+        if standalone:
+            register_error_handlers(app)
+        else:
+            # Routing errors happen before any blueprint is chosen, so only an
+            # app-level hook sees a 404 or 405 under the mount point. It answers
+            # those and leaves every other path to the host's own handlers.
+            app.before_request(_routing_errors)
+        # Flask runs app-level after_request functions last-registered first:
+        # first in the list runs last, after a host's own Talisman or header
+        # hooks, so the API's responses keep the seed's values whatever the host sets.
+        app.after_request_funcs.setdefault(None, []).insert(0, _headers)
 
     @property
     def store(self) -> OptInStore:
         """The store of the current app (needs an app context)."""
         return current_app.extensions["optin"].store
+
+
+def _routing_errors() -> Response | None:
+    exc = request.routing_exception
+    if isinstance(exc, HTTPException) and (exc.code or 0) >= 400:
+        if current_app.extensions["optin"].owns(request):
+            return handle_http_exception(exc)
+    return None
+
+
+def _headers(response: Response) -> Response:
+    if current_app.extensions["optin"].owns(request):
+        apply_headers(response)
+    return response

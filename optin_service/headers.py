@@ -1,17 +1,21 @@
-"""The response headers the seed shows, on every response, errors included.
+"""The response headers the seed shows, on every opt-in response, errors included.
 
 Talisman owns the headers it can emit with the seed's exact values:
 Referrer-Policy, X-Frame-Options, Feature-Policy, Permissions-Policy,
-X-Content-Type-Options, and Strict-Transport-Security on HTTPS requests.
+X-Content-Type-Options and Strict-Transport-Security. Its options are below;
+what it emits for them is captured once, at import, from a private app, and
+replayed on each opt-in response. That keeps Talisman's behaviour without its
+per-request cost (it re-reads its options and re-parses policies on every
+response), and keeps it off a host app's own pages when the API is embedded.
 
 This module adds, in one place, what Talisman 1.1.0 cannot give byte for byte:
 - ``X-XSS-Protection: 1;mode=block`` (Talisman writes ``1; mode=block``);
 - ``Content-Security-Policy`` (Talisman re-joins directives with ``"; "``);
 - ``Expect-CT``, ``Access-Control-Allow-Origin``, ``cache-control`` (not Talisman's);
-- ``Strict-Transport-Security`` on plain HTTP too (TLS usually ends at a proxy
-  in front of gunicorn, and Talisman only sends it on HTTPS);
 - a fresh UUID4 request id in ``x-amzn-RequestId`` and ``X-Request-Id``.
-Talisman never redirects to HTTPS here: a 302 on a PUT is replayed as a GET.
+Strict-Transport-Security goes on plain HTTP too, as the seed shows it: TLS
+usually ends at a proxy in front of gunicorn. Talisman never redirects to HTTPS
+here: a 302 on a PUT is replayed as a GET by most clients.
 """
 
 from __future__ import annotations
@@ -21,11 +25,22 @@ import uuid
 from flask import Flask, Response, g
 from flask_talisman import Talisman
 
-HSTS = "max-age=31536000"
-FEATURE_POLICY = "vibrate 'none'; geolocation 'none'"
-PERMISSIONS_POLICY = "vibrate=(), geolocation=()"
+TALISMAN_OPTIONS = {
+    "force_https": False,
+    "strict_transport_security": True,
+    "strict_transport_security_max_age": 31536000,
+    "strict_transport_security_include_subdomains": False,
+    "frame_options": "sameorigin",
+    "referrer_policy": "no-referrer",
+    "feature_policy": "vibrate 'none'; geolocation 'none'",
+    "permissions_policy": "vibrate=(), geolocation=()",
+    "content_security_policy": None,
+    "x_content_type_options": True,
+    "x_xss_protection": False,
+    "session_cookie_secure": False,
+}
 
-#: Set on every response, overwriting whatever a view set. Names keep the seed's casing.
+#: What Talisman cannot give with the seed's exact bytes. Names keep the seed's casing.
 SEED_HEADERS: tuple[tuple[str, str], ...] = (
     ("X-XSS-Protection", "1;mode=block"),
     ("Access-Control-Allow-Origin", "*"),
@@ -38,6 +53,20 @@ SEED_HEADERS: tuple[tuple[str, str], ...] = (
 )
 
 
+def _talisman_headers() -> tuple[tuple[str, str], ...]:
+    """The headers Talisman sets with our options, read off one HTTPS response."""
+    probe = Flask(__name__)
+    Talisman(probe, **TALISMAN_OPTIONS)
+    probe.add_url_rule("/", "probe", lambda: "")
+    response = probe.test_client().get("/", base_url="https://localhost")
+    skip = {"content-type", "content-length"}
+    return tuple((k, v) for k, v in response.headers.items() if k.lower() not in skip)
+
+
+#: Every fixed header of an opt-in response, computed once.
+RESPONSE_HEADERS: tuple[tuple[str, str], ...] = _talisman_headers() + SEED_HEADERS
+
+
 def request_id() -> str:
     """This request's id (made on first use, so error paths have one too)."""
     rid = g.get("optin_request_id")
@@ -46,35 +75,12 @@ def request_id() -> str:
     return rid
 
 
-def _apply_headers(response: Response) -> Response:
+def apply_headers(response: Response) -> Response:
+    """Set the seed's headers and a request id on ``response``, replacing any already set."""
     headers = response.headers
-    for name, value in SEED_HEADERS:
+    for name, value in RESPONSE_HEADERS:
         headers[name] = value
-    headers.setdefault("Strict-Transport-Security", HSTS)
     rid = request_id()
     headers["x-amzn-RequestId"] = rid
     headers["X-Request-Id"] = rid
     return response
-
-
-def init_headers(app: Flask) -> Talisman:
-    """Install the seed's headers on every response of ``app``."""
-    # Flask runs after_request functions last-registered first: registering ours
-    # before Talisman's makes ours run after it, so HSTS is only filled in where
-    # Talisman left it out.
-    app.after_request(_apply_headers)
-    return Talisman(
-        app,
-        force_https=False,
-        strict_transport_security=True,
-        strict_transport_security_max_age=31536000,
-        strict_transport_security_include_subdomains=False,
-        frame_options="sameorigin",
-        referrer_policy="no-referrer",
-        feature_policy=FEATURE_POLICY,
-        permissions_policy=PERMISSIONS_POLICY,
-        content_security_policy=None,
-        x_content_type_options=True,
-        x_xss_protection=False,
-        session_cookie_secure=False,
-    )
