@@ -12,6 +12,7 @@ from flask import Blueprint, Response, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .errors import ApiError, register_error_handlers
+from .headers import no_https_redirect
 from .schemas import dump_state, load_optin_status
 from .storage import OptInRecord, OptInStore
 
@@ -57,6 +58,7 @@ def _body() -> bytes:
 
 
 @bp.put(OPTIN_PATH)
+@no_https_redirect
 def put_optin(correlation_id: str) -> Response:
     """Record the member's answer; the body is the seed's, byte for byte."""
     correlation_id = _checked_id(correlation_id)
@@ -68,6 +70,7 @@ def put_optin(correlation_id: str) -> Response:
 
 
 @bp.get(OPTIN_PATH)
+@no_https_redirect
 def get_optin(correlation_id: str) -> Response:
     """The member's current answer and when it was recorded."""
     record = store().get(_checked_id(correlation_id))
@@ -77,12 +80,14 @@ def get_optin(correlation_id: str) -> Response:
 
 
 @bp.get("/healthz")
+@no_https_redirect
 def healthz() -> Response:
     """The process is up (says nothing about storage)."""
     return _json({"status": "ok"})
 
 
 @bp.get("/readyz")
+@no_https_redirect
 def readyz() -> Response:
     """The store answers; 503 (with Retry-After) while it does not."""
     store().check()

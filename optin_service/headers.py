@@ -21,6 +21,8 @@ here: a 302 on a PUT is replayed as a GET by most clients.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 from flask import Flask, Response, g
 from flask_talisman import Talisman
@@ -65,6 +67,17 @@ def _talisman_headers() -> tuple[tuple[str, str], ...]:
 
 #: Every fixed header of an opt-in response, computed once.
 RESPONSE_HEADERS: tuple[tuple[str, str], ...] = _talisman_headers() + SEED_HEADERS
+
+
+def no_https_redirect(view: Callable[..., Any]) -> Callable[..., Any]:
+    """Exempt ``view`` from a host app's Talisman ``force_https`` redirect.
+
+    A 302 to https on a PUT is replayed as a GET by most clients: the client
+    sees a 200 while no consent was recorded. Over plain HTTP the API answers
+    itself; redirecting is the proxy's job.
+    """
+    view.talisman_view_options = {"force_https": False}  # type: ignore[attr-defined]
+    return view
 
 
 def request_id() -> str:

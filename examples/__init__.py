@@ -1,0 +1,1 @@
+"""Runnable examples (the test suite imports them too)."""

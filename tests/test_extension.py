@@ -1,0 +1,192 @@
+"""Embedding: the API inside a host app changes none of the host's own responses."""
+
+from __future__ import annotations
+
+import gc
+import json
+from typing import ClassVar
+
+import pytest
+from flask import Flask
+from flask_talisman import Talisman
+
+from backends.memory import MemoryStore
+from examples.host_app import create_host_app
+from optin_service import OptIn, create_app, registry
+from tests.test_api import OK_BODY, SEED
+
+OPTIN = "/loyalty/client/users/m1/profile/optin"
+
+HOST_REQUESTS = [
+    ("GET", "/", None),
+    ("GET", "/api/profile", None),
+    ("GET", "/missing", None),
+    ("GET", "/client/users/m1/profile/optin", None),  # not the API's: it lives under /loyalty
+    ("POST", "/", None),
+    ("PUT", "/api/profile", b"{}"),
+    ("GET", "/loyaltyish", None),
+    ("HEAD", "/", None),
+]
+
+
+def snapshot(client, method, path, body):
+    response = client.open(path, method=method, data=body)
+    return response.status_code, sorted(response.headers.items()), response.data
+
+
+def test_host_responses_are_byte_identical_with_and_without_the_api():
+    without = create_host_app(with_optin=False).test_client()
+    with_api = create_host_app(store=MemoryStore()).test_client()
+    for method, path, body in HOST_REQUESTS:
+        before = snapshot(without, method, path, body)
+        after = snapshot(with_api, method, path, body)
+        assert after == before, (method, path)
+    # The host's pages kept their own look, not the API's.
+    home = with_api.get("/")
+    assert "default-src 'self'" in home.headers["Content-Security-Policy"]
+    assert "x-amzn-RequestId" not in home.headers
+    missing = with_api.get("/missing")
+    assert missing.mimetype == "text/html" and b"No such page" in missing.data
+    assert with_api.get("/api/profile").data.startswith(b'{\n  "name": "Ada"')
+
+
+def test_the_api_keeps_its_full_contract_under_the_prefix():
+    client = create_host_app(store=MemoryStore()).test_client()
+    ok = client.put(OPTIN, json={"LOYALTY_OPTIN": "accepted"})
+    assert ok.status_code == 200 and ok.data == OK_BODY
+    bad = client.put(OPTIN, json={})
+    assert bad.data == (
+        b'{"statusCode":400,"errorCode":"INVALID_REQUEST",'
+        b'"errorMessage":"LOYALTY_OPTIN missing from body"}'
+    )
+    got = client.get(OPTIN)
+    assert list(json.loads(got.data)) == ["LOYALTY_OPTIN", "updatedAt"]  # not the host's JSON
+    assert b"\n" not in got.data
+    responses = {
+        "200": ok,
+        "400": bad,
+        "get": got,
+        "404 route": client.get("/loyalty/nope"),
+        "404 member": client.get("/loyalty/client/users/nobody/profile/optin"),
+        "405": client.delete(OPTIN),
+        "413": client.put(OPTIN, json={"LOYALTY_OPTIN": "accepted", "p": "x" * 20000}),
+        "415": client.put(OPTIN, data="x", content_type="text/plain"),
+        "healthz": client.get("/loyalty/healthz"),
+        "readyz": client.get("/loyalty/readyz"),
+    }
+    for name, response in responses.items():
+        for header, value in SEED.items():
+            assert response.headers.get(header) == value, (name, header)
+        assert response.headers["x-amzn-RequestId"] == response.headers["X-Request-Id"]
+        if response.status_code >= 400:
+            body = json.loads(response.data)
+            assert body["statusCode"] == response.status_code, name
+    assert responses["405"].headers["Allow"]
+    assert json.loads(responses["404 route"].data)["errorCode"] == "NOT_FOUND"
+
+
+@pytest.mark.parametrize("talisman_first", [True, False], ids=["talisman-first", "optin-first"])
+def test_seed_values_win_over_a_host_talisman_whatever_the_order(talisman_first):
+    app = Flask("host")
+
+    def host_talisman():
+        Talisman(app, force_https=True, frame_options="DENY", content_security_policy={"a": "b"})
+
+    if talisman_first:
+        host_talisman()
+    OptIn(app, store=MemoryStore(), url_prefix="/loyalty")
+    if not talisman_first:
+        host_talisman()
+    app.get("/page")(lambda: "page")
+    client = app.test_client()
+    response = client.put(OPTIN, json={"LOYALTY_OPTIN": "declined"})
+    # No redirect to https for the API (a 302 on a PUT is replayed as a GET)...
+    assert response.status_code == 200
+    assert response.headers["X-Frame-Options"] == "sameorigin"
+    assert response.headers["Content-Security-Policy"] == SEED["Content-Security-Policy"]
+    # ...while the host's own page keeps its policy, redirect included.
+    page = client.get("/page")
+    assert page.status_code == 302
+    https_page = client.get("/page", base_url="https://localhost")
+    assert https_page.headers["X-Frame-Options"] == "DENY"
+    assert https_page.headers["Content-Security-Policy"] == "a b"
+
+
+def test_mounted_at_the_root_only_the_api_paths_are_the_apis():
+    app = create_host_app(store=MemoryStore(), url_prefix="")
+    client = app.test_client()
+    assert (
+        client.put("/client/users/m1/profile/optin", json={"LOYALTY_OPTIN": "accepted"}).data
+        == OK_BODY
+    )
+    api_404 = client.get("/client/users/m1/profile")
+    assert api_404.status_code == 404 and api_404.mimetype == "application/json"
+    host_404 = client.get("/elsewhere")
+    assert host_404.mimetype == "text/html"
+    assert client.get("/healthz").get_json() == {"status": "ok"}
+
+
+def test_two_apps_in_one_process_keep_their_own_data():
+    shared = OptIn()
+    first, second = Flask("first"), Flask("second")
+    shared.init_app(first, store=MemoryStore())
+    shared.init_app(second, store=MemoryStore())
+    a, b = first.test_client(), second.test_client()
+    a.put("/client/users/m1/profile/optin", json={"LOYALTY_OPTIN": "accepted"})
+    b.put("/client/users/m1/profile/optin", json={"LOYALTY_OPTIN": "declined"})
+    assert a.get("/client/users/m1/profile/optin").get_json()["LOYALTY_OPTIN"] == "accepted"
+    assert b.get("/client/users/m1/profile/optin").get_json()["LOYALTY_OPTIN"] == "declined"
+    with first.app_context():
+        assert shared.store is first.extensions["optin"].store
+    assert first.extensions["optin"].store is not second.extensions["optin"].store
+
+
+def test_two_standalone_apps_on_separate_sqlite_files(tmp_path):
+    one = create_app({"OPTIN_STORAGE_URL": f"sqlite:///{tmp_path}/one.db"}).test_client()
+    two = create_app({"OPTIN_STORAGE_URL": f"sqlite:///{tmp_path}/two.db"}).test_client()
+    one.put("/client/users/m1/profile/optin", json={"LOYALTY_OPTIN": "accepted"})
+    assert two.get("/client/users/m1/profile/optin").status_code == 404
+
+
+def test_registering_twice_on_one_app_is_refused():
+    app = Flask("host")
+    OptIn(app, store=MemoryStore())
+    with pytest.raises(RuntimeError, match="already"):
+        OptIn(app, store=MemoryStore())
+
+
+class CountingStore(MemoryStore):
+    closed: ClassVar[list[str]] = []
+
+    @classmethod
+    def from_url(cls, url):
+        store = cls()
+        store.url = url
+        return store
+
+    def close(self):
+        CountingStore.closed.append(self.url)
+
+
+def test_a_store_built_from_its_url_is_closed_when_the_app_goes():
+    registry.register("counting", CountingStore)
+    try:
+        CountingStore.closed.clear()
+        for i in range(5):
+            app = create_app({"OPTIN_STORAGE_URL": f"counting://{i}"})
+            app.test_client().get("/readyz")
+            del app
+        gc.collect()
+        assert sorted(CountingStore.closed) == [f"counting://{i}" for i in range(5)]
+    finally:
+        registry.unregister("counting")
+
+
+def test_a_store_passed_in_stays_the_hosts():
+    CountingStore.closed.clear()
+    store = CountingStore.from_url("counting://host")
+    app = Flask("host")
+    OptIn(app, store=store)
+    del app
+    gc.collect()
+    assert CountingStore.closed == []
