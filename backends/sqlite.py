@@ -4,9 +4,10 @@ Correct under several gunicorn workers on one file:
 
 - WAL, so readers never block the writer; ``busy_timeout`` so a writer waits for
   another instead of failing with "database is locked".
-- Every write is one upsert statement in autocommit mode. A read-then-write
+- Every write is one ``BEGIN IMMEDIATE`` transaction: the event, the current
+  state and the idempotency key change together or not at all. A deferred
   transaction would take a shared lock first and, on upgrading, get SQLITE_BUSY
-  *without* waiting; a single statement takes the write lock up front.
+  *without* waiting; IMMEDIATE takes the write lock up front, waiting for it.
 - ``synchronous=FULL`` by default: consent is evidence, so an acknowledged
   write survives power loss. ``?synchronous=NORMAL`` trades that for speed
   (survives a crash of the process, not of the machine).
@@ -19,13 +20,18 @@ a lock, default 5).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timedelta
 from urllib.parse import parse_qsl, urlsplit
 
 from optin_service.storage import (
+    IDEMPOTENCY_TTL,
+    IdempotencyKeyReused,
     OptInRecord,
     OptInStore,
     StorageError,
@@ -36,15 +42,56 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS optin (
     correlation_id TEXT PRIMARY KEY,
     status TEXT NOT NULL CHECK (status IN ('accepted', 'declined')),
-    updated_us INTEGER NOT NULL
-) WITHOUT ROWID
+    updated_us INTEGER NOT NULL,
+    request_id TEXT NOT NULL,
+    source TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS optin_event (
+    correlation_id TEXT NOT NULL,
+    updated_us INTEGER NOT NULL,
+    request_id TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('accepted', 'declined')),
+    source TEXT NOT NULL,
+    PRIMARY KEY (correlation_id, updated_us, request_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS optin_idempotency (
+    correlation_id TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    created_us INTEGER NOT NULL,
+    PRIMARY KEY (correlation_id, idempotency_key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS optin_idempotency_created ON optin_idempotency (created_us);
 """
-_UPSERT = (
-    "INSERT INTO optin (correlation_id, status, updated_us) VALUES (?, ?, ?) "
-    "ON CONFLICT (correlation_id) DO UPDATE "
-    "SET status = excluded.status, updated_us = excluded.updated_us"
+_COLUMNS = "correlation_id, updated_us, request_id, status, source"
+_INSERT_EVENT = f"INSERT OR IGNORE INTO optin_event ({_COLUMNS}) VALUES (?, ?, ?, ?, ?)"
+# The current state moves only to an event that takes precedence: newer, or as
+# new and "declined" over "accepted" (OptInRecord.precedence).
+_APPLY_CURRENT = (
+    f"INSERT INTO optin ({_COLUMNS}) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (correlation_id) DO UPDATE SET status = excluded.status, "
+    "updated_us = excluded.updated_us, request_id = excluded.request_id, "
+    "source = excluded.source "
+    "WHERE (excluded.updated_us, excluded.status = 'declined') "
+    "> (optin.updated_us, optin.status = 'declined')"
 )
-_SELECT = "SELECT status, updated_us FROM optin WHERE correlation_id = ?"
+_SELECT = f"SELECT {_COLUMNS} FROM optin WHERE correlation_id = ?"
+_HISTORY = (
+    f"SELECT {_COLUMNS} FROM optin_event WHERE correlation_id = ? "
+    "AND (updated_us, request_id) < (?, ?) "
+    "ORDER BY updated_us DESC, request_id DESC LIMIT ?"
+)
+_KEY_SELECT = (
+    "SELECT fingerprint FROM optin_idempotency "
+    "WHERE correlation_id = ? AND idempotency_key = ? AND created_us > ?"
+)
+_KEY_PUT = (
+    "INSERT OR REPLACE INTO optin_idempotency "
+    "(correlation_id, idempotency_key, fingerprint, created_us) VALUES (?, ?, ?, ?)"
+)
+_KEY_PRUNE = "DELETE FROM optin_idempotency WHERE created_us <= ?"
+_PRUNE_EVERY = 1000  # writes between deletions of expired idempotency keys
+_NEWEST = (2**63 - 1, "")  # a position after every event: the first history page
 _SYNCHRONOUS = ("FULL", "NORMAL", "EXTRA")
 _MAX_TIMEOUT = (2**31 - 1) // 1000  # busy_timeout takes a C int of milliseconds
 
@@ -70,6 +117,7 @@ class SQLiteStore(OptInStore):
         self._lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
         self._pid = os.getpid()
+        self._writes = 0
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteStore:
@@ -114,7 +162,7 @@ class SQLiteStore(OptInStore):
             while True:
                 try:
                     conn.execute("PRAGMA journal_mode = WAL")
-                    conn.execute(_SCHEMA)
+                    conn.executescript(_SCHEMA)
                     break
                 except sqlite3.OperationalError as exc:
                     if "locked" not in str(exc) or time.monotonic() > deadline:
@@ -131,15 +179,83 @@ class SQLiteStore(OptInStore):
             row = self._connection().execute(_SELECT, (correlation_id,)).fetchone()
         except sqlite3.Error as exc:
             raise _wrap(exc) from exc
-        return None if row is None else OptInRecord.from_us(correlation_id, row[0], row[1])
+        return None if row is None else _record(row)
 
-    def set(self, record: OptInRecord) -> OptInRecord:
-        params = (record.correlation_id, record.status, record.updated_at_us)
+    def set(self, record: OptInRecord, *, idempotency_key: str | None = None) -> OptInRecord:
+        cid = record.correlation_id
+        now_us = _now_us()
+        with self._transaction() as conn:
+            if idempotency_key is not None:
+                since = now_us - IDEMPOTENCY_TTL // timedelta(microseconds=1)
+                seen = conn.execute(_KEY_SELECT, (cid, idempotency_key, since)).fetchone()
+                if seen is not None:
+                    if seen[0] != record.fingerprint:
+                        raise IdempotencyKeyReused(idempotency_key)
+                    return _record(conn.execute(_SELECT, (cid,)).fetchone())
+                conn.execute(_KEY_PUT, (cid, idempotency_key, record.fingerprint, now_us))
+                self._writes += 1
+                if self._writes % _PRUNE_EVERY == 0:
+                    conn.execute(_KEY_PRUNE, (since,))
+            row = _row(record)
+            if conn.execute(_INSERT_EVENT, row).rowcount:
+                conn.execute(_APPLY_CURRENT, row)
+            return _record(conn.execute(_SELECT, (cid,)).fetchone())
+
+    def history(
+        self, correlation_id: str, limit: int, before: tuple[int, str] | None = None
+    ) -> list[OptInRecord]:
+        us, rid = before or _NEWEST
         try:
-            self._connection().execute(_UPSERT, params)
+            rows = self._connection().execute(_HISTORY, (correlation_id, us, rid, limit))
+            return [_record(row) for row in rows]
         except sqlite3.Error as exc:
             raise _wrap(exc) from exc
-        return record
+
+    def import_events(self, records: Iterable[OptInRecord]) -> int:
+        rows = [_row(record) for record in records]
+        with self._transaction() as conn:
+            added = conn.executemany(_INSERT_EVENT, rows).rowcount
+            # Re-applying an event already stored is harmless: the state is a maximum.
+            conn.executemany(_APPLY_CURRENT, rows)
+            return added
+
+    def events(self, since: datetime | None = None) -> Iterator[OptInRecord]:
+        query = f"SELECT {_COLUMNS} FROM optin_event"
+        params: tuple[int, ...] = ()
+        if since is not None:
+            query += " WHERE updated_us >= ?"
+            params = (OptInRecord("-", "accepted", since).updated_at_us,)
+        try:
+            cursor = self._connection().execute(query, params)
+            while batch := cursor.fetchmany(1000):
+                for row in batch:
+                    yield _record(row)
+        except sqlite3.Error as exc:
+            raise _wrap(exc) from exc
+
+    def count_events(self) -> int:
+        try:
+            return self._connection().execute("SELECT COUNT(*) FROM optin_event").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise _wrap(exc) from exc
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, holding the write lock from its start; all or nothing."""
+        try:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise _wrap(exc) from exc
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise _wrap(exc) from exc
+            raise
 
     def check(self) -> None:
         try:
@@ -153,6 +269,25 @@ class SQLiteStore(OptInStore):
             self._local = threading.local()
         for conn in connections:
             conn.close()
+
+
+def _row(record: OptInRecord) -> tuple[str, int, str, str, str]:
+    return (
+        record.correlation_id,
+        record.updated_at_us,
+        record.request_id,
+        record.status,
+        record.source,
+    )
+
+
+def _record(row: tuple[str, int, str, str, str]) -> OptInRecord:
+    cid, us, rid, status, source = row
+    return OptInRecord.from_us(cid, status, us, rid, source)  # type: ignore[arg-type]
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
 
 
 def _wrap(exc: sqlite3.Error) -> StorageError:

@@ -12,9 +12,18 @@ from flask import Blueprint, Response, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .errors import ApiError, register_error_handlers
-from .headers import no_https_redirect
-from .schemas import dump_state, load_optin_status
-from .storage import OptInRecord, OptInStore
+from .headers import no_https_redirect, request_id
+from .schemas import (
+    CORRELATION_ID,
+    IDEMPOTENCY_KEY,
+    SOURCE,
+    dump_page,
+    dump_state,
+    encode_cursor,
+    load_history_query,
+    load_optin_status,
+)
+from .storage import DEFAULT_SOURCE, IdempotencyKeyReused, OptInRecord, OptInStore
 
 bp = Blueprint("optin", __name__)
 # Errors raised by these views get the envelope even when a host app has its own
@@ -26,7 +35,6 @@ OPTIN_PATH = "/client/users/<correlation_id>/profile/optin"
 API_PATHS = ("/client/users/", "/healthz", "/readyz")
 #: The seed's 200 body, exactly these 29 bytes (``jsonify`` would add a newline).
 UPDATED_BODY = b'{"message":"Opt-in updated."}'
-_CORRELATION_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 
 
 def store() -> OptInStore:
@@ -39,7 +47,7 @@ def _json(body: object, status: int = 200) -> Response:
 
 
 def _checked_id(correlation_id: str) -> str:
-    if not _CORRELATION_ID.fullmatch(correlation_id):
+    if not CORRELATION_ID.fullmatch(correlation_id):
         raise ApiError(400, "correlation_id must be 1 to 128 characters of A-Z a-z 0-9 . _ : @ -")
     return correlation_id
 
@@ -57,15 +65,32 @@ def _body() -> bytes:
     return data
 
 
+def _header(name: str, pattern: re.Pattern[str], rule: str) -> str | None:
+    value = request.headers.get(name)
+    if value is not None and not pattern.fullmatch(value):
+        raise ApiError(400, f"{name} must be {rule}")
+    return value
+
+
 @bp.put(OPTIN_PATH)
 @no_https_redirect
 def put_optin(correlation_id: str) -> Response:
-    """Record the member's answer; the body is the seed's, byte for byte."""
+    """Record the member's answer as a new event; the body is the seed's, byte for byte."""
     correlation_id = _checked_id(correlation_id)
+    source = _header("X-Consent-Source", SOURCE, "1 to 32 characters of A-Z a-z 0-9 _ -")
+    key = _header("Idempotency-Key", IDEMPOTENCY_KEY, "1 to 255 printable ASCII characters")
     if request.mimetype != "application/json":
         raise ApiError(415, "Content-Type must be application/json")
     status = load_optin_status(_body())
-    store().set(OptInRecord.now(correlation_id, status))
+    record = OptInRecord.now(correlation_id, status, request_id(), source or DEFAULT_SOURCE)
+    try:
+        store().set(record, idempotency_key=key)
+    except IdempotencyKeyReused:
+        raise ApiError(
+            422,
+            "Idempotency-Key was already used for this member with a different request",
+            "IDEMPOTENCY_KEY_REUSED",
+        ) from None
     return Response(UPDATED_BODY, 200, mimetype="application/json")
 
 
@@ -77,6 +102,20 @@ def get_optin(correlation_id: str) -> Response:
     if record is None:
         raise ApiError(404, f"No opt-in recorded for {correlation_id}")
     return _json(dump_state(record))
+
+
+@bp.get(OPTIN_PATH + "/history")
+@no_https_redirect
+def get_history(correlation_id: str) -> Response:
+    """The member's consent events, newest first, a page at a time."""
+    correlation_id = _checked_id(correlation_id)
+    limit, before = load_history_query(request.args)
+    events = store().history(correlation_id, limit + 1, before)
+    if not events and before is None:
+        raise ApiError(404, f"No opt-in history for {correlation_id}")
+    page = events[:limit]
+    next_cursor = encode_cursor(page[-1].position) if len(events) > limit else None
+    return _json(dump_page(page, next_cursor))
 
 
 @bp.get("/healthz")

@@ -18,6 +18,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import defaults
 from .api import API_PATHS, bp
+from .cli import optin as optin_cli
 from .errors import handle_http_exception, register_error_handlers
 from .headers import apply_headers
 from .registry import redact, store_from_url
@@ -100,6 +101,7 @@ class OptIn:
         state = OptInState(store, url, prefix, standalone)
         app.extensions["optin"] = state
         app.register_blueprint(bp, url_prefix=prefix or None)
+        app.cli.add_command(optin_cli)
         if standalone:
             register_error_handlers(app)
         else:

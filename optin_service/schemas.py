@@ -1,4 +1,4 @@
-"""Request and response bodies: strict JSON parsing, then marshmallow schemas.
+"""Bodies in and out: strict JSON parsing, then marshmallow schemas, built once.
 
 The standard ``json`` module accepts NaN, Infinity and duplicate keys; a
 consent body that says both "accepted" and "declined" is not consent, so the
@@ -7,43 +7,34 @@ parser here rejects all three before marshmallow sees the data.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
-from datetime import timezone
+import re
+from datetime import datetime, timezone
 from typing import Any
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
+from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate
 
 from .errors import ApiError
-from .storage import STATUSES, OptInRecord, Status
+from .storage import DEFAULT_SOURCE, STATUSES, OptInRecord, Status
 
 INVALID_OPTIN = "Invalid opt-in response provided"
 MISSING_OPTIN = "LOYALTY_OPTIN missing from body"
 
-
-class OptInRequestSchema(Schema):
-    """``{"LOYALTY_OPTIN": "accepted" | "declined"}``; other keys are ignored."""
-
-    class Meta:
-        unknown = EXCLUDE
-
-    LOYALTY_OPTIN = fields.String(
-        required=True,
-        validate=validate.OneOf(STATUSES, error=INVALID_OPTIN),
-        error_messages={"required": MISSING_OPTIN, "null": INVALID_OPTIN, "invalid": INVALID_OPTIN},
-        metadata={"description": "The member's answer", "enum": list(STATUSES)},
-    )
+#: A member id: what the path segment and the CLI accept.
+CORRELATION_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+#: ``X-Consent-Source``: the channel a consent came through.
+SOURCE = re.compile(r"[A-Za-z0-9_-]{1,32}")
+#: ``Idempotency-Key``: printable ASCII, space included.
+IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
+#: A request id in an imported event (ours are UUID4s): printable, no spaces.
+REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 
-def format_time(record: OptInRecord) -> str:
-    """``2026-11-26T12:00:00.123456Z``: UTC, always six fractional digits."""
-    return record.updated_at.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-class OptInStateSchema(Schema):
-    """The current state answered by ``GET``."""
-
-    LOYALTY_OPTIN = fields.String(attribute="status", metadata={"enum": list(STATUSES)})
-    updatedAt = fields.Function(format_time, metadata={"format": "date-time"})
+def _matches(pattern: re.Pattern[str]) -> validate.Regexp:
+    """A validator for the whole value (marshmallow's Regexp only anchors the start)."""
+    return validate.Regexp(rf"(?:{pattern.pattern})\Z", error="{input!r} is not valid")
 
 
 class _BadJSON(ValueError):
@@ -63,33 +54,129 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-def parse_json_object(data: bytes) -> dict[str, Any]:
-    """One JSON object, strictly: no NaN/Infinity, no duplicate keys, UTF-8."""
+def loads_object(text: str | bytes, what: str = "Request body") -> dict[str, Any]:
+    """One JSON object, strictly: no NaN/Infinity, no duplicate keys, UTF-8.
+
+    Raises ``ValueError`` with a message fit for a client, naming ``what`` was read.
+    """
     try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
         value = json.loads(
-            data.decode("utf-8"),
-            parse_constant=_reject_constant,
-            object_pairs_hook=_reject_duplicates,
+            text, parse_constant=_reject_constant, object_pairs_hook=_reject_duplicates
         )
-    except _BadJSON as exc:
-        raise ApiError(400, str(exc)) from None
+    except _BadJSON:
+        raise
     except UnicodeDecodeError:
-        raise ApiError(400, "Request body is not valid UTF-8") from None
+        raise ValueError(f"{what} is not valid UTF-8") from None
     except (ValueError, RecursionError):
-        raise ApiError(400, "Request body is not valid JSON") from None
+        raise ValueError(f"{what} is not valid JSON") from None
     if not isinstance(value, dict):
-        raise ApiError(400, "Request body must be a JSON object")
+        raise ValueError(f"{what} must be a JSON object")
     return value
+
+
+def format_time(moment: datetime) -> str:
+    """``2026-11-26T12:00:00.123456Z``: UTC, always six fractional digits."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Timestamp(fields.AwareDateTime):
+    """An ISO 8601 time with a zone in; ``...T12:00:00.123456Z`` out."""
+
+    def _serialize(self, value: datetime | None, attr: Any, obj: Any, **kwargs: Any) -> str | None:
+        return None if value is None else format_time(value)
+
+
+def _status(**kwargs: Any) -> fields.String:
+    return fields.String(
+        validate=validate.OneOf(STATUSES, error=INVALID_OPTIN),
+        metadata={"description": "The member's answer", "enum": list(STATUSES)},
+        **kwargs,
+    )
+
+
+class OptInRequestSchema(Schema):
+    """``{"LOYALTY_OPTIN": "accepted" | "declined"}``; other keys are ignored."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    LOYALTY_OPTIN = _status(
+        required=True,
+        error_messages={"required": MISSING_OPTIN, "null": INVALID_OPTIN, "invalid": INVALID_OPTIN},
+    )
+
+
+class OptInStateSchema(Schema):
+    """The current state answered by ``GET``."""
+
+    LOYALTY_OPTIN = _status(attribute="status")
+    updatedAt = Timestamp(attribute="updated_at", metadata={"description": "When it was recorded"})
+
+
+class HistoryItemSchema(OptInStateSchema):
+    """One consent event in a member's history."""
+
+    requestId = fields.String(attribute="request_id")
+    source = fields.String(metadata={"description": "X-Consent-Source of the request"})
+
+
+class HistoryPageSchema(Schema):
+    """A page of history, newest first, and the cursor of the next page (or null)."""
+
+    items = fields.List(fields.Nested(HistoryItemSchema))
+    next = fields.String(allow_none=True)
+
+
+class HistoryQuerySchema(Schema):
+    """``?limit=N&cursor=C`` of the history endpoint."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    limit = fields.Integer(
+        load_default=20,
+        strict=False,
+        validate=validate.Range(1, 100, error="limit must be a whole number from 1 to 100"),
+        error_messages={"invalid": "limit must be a whole number from 1 to 100"},
+    )
+    cursor = fields.String(load_default=None)
+
+
+class EventSchema(Schema):
+    """One event as a line of ``optin export`` / ``optin import`` (JSON Lines)."""
+
+    class Meta:
+        unknown = RAISE
+        ordered = True
+
+    correlationId = fields.String(
+        attribute="correlation_id", required=True, validate=_matches(CORRELATION_ID)
+    )
+    LOYALTY_OPTIN = _status(attribute="status", required=True)
+    updatedAt = Timestamp(
+        attribute="updated_at",
+        required=True,
+        error_messages={"invalid_awareness": "needs a time zone, such as Z for UTC"},
+    )
+    requestId = fields.String(attribute="request_id", required=True, validate=_matches(REQUEST_ID))
+    source = fields.String(load_default=DEFAULT_SOURCE, validate=_matches(SOURCE))
 
 
 _request_schema = OptInRequestSchema()
 _state_schema = OptInStateSchema()
+_page_schema = HistoryPageSchema()
+_query_schema = HistoryQuerySchema()
+_event_schema = EventSchema()
 
 
 def load_optin_status(data: bytes) -> Status:
     """The status a PUT body asks for, or an :class:`ApiError` with the seed's message."""
     try:
-        loaded = _request_schema.load(parse_json_object(data))
+        loaded = _request_schema.load(loads_object(data))
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
     except ValidationError as exc:
         messages = exc.messages_dict.get("LOYALTY_OPTIN") or [INVALID_OPTIN]
         raise ApiError(400, messages[0]) from None
@@ -99,3 +186,54 @@ def load_optin_status(data: bytes) -> Status:
 def dump_state(record: OptInRecord) -> dict[str, Any]:
     """The GET body for ``record``."""
     return _state_schema.dump(record)
+
+
+def dump_page(items: list[OptInRecord], next_cursor: str | None) -> dict[str, Any]:
+    """The history body."""
+    return _page_schema.dump({"items": items, "next": next_cursor})
+
+
+def load_history_query(args: Any) -> tuple[int, tuple[int, str] | None]:
+    """``limit`` and the decoded ``cursor`` of a history request, or a 400."""
+    try:
+        query = _query_schema.load(args)
+    except ValidationError as exc:
+        raise ApiError(400, _first_message(exc)) from None
+    cursor = query["cursor"]
+    return query["limit"], None if cursor is None else decode_cursor(cursor)
+
+
+def encode_cursor(position: tuple[int, str]) -> str:
+    """An opaque cursor for the history page after ``position``."""
+    raw = f"{position[0]}:{position[1]}".encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def decode_cursor(cursor: str) -> tuple[int, str]:
+    """The position a cursor from :func:`encode_cursor` holds, or a 400."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        us, rid = raw.split(":", 1)
+        return int(us), rid
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise ApiError(400, "cursor is not one this service gave out") from None
+
+
+def dump_event(record: OptInRecord) -> dict[str, Any]:
+    """An event as one export line's object."""
+    return _event_schema.dump(record)
+
+
+def load_event(line: str) -> OptInRecord:
+    """An event from one import line; ``ValueError`` says what is wrong with it."""
+    try:
+        data = _event_schema.load(loads_object(line, "the event"))
+    except ValidationError as exc:
+        raise ValueError(_first_message(exc)) from None
+    return OptInRecord(**data)
+
+
+def _first_message(exc: ValidationError) -> str:
+    field, messages = next(iter(exc.normalized_messages().items()))
+    message = messages[0] if isinstance(messages, list) else str(messages)
+    return message if message.startswith(field) else f"{field}: {message}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Literal
 
@@ -27,13 +28,32 @@ class StorageUnavailable(StorageError):
     """The store cannot be reached right now (answered as a 503 with Retry-After)."""
 
 
+#: The ``source`` of an event recorded without an ``X-Consent-Source`` header.
+DEFAULT_SOURCE = "API"
+#: How long an ``Idempotency-Key`` is remembered.
+IDEMPOTENCY_TTL = timedelta(hours=24)
+
+
+class IdempotencyKeyReused(Exception):
+    """An ``Idempotency-Key`` already used for this member with a different request."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class OptInRecord:
-    """One member's current consent: what they said and when the server recorded it."""
+    """One consent event: what a member said, when the server recorded it, and how.
+
+    Events are immutable evidence. A member's current state is the event with
+    the newest ``updated_at``; for equal times, ``declined`` wins (when two
+    answers cannot be told apart in time, the member is not contacted).
+    """
 
     correlation_id: str
     status: Status
     updated_at: datetime
+    #: The id of the request that recorded it (``x-amzn-RequestId``): unique per event.
+    request_id: str = ""
+    #: Through which channel: the ``X-Consent-Source`` header, else ``API``.
+    source: str = DEFAULT_SOURCE
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -42,9 +62,15 @@ class OptInRecord:
             raise ValueError("updated_at must be timezone-aware")
 
     @classmethod
-    def now(cls, correlation_id: str, status: Status) -> OptInRecord:
+    def now(
+        cls,
+        correlation_id: str,
+        status: Status,
+        request_id: str = "",
+        source: str = DEFAULT_SOURCE,
+    ) -> OptInRecord:
         """A record stamped with the server's current UTC time."""
-        return cls(correlation_id, status, datetime.now(timezone.utc))
+        return cls(correlation_id, status, datetime.now(timezone.utc), request_id, source)
 
     @property
     def updated_at_us(self) -> int:
@@ -53,9 +79,33 @@ class OptInRecord:
         return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
     @classmethod
-    def from_us(cls, correlation_id: str, status: Status, micros: int) -> OptInRecord:
+    def from_us(
+        cls,
+        correlation_id: str,
+        status: Status,
+        micros: int,
+        request_id: str = "",
+        source: str = DEFAULT_SOURCE,
+    ) -> OptInRecord:
         """Rebuild a record from the microsecond timestamp a store kept."""
-        return cls(correlation_id, status, _EPOCH + timedelta(microseconds=micros))
+        return cls(
+            correlation_id, status, _EPOCH + timedelta(microseconds=micros), request_id, source
+        )
+
+    @property
+    def precedence(self) -> tuple[int, int]:
+        """Orders a member's events for the current state: newest first, ``declined`` on ties."""
+        return (self.updated_at_us, self.status == "declined")
+
+    @property
+    def position(self) -> tuple[int, str]:
+        """Orders a member's history: by time, then request id (what a cursor holds)."""
+        return (self.updated_at_us, self.request_id)
+
+    @property
+    def fingerprint(self) -> str:
+        """What a repeated ``Idempotency-Key`` must match: the same answer, same source."""
+        return f"{self.status}|{self.source}"
 
 
 class OptInStore(abc.ABC):
@@ -80,8 +130,45 @@ class OptInStore(abc.ABC):
         """The member's current record, or ``None`` if nothing was ever stored."""
 
     @abc.abstractmethod
-    def set(self, record: OptInRecord) -> OptInRecord:
-        """Store ``record`` as the member's current state, durably, and return it."""
+    def set(self, record: OptInRecord, *, idempotency_key: str | None = None) -> OptInRecord:
+        """Record the event ``record``, durably, and return the member's current state.
+
+        The event and the current state change atomically: both or neither. The
+        current state changes only if ``record`` takes precedence over it
+        (:attr:`OptInRecord.precedence`), so an old event lands in history only.
+
+        With ``idempotency_key``: if this member used the key less than
+        :data:`IDEMPOTENCY_TTL` ago with the same fingerprint, nothing is written
+        and the current state is returned; with another fingerprint,
+        :class:`IdempotencyKeyReused` is raised. The key is kept with the event.
+        """
+
+    @abc.abstractmethod
+    def history(
+        self, correlation_id: str, limit: int, before: tuple[int, str] | None = None
+    ) -> list[OptInRecord]:
+        """Up to ``limit`` of the member's events, newest first by :attr:`~OptInRecord.position`.
+
+        ``before`` is the position of the last event of the previous page: only
+        events strictly older than it are returned, so pages stay correct while
+        new events arrive.
+        """
+
+    @abc.abstractmethod
+    def import_events(self, records: Iterable[OptInRecord]) -> int:
+        """Store events in bulk (one batch), with the same ordering rule as :meth:`set`.
+
+        An event already stored (same member, time and request id) is skipped,
+        so importing twice changes nothing. Returns how many were new.
+        """
+
+    @abc.abstractmethod
+    def events(self, since: datetime | None = None) -> Iterator[OptInRecord]:
+        """Every stored event (at or after ``since``), streamed in constant memory."""
+
+    @abc.abstractmethod
+    def count_events(self) -> int:
+        """How many events are stored, over all members."""
 
     @abc.abstractmethod
     def check(self) -> None:

@@ -9,9 +9,10 @@ import uuid
 
 import pytest
 
+from backends.memory import MemoryStore
 from optin_service import create_app
 from optin_service.headers import SEED_HEADERS
-from optin_service.storage import OptInStore, StorageError, StorageUnavailable
+from optin_service.storage import StorageError, StorageUnavailable
 
 PATH = "/client/users/{}/profile/optin"
 URL = PATH.format("member-1")
@@ -264,27 +265,24 @@ def test_health_endpoints_refuse_put(client):
 # --- storage failures and bugs ----------------------------------------------------
 
 
-class FailingStore(OptInStore):
-    """A store that raises what it is told to, to reach the error paths."""
+class FailingStore(MemoryStore):
+    """A store whose request-path methods raise what they are told to."""
 
     def __init__(self, exc: Exception) -> None:
+        super().__init__()
         self.exc = exc
-
-    @classmethod
-    def from_url(cls, url):
-        raise NotImplementedError
 
     def get(self, correlation_id):
         raise self.exc
 
-    def set(self, record):
+    def set(self, record, *, idempotency_key=None):
+        raise self.exc
+
+    def history(self, correlation_id, limit, before=None):
         raise self.exc
 
     def check(self):
         raise self.exc
-
-    def close(self):
-        pass
 
 
 def failing_client(exc):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import socket
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -76,3 +78,37 @@ def test_chunked_bodies_are_held_to_the_limit(server, pad, code):
     status, headers, answer = raw(server, put_request(body, chunked=True))
     assert status.split()[1] == code, answer
     assert headers["X-Content-Type-Options"] == "nosniff"
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("redis", marks=pytest.mark.redis_server)]
+)
+def test_idempotency_holds_across_two_workers(tmp_path, request, backend):
+    if backend == "redis":
+        url = request.getfixturevalue("redis_server").url + f"?prefix=idem-{tmp_path.name}:"
+    else:
+        url = f"sqlite:///{tmp_path}/optin.db"
+    gunicorn = Gunicorn({"OPTIN_STORAGE_URL": url}, workers=2).start(tmp_path / "gunicorn.log")
+    try:
+        body = b'{"LOYALTY_OPTIN":"accepted"}'
+        head = (
+            f"PUT {PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Idempotency-Key: same-key\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: raw(gunicorn, head + body), range(40)))
+        assert {status for status, _, _ in answers} == {"HTTP/1.1 200 OK"}
+        history_request = f"GET {PATH}/history?limit=100 HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        for _ in range(10):  # reach both workers
+            _, _, answer = raw(gunicorn, history_request)
+            assert len(json.loads(answer)["items"]) == 1, answer
+        pids = {
+            line.split("pid:")[1].split()[0]
+            for line in gunicorn.log().splitlines()
+            if "Booting worker" in line
+        }
+        assert len(pids) == 2
+        conflict = head + body.replace(b"accepted", b"declined")
+        assert raw(gunicorn, conflict)[0] == "HTTP/1.1 422 UNPROCESSABLE ENTITY"
+    finally:
+        gunicorn.stop()

@@ -1,0 +1,205 @@
+"""The ``optin`` command line: read and write records, export, import, migrate.
+
+Available as ``flask --app optin_service optin ...`` (and on any app that
+mounts :class:`~optin_service.OptIn`) and as the console script ``optin``.
+It uses the store of the app, so it reads ``OPTIN_STORAGE_URL`` like the service.
+Progress bars show on a terminal and stay quiet when output is piped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime, timezone
+from typing import IO, Any, TypeVar
+
+import click
+from flask import current_app
+from flask.cli import AppGroup
+
+from .registry import redact, store_from_url
+from .schemas import CORRELATION_ID, SOURCE, dump_event, load_event
+from .storage import STATUSES, OptInRecord, OptInStore
+
+BATCH = 5000  # events per import/migrate batch: one transaction or one pipeline
+T = TypeVar("T")
+
+optin = AppGroup("optin", help="Read and write opt-in records; export, import, migrate.")
+
+
+def _store() -> OptInStore:
+    return current_app.extensions["optin"].store
+
+
+def _batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+class _Quiet:
+    """Stands in for a progress bar when stderr is not a terminal."""
+
+    def __enter__(self) -> _Quiet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, steps: int) -> None:
+        return None
+
+
+def _progress(label: str, length: Callable[[], int]) -> Any:
+    """A progress bar on stderr when it is a terminal; silence when piped."""
+    if not sys.stderr.isatty():
+        return _Quiet()
+    return click.progressbar(length=length(), label=label, file=sys.stderr)
+
+
+def _line(record: OptInRecord) -> str:
+    return json.dumps(dump_event(record), separators=(",", ":"))
+
+
+def _check(value: str, pattern: Any, what: str) -> str:
+    if not pattern.fullmatch(value):
+        raise click.BadParameter(f"{value!r} is not a valid {what}")
+    return value
+
+
+@optin.command("get")
+@click.argument("correlation_id")
+def get_command(correlation_id: str) -> None:
+    """Print a member's current state as JSON."""
+    record = _store().get(_check(correlation_id, CORRELATION_ID, "correlation id"))
+    if record is None:
+        raise click.ClickException(f"no opt-in recorded for {correlation_id}")
+    click.echo(_line(record))
+
+
+@optin.command("set")
+@click.argument("correlation_id")
+@click.argument("status", type=click.Choice(STATUSES))
+@click.option(
+    "--source", default="CLI", show_default=True, help="The channel, as X-Consent-Source."
+)
+def set_command(correlation_id: str, status: str, source: str) -> None:
+    """Record a member's answer now, as a new event; print the current state."""
+    _check(correlation_id, CORRELATION_ID, "correlation id")
+    _check(source, SOURCE, "source (1 to 32 of A-Z a-z 0-9 _ -)")
+    record = OptInRecord.now(correlation_id, status, str(uuid.uuid4()), source)  # type: ignore[arg-type]
+    click.echo(_line(_store().set(record)))
+
+
+def _parse_since(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an ISO 8601 time") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+@optin.command("export")
+@click.option(
+    "--since",
+    callback=_parse_since,
+    help="Only events at or after this ISO 8601 time (UTC if no zone).",
+)
+@click.option(
+    "-o", "--output", type=click.File("w"), default="-", help="File to write (default: stdout)."
+)
+def export_command(since: datetime | None, output: IO[str]) -> None:
+    """Write every event as JSON Lines, streamed in constant memory."""
+    store = _store()
+    count = 0
+    with _progress("exporting", store.count_events) as bar:
+        for record in store.events(since):
+            output.write(_line(record) + "\n")
+            count += 1
+            if count % 1000 == 0:
+                bar.update(1000)
+    click.echo(f"exported {count} events", err=True)
+
+
+@optin.command("import")
+@click.argument("file", type=click.File("r"))
+def import_command(file: IO[str]) -> None:
+    """Apply events from a JSON Lines FILE (or - for stdin).
+
+    An event older than a member's current state goes into history only;
+    events already stored are skipped, so importing a file twice changes nothing
+    the second time. A malformed line is reported with its number and skipped;
+    the exit code is 1 if any line failed.
+    """
+    store = _store()
+    read = added = failed = 0
+
+    def records() -> Iterator[OptInRecord]:
+        nonlocal failed
+        for number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            try:
+                yield load_event(line)
+            except ValueError as exc:
+                failed += 1
+                click.echo(f"line {number}: {exc}", err=True)
+
+    for batch in _batched(records(), BATCH):
+        added += store.import_events(batch)
+        read += len(batch)
+    click.echo(
+        f"imported {read} events: {added} new, {read - added} already present; "
+        f"{failed} lines failed",
+        err=True,
+    )
+    if failed:
+        sys.exit(1)
+
+
+@optin.command("migrate")
+@click.option("--to", "target_url", required=True, help="Storage URL to copy every event into.")
+def migrate_command(target_url: str) -> None:
+    """Copy every member's events to another backend, in batches; verify counts."""
+    source = _store()
+    target = store_from_url(target_url)
+    try:
+        total = source.count_events()
+        before = target.count_events()
+        copied = added = 0
+        started = time.monotonic()
+        with _progress("migrating", lambda: total) as bar:
+            for batch in _batched(source.events(), BATCH):
+                added += target.import_events(batch)
+                copied += len(batch)
+                bar.update(len(batch))
+        seconds = time.monotonic() - started
+        after = target.count_events()
+    finally:
+        target.close()
+    rate = copied / seconds if seconds else 0.0
+    click.echo(
+        f"copied {copied} events ({added} new) to {redact(target_url)} "
+        f"in {seconds:.1f} s ({rate:,.0f} events/s); target holds {after} events",
+        err=True,
+    )
+    if copied != total or after != before + added:
+        raise click.ClickException(
+            f"count mismatch: source had {total} events, {copied} copied; "
+            f"target went from {before} to {after} with {added} new"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``optin`` console script: the same commands, on ``create_app()``'s store."""
+    from . import create_app
+
+    app = create_app()
+    with app.app_context():
+        optin.main(args=argv, prog_name="optin")
