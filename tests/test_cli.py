@@ -1,0 +1,737 @@
+"""The ``optin`` command line as a user runs it.
+
+Most tests go through Flask's CLI runner on an app per backend (memory, sqlite,
+fakeredis through a test URL scheme, a real redis-server); a few run the
+installed console script and ``python -m flask`` as real subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import subprocess
+import sys
+import tracemalloc
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import fakeredis
+import pytest
+from flask import Flask
+
+from backends.redis import RedisStore
+from optin_service import create_app
+from optin_service.registry import register, unregister
+from optin_service.storage import OptInRecord, OptInStore
+
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+BIN = Path(sys.executable).parent
+FAKE_SCHEME = "fakeredis-cli"
+LINE_KEYS = ["correlationId", "LOYALTY_OPTIN", "updatedAt", "requestId", "source"]
+TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+IMPORTED = re.compile(
+    r"imported (\d+) events: (\d+) new, (\d+) already present; (\d+) lines failed"
+)
+COPIED = re.compile(
+    r"copied (\d+) events \((\d+) new\) to (\S+) in [\d.]+ s \([\d,]+ events/s\); "
+    r"target holds (\d+) events"
+)
+REDIS = (pytest.mark.redis_server, pytest.mark.slow)
+
+
+# --- backends ----------------------------------------------------------------------
+
+_FAKE_SERVERS: dict[str, fakeredis.FakeServer] = {}
+
+
+class FakeRedisStore(RedisStore):
+    """``fakeredis-cli://<name>``: the Redis backend on an in-process FakeServer per name."""
+
+    @classmethod
+    def from_url(cls, url: str) -> FakeRedisStore:
+        server = _FAKE_SERVERS.setdefault(urlsplit(url).netloc, fakeredis.FakeServer())
+        return cls(fakeredis.FakeRedis(server=server), owns_client=True)
+
+
+@dataclass
+class Backend:
+    """An app on one storage URL, its store, and its CLI."""
+
+    kind: str
+    url: str
+    app: Flask = field(repr=False)
+
+    @property
+    def store(self) -> OptInStore:
+        return self.app.extensions["optin"].store
+
+    def optin(self, *args: str, input: str | bytes | None = None):
+        return self.app.test_cli_runner().invoke(args=["optin", *args], input=input)
+
+
+def kinds(*names: str) -> list:
+    return [pytest.param(n, id=n, marks=REDIS if n == "redis" else ()) for n in names]
+
+
+def pairs(*items: tuple[str, str]) -> list:
+    return [
+        pytest.param(s, t, id=f"{s}-to-{t}", marks=REDIS if "redis" in (s, t) else ())
+        for s, t in items
+    ]
+
+
+ALL = ("memory", "sqlite", "fakeredis", "redis")
+
+
+@pytest.fixture
+def make_backend(request, tmp_path) -> Iterable[Callable[[str], Backend]]:
+    """Builds apps on fresh, empty stores; closes them and removes their Redis keys."""
+    made: list[Backend] = []
+
+    def make(kind: str) -> Backend:
+        name = f"{kind}{len(made)}"
+        if kind == "memory":
+            url = "memory://"
+        elif kind == "sqlite":
+            url = f"sqlite:///{tmp_path / name}.db"
+        elif kind == "fakeredis":
+            register(FAKE_SCHEME, FakeRedisStore)
+            url = f"{FAKE_SCHEME}://{name}-{uuid.uuid4().hex}"
+        elif kind == "redis":
+            server = request.getfixturevalue("redis_server")
+            url = f"{server.url}?prefix=cli-{uuid.uuid4().hex}:"
+        else:
+            raise ValueError(kind)
+        backend = Backend(kind, url, create_app({"TESTING": True, "OPTIN_STORAGE_URL": url}))
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        store = backend.store
+        if backend.kind == "redis":
+            keys = list(store.client.scan_iter(match=f"{store.prefix}*"))
+            if keys:
+                store.client.delete(*keys)
+        store.close()
+    unregister(FAKE_SCHEME)
+    _FAKE_SERVERS.clear()
+
+
+# --- events and lines --------------------------------------------------------------
+
+
+def event(cid: str, status: str, seconds: float, rid: str = "", source: str = "BULK"):
+    moment = T0 + timedelta(seconds=seconds)
+    return OptInRecord(cid, status, moment, rid or f"{cid}/{seconds}/{status}", source)
+
+
+def line(record: OptInRecord) -> str:
+    """An export line, written out by hand rather than by the code under test."""
+    return json.dumps(
+        {
+            "correlationId": record.correlation_id,
+            "LOYALTY_OPTIN": record.status,
+            "updatedAt": record.updated_at.astimezone(timezone.utc).strftime(
+                "%Y-%m-%dT%H:%M:%S.%fZ"
+            ),
+            "requestId": record.request_id,
+            "source": record.source,
+        },
+        separators=(",", ":"),
+    )
+
+
+def jsonl(records: Iterable[OptInRecord]) -> str:
+    return "".join(line(r) + "\n" for r in records)
+
+
+def sample(bulk_members: int = 100) -> list[OptInRecord]:
+    """Events with tricky ids and request ids, out of order, ties, and a bulk part.
+
+    Events of one member at the same microsecond always differ in status here
+    (declined wins such a tie), so the current state is a function of the events
+    whatever order they are stored in.
+    """
+    events: list[OptInRecord] = []
+    ids = ["member-1", "a:b", "@", "..", "x" * 128, "M.2@example.org:x_y-z", "-"]
+    for n, cid in enumerate(ids):
+        events += [
+            event(cid, "accepted", n + 0.000001, f"req-{n}-a", "WEB"),
+            event(cid, "declined", 3600 + n, f"req:{n}:b", "CLI"),
+            event(cid, "accepted", -30 * 86400, f"{{req}}~{n}!", "legacy_import"),
+        ]
+    events += [event("tie", "declined", 0, "t-2", "A"), event("tie", "accepted", 0, "t-1", "B")]
+    events += [event("tie2", "accepted", 0, "z", "A"), event("tie2", "declined", 0, "a", "B")]
+    events += [
+        event("prefix", status, 5, rid, "S")
+        for status, rid in [("accepted", "r1"), ("declined", "r1x"), ("accepted", "r1!")]
+    ]
+    for i in range(bulk_members):
+        events += [
+            event(f"bulk-{i}", "accepted", i),
+            event(f"bulk-{i}", "declined" if i % 3 else "accepted", i + 0.5),
+        ]
+    return events
+
+
+def members(records: Iterable[OptInRecord]) -> set[str]:
+    return {r.correlation_id for r in records}
+
+
+def check(result, code: int = 0):
+    """The runner's result, after asserting its exit code (showing everything if wrong)."""
+    detail = (result.exit_code, result.stdout, result.stderr, result.exception)
+    assert result.exit_code == code, detail
+    if result.exception is not None:  # an exit code from sys.exit, never a crash
+        assert isinstance(result.exception, SystemExit), detail
+    return result
+
+
+def summary(result, pattern: re.Pattern[str]) -> tuple[str, ...]:
+    """The one summary line on stderr: nothing else there (no progress bar when piped)."""
+    assert "[#" not in result.stderr and "%" not in result.stderr, result.stderr
+    assert "\r" not in result.stderr and "\x1b" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    match = pattern.fullmatch(lines[0])
+    assert match, lines[0]
+    return match.groups()
+
+
+def same_members(source: OptInStore, target: OptInStore, cids: Iterable[str]) -> None:
+    for cid in cids:
+        assert target.history(cid, 100) == source.history(cid, 100), cid
+        assert target.get(cid) == source.get(cid), cid
+
+
+# --- set and get -------------------------------------------------------------------
+
+
+def test_set_prints_the_current_state_and_get_prints_it_again(make_backend):
+    backend = make_backend("sqlite")
+    before = datetime.now(timezone.utc)
+    out = check(backend.optin("set", "member-1", "accepted")).stdout
+    assert out.endswith("\n") and out.count("\n") == 1
+    data = json.loads(out)
+    assert list(data) == LINE_KEYS
+    assert data["correlationId"] == "member-1"
+    assert data["LOYALTY_OPTIN"] == "accepted"
+    assert data["source"] == "CLI"
+    assert TIME.fullmatch(data["updatedAt"])
+    moment = datetime.fromisoformat(data["updatedAt"].replace("Z", "+00:00"))
+    assert before - timedelta(seconds=1) <= moment <= datetime.now(timezone.utc)
+    assert str(uuid.UUID(data["requestId"])) == data["requestId"]
+
+    assert check(backend.optin("get", "member-1")).stdout == out
+
+    out2 = check(backend.optin("set", "member-1", "declined", "--source", "call-centre_2")).stdout
+    data2 = json.loads(out2)
+    assert (data2["LOYALTY_OPTIN"], data2["source"]) == ("declined", "call-centre_2")
+    assert data2["requestId"] != data["requestId"]
+    assert check(backend.optin("get", "member-1")).stdout == out2
+    history = backend.store.history("member-1", 10)
+    assert [(e.status, e.source) for e in history] == [
+        ("declined", "call-centre_2"),
+        ("accepted", "CLI"),
+    ]
+
+
+def test_get_of_an_unknown_member_fails_with_a_clear_message(make_backend):
+    result = check(make_backend("memory").optin("get", "nobody"), 1)
+    assert result.stdout == ""
+    assert "no opt-in recorded for nobody" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["get", "has space"], "not a valid correlation id"),
+        (["get", "x" * 129], "not a valid correlation id"),
+        (["get", "caf\u00e9"], "not a valid correlation id"),
+        (["set", "a/b", "accepted"], "not a valid correlation id"),
+        (["set", "m", "maybe"], "'maybe' is not one of 'accepted', 'declined'"),
+        (["set", "m", "ACCEPTED"], "is not one of"),
+        (["set", "m"], "Missing argument"),
+        (["set", "m", "accepted", "--source", "two words"], "not a valid source"),
+        (["set", "m", "accepted", "--source", "x" * 33], "not a valid source"),
+        (["set", "m", "accepted", "--source", ""], "not a valid source"),
+        (["export", "--since", "yesterday"], "not an ISO 8601 time"),
+        (["export", "--since", "2026-13-01T00:00:00Z"], "not an ISO 8601 time"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else " ".join(v)[:40],
+)
+def test_invalid_arguments_are_rejected_before_anything_is_stored(make_backend, args, message):
+    backend = make_backend("memory")
+    result = check(backend.optin(*args), 2)
+    assert message in result.stderr
+    assert result.stdout == ""
+    assert backend.store.count_events() == 0
+
+
+# --- export ------------------------------------------------------------------------
+
+
+def test_export_to_stdout_and_to_a_file(make_backend, tmp_path):
+    backend = make_backend("sqlite")
+    events = sample()
+    backend.store.import_events(events)
+    expected = {line(e) for e in events}
+
+    result = check(backend.optin("export"))
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(events) and set(lines) == expected
+    assert result.stderr == f"exported {len(events)} events\n"
+
+    out = tmp_path / "out.jsonl"
+    result = check(backend.optin("export", "-o", str(out)))
+    assert result.stdout == ""
+    assert result.stderr == f"exported {len(events)} events\n"
+    text = out.read_text()
+    assert text.endswith("\n") and sorted(text.splitlines()) == sorted(lines)
+
+
+@pytest.mark.parametrize("kind", kinds(*ALL))
+def test_export_since_keeps_events_at_or_after_the_time(make_backend, kind):
+    backend = make_backend(kind)
+    at_2pm = 2 * 3600
+    events = [
+        event("a", "accepted", at_2pm - 0.000001),  # one microsecond before
+        event("a", "declined", at_2pm),  # exactly at --since: kept
+        event("b", "accepted", at_2pm + 0.000001),
+        event("b", "declined", 86400),
+        event("c", "accepted", -86400),
+    ]
+    backend.store.import_events(events)
+    wanted = {line(e) for e in events[1:4]}
+    for since in (
+        "2026-03-01T14:00:00Z",
+        "2026-03-01T14:00:00.000000Z",
+        "2026-03-01T15:00:00+01:00",
+        "2026-03-01T14:00:00",  # no zone: UTC
+    ):
+        result = check(backend.optin("export", "--since", since))
+        assert set(result.stdout.splitlines()) == wanted, since
+        assert result.stderr == "exported 3 events\n"
+    result = check(backend.optin("export", "--since", "2030-01-01T00:00:00Z"))
+    assert (result.stdout, result.stderr) == ("", "exported 0 events\n")
+
+
+def test_export_of_20000_events_is_streamed(make_backend, tmp_path):
+    backend = make_backend("sqlite")
+    store = backend.store
+    total = 20_000
+    for start in range(0, total, 5000):
+        store.import_events(event(f"m{i}", "accepted", i) for i in range(start, start + 5000))
+
+    result = check(backend.optin("export"))
+    assert result.stdout.count("\n") == total
+    assert result.stderr == f"exported {total} events\n"
+
+    def peak(*args: str) -> int:
+        out = tmp_path / "out.jsonl"
+        tracemalloc.start()
+        try:
+            check(backend.optin("export", "-o", str(out), *args))
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+            assert out.read_text().count("\n") == (total if not args else 2000)
+
+    small = peak("--since", (T0 + timedelta(seconds=total - 2000)).isoformat())
+    large = peak()
+    # 18,000 more lines held in memory would be several MB; streaming stays flat.
+    assert large < small + 512 * 1024, (small, large)
+
+
+# --- import ------------------------------------------------------------------------
+
+
+def test_import_a_file_and_from_stdin(make_backend, tmp_path):
+    backend = make_backend("sqlite")
+    first, second = sample(10), [event("stdin-1", "accepted", 1), event("stdin-2", "declined", 2)]
+    path = tmp_path / "events.jsonl"
+    path.write_text(jsonl(first))
+
+    result = check(backend.optin("import", str(path)))
+    assert summary(result, IMPORTED) == (str(len(first)), str(len(first)), "0", "0")
+    assert result.stdout == ""
+
+    result = check(backend.optin("import", "-", input=jsonl(second)))
+    assert summary(result, IMPORTED) == ("2", "2", "0", "0")
+    assert set(backend.store.events()) == set(first) | set(second)
+    assert backend.store.get("stdin-2") == second[1]
+
+
+def test_import_applies_zones_and_defaults_the_source(make_backend):
+    backend = make_backend("memory")
+    text = (
+        '{"correlationId":"z","LOYALTY_OPTIN":"accepted",'
+        '"updatedAt":"2026-03-01T14:00:00.5+02:00","requestId":"r-1"}\n'
+    )
+    check(backend.optin("import", "-", input=text))
+    record = backend.store.get("z")
+    assert record == OptInRecord("z", "accepted", T0 + timedelta(seconds=0.5), "r-1", "API")
+    out = check(backend.optin("export")).stdout
+    assert json.loads(out)["updatedAt"] == "2026-03-01T12:00:00.500000Z"
+
+
+@pytest.mark.parametrize("kind", kinds(*ALL))
+def test_importing_the_same_file_twice_adds_nothing_the_second_time(make_backend, kind, tmp_path):
+    backend = make_backend(kind)
+    events = sample(50)
+    path = tmp_path / "events.jsonl"
+    path.write_text(jsonl(events))
+    n = str(len(events))
+
+    assert summary(check(backend.optin("import", str(path))), IMPORTED) == (n, n, "0", "0")
+    stored = set(backend.store.events())
+    assert stored == set(events)
+    states = {cid: backend.store.get(cid) for cid in members(events)}
+
+    assert summary(check(backend.optin("import", str(path))), IMPORTED) == (n, "0", n, "0")
+    assert set(backend.store.events()) == stored
+    assert backend.store.count_events() == len(events)
+    assert {cid: backend.store.get(cid) for cid in members(events)} == states
+
+
+@pytest.mark.parametrize("kind", kinds(*ALL))
+def test_an_older_event_imported_later_goes_into_history_only(make_backend, kind):
+    backend = make_backend(kind)
+    newer = event("m", "declined", 60, "newer", "WEB")
+    older = event("m", "accepted", 0, "older", "LEGACY")
+    # Newer first in one file, then older; and across two imports.
+    check(backend.optin("import", "-", input=jsonl([newer, older])))
+    assert backend.store.get("m") == newer
+    assert backend.store.history("m", 10) == [newer, older]
+
+    newer2 = event("n", "accepted", 60, "newer", "WEB")
+    older2 = event("n", "declined", 0, "older", "LEGACY")
+    check(backend.optin("import", "-", input=jsonl([newer2])))
+    result = check(backend.optin("import", "-", input=jsonl([older2])))
+    assert summary(result, IMPORTED) == ("1", "1", "0", "0")
+    assert backend.store.get("n") == newer2
+    assert backend.store.history("n", 10) == [newer2, older2]
+
+    # At exactly the same time declined wins, whichever comes first.
+    for cid, order in (("t1", ("accepted", "declined")), ("t2", ("declined", "accepted"))):
+        check(backend.optin("import", "-", input=jsonl(event(cid, s, 30) for s in order)))
+        assert backend.store.get(cid).status == "declined", cid
+    assert json.loads(check(backend.optin("get", "m")).stdout)["requestId"] == "newer"
+
+
+def test_a_malformed_file_reports_each_bad_line_and_stores_the_good_ones(make_backend, tmp_path):
+    backend = make_backend("sqlite")
+    good = [event("good-1", "accepted", 1), event("good-9", "declined", 9)]
+    good13 = event("good-13", "accepted", 13, "r13", "X")
+
+    def bad(cid: str, **change: object) -> str:
+        data = json.loads(line(event(cid, "accepted", 0)))
+        data.update(change)
+        return json.dumps({k: v for k, v in data.items() if v is not None})
+
+    lines = {
+        1: line(good[0]),
+        2: '{"correlationId": "bad-2", "LOYALTY_OPTIN": ',
+        3: bad("bad-3", LOYALTY_OPTIN="maybe"),
+        4: bad("bad-4", updatedAt="2026-03-01T12:00:00"),
+        5: bad("bad 5"),
+        6: bad("bad-6", extra="field"),
+        7: bad("bad-7", requestId=None),
+        8: "",
+        9: line(good[1]),
+        10: line(event("bad-10", "accepted", 0))[:-1] + ',"LOYALTY_OPTIN":"declined"}',
+        11: bad("bad-11").replace('"BULK"', "NaN"),
+        12: "[]",
+        13: line(good13).replace("12:00:13.000000Z", "14:00:13+02:00"),
+        14: bad("bad-14", source="not valid"),
+        15: bad("bad-15", updatedAt="tomorrow"),
+    }
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(lines[n] for n in sorted(lines)) + "\n")
+
+    result = check(backend.optin("import", str(path)), 1)
+    *reports, last = result.stderr.splitlines()
+    bad_lines = [2, 3, 4, 5, 6, 7, 10, 11, 12, 14, 15]
+    assert IMPORTED.fullmatch(last).groups() == ("3", "3", "0", str(len(bad_lines))), last
+    assert [int(re.match(r"line (\d+): ", r).group(1)) for r in reports] == bad_lines, reports
+    said = dict(zip(bad_lines, reports, strict=True))
+    assert "not valid JSON" in said[2]
+    assert "LOYALTY_OPTIN" in said[3]
+    assert "updatedAt" in said[4] and "time zone" in said[4]
+    assert "correlationId" in said[5]
+    assert "extra" in said[6]
+    assert "requestId" in said[7]
+    assert "Duplicate key" in said[10] and "LOYALTY_OPTIN" in said[10]
+    assert "NaN" in said[11]
+    assert "object" in said[12]
+    assert "source" in said[14]
+    assert "updatedAt" in said[15]
+
+    assert set(backend.store.events()) == {*good, good13}
+    assert backend.store.count_events() == 3
+    for n in bad_lines:
+        assert backend.store.get(f"bad-{n}") is None
+
+
+def test_a_line_that_is_not_utf8_is_reported_like_any_bad_line(make_backend, tmp_path):
+    backend = make_backend("sqlite")
+    good = [event("good-1", "accepted", 1), event("good-3", "declined", 3)]
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(
+        line(good[0]).encode() + b"\n"
+        b'{"correlationId":"caf\xe9","LOYALTY_OPTIN":"accepted"}\n' + line(good[1]).encode() + b"\n"
+    )
+    result = check(backend.optin("import", str(path)), 1)
+    assert re.search(r"^line 2: ", result.stderr, re.M), result.stderr
+    assert IMPORTED.search(result.stderr).groups() == ("2", "2", "0", "1")
+    assert set(backend.store.events()) == set(good)
+
+
+@pytest.mark.parametrize("kind", kinds(*ALL))
+def test_an_event_already_stored_is_skipped_even_if_its_other_fields_differ(make_backend, kind):
+    """The same event is the same member, time and request id (OptInStore.import_events)."""
+    backend = make_backend(kind)
+    original = event("m", "accepted", 0, "r1", "WEB")
+    check(backend.optin("import", "-", input=jsonl([original])))
+
+    same_event = event("m", "declined", 0, "r1", "OTHER")
+    result = check(backend.optin("import", "-", input=jsonl([same_event])))
+    assert summary(result, IMPORTED) == ("1", "0", "1", "0")
+    assert backend.store.history("m", 10) == [original]
+    assert backend.store.get("m") == original
+
+    later = event("m", "accepted", 10, "r1", "WEB")  # a request id reused at another time
+    result = check(backend.optin("import", "-", input=jsonl([later])))
+    assert summary(result, IMPORTED) == ("1", "1", "0", "0")
+    assert backend.store.history("m", 10) == [later, original]
+
+
+@pytest.mark.parametrize("kind", kinds(*ALL))
+def test_events_before_1970_import_and_order_like_any_other(make_backend, kind):
+    backend = make_backend(kind)
+    moon = datetime(1969, 7, 20, 20, 17, tzinfo=timezone.utc)
+    first = OptInRecord("old", "declined", moon, "r1", "PAPER")
+    second = OptInRecord("old", "accepted", moon + timedelta(days=1), "r2", "PAPER")
+    check(backend.optin("import", "-", input=jsonl([first, second])))
+    assert backend.store.get("old") == second
+    assert backend.store.history("old", 10) == [second, first]
+
+
+# --- migrate -----------------------------------------------------------------------
+
+
+MIGRATIONS = pairs(
+    ("memory", "sqlite"),
+    ("sqlite", "sqlite"),
+    ("sqlite", "fakeredis"),
+    ("fakeredis", "sqlite"),
+    ("sqlite", "redis"),
+    ("redis", "sqlite"),
+)
+
+
+@pytest.mark.parametrize("source_kind, target_kind", MIGRATIONS)
+def test_migrate_copies_every_event_and_current_state(make_backend, source_kind, target_kind):
+    source, target = make_backend(source_kind), make_backend(target_kind)
+    # Over the CLI's 5,000-event batch; fakeredis runs Lua slowly, so less there.
+    fake = "fakeredis" in (source_kind, target_kind)
+    events = sample(300 if fake else 2600)
+    source.store.import_events(events)
+    n = len(events)
+    assert fake or n > 5000
+
+    result = check(source.optin("migrate", "--to", target.url))
+    copied, added, shown, holds = summary(result, COPIED)
+    assert (copied, added, holds) == (str(n), str(n), str(n))
+    assert shown == target.url
+    assert result.stdout == ""
+
+    assert set(target.store.events()) == set(source.store.events()) == set(events)
+    assert target.store.count_events() == n
+    for cid in members(events):
+        assert target.store.get(cid) == source.store.get(cid), cid
+    same_members(source.store, target.store, ["member-1", "x" * 128, "tie", "prefix"])
+
+    result = check(source.optin("migrate", "--to", target.url))
+    copied, added, _, holds = summary(result, COPIED)
+    assert (copied, added, holds) == (str(n), "0", str(n))
+    assert set(target.store.events()) == set(events)
+
+
+def test_migrate_into_a_store_that_has_some_of_the_events(make_backend):
+    source, target = make_backend("sqlite"), make_backend("sqlite")
+    events = sample(20)
+    source.store.import_events(events)
+    extra = event("only-in-target", "accepted", 0)
+    target.store.import_events([*events[:10], extra])
+
+    result = check(source.optin("migrate", "--to", target.url))
+    copied, added, _, holds = summary(result, COPIED)
+    assert (int(copied), int(added), int(holds)) == (len(events), len(events) - 10, len(events) + 1)
+    assert set(target.store.events()) == {*events, extra}
+
+
+def test_migrate_keeps_the_current_state_when_events_tie_in_time_and_status(make_backend):
+    """Two answers in the same microsecond with the same status: the copy keeps the same one."""
+    source, target = make_backend("sqlite"), make_backend("sqlite")
+    first = event("m", "accepted", 0, "zz-first", "WEB")
+    second = event("m", "accepted", 0, "aa-second", "SMS")
+    source.store.import_events([first])
+    source.store.import_events([second])
+    assert source.store.get("m") == first
+    check(source.optin("migrate", "--to", target.url))
+    assert target.store.get("m") == source.store.get("m")
+
+
+def test_migrate_to_an_unknown_scheme_fails_with_a_clear_message(make_backend):
+    source = make_backend("memory")
+    source.store.import_events(sample(1))
+    result = source.optin("migrate", "--to", "nosuch://host/db")
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "nosuch" in result.stderr
+
+
+# --- export, then import into another backend --------------------------------------
+
+
+@pytest.mark.parametrize("source_kind, target_kind", pairs(*((s, t) for s in ALL for t in ALL)))
+def test_export_then_import_elsewhere_gives_the_same_history(
+    make_backend, tmp_path, source_kind, target_kind
+):
+    source, target = make_backend(source_kind), make_backend(target_kind)
+    events = sample(30)
+    source.store.import_events(events)
+    path = tmp_path / "export.jsonl"
+    summary_line = check(source.optin("export", "-o", str(path))).stderr
+    assert summary_line == f"exported {len(events)} events\n"
+
+    result = check(target.optin("import", str(path)))
+    n = str(len(events))
+    assert summary(result, IMPORTED) == (n, n, "0", "0")
+    same_members(source.store, target.store, members(events))
+    assert set(target.store.events()) == set(events)
+
+
+# --- progress ----------------------------------------------------------------------
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(make_backend, tmp_path):
+    source, target = make_backend("sqlite"), make_backend("sqlite")
+    events = sample(3000)
+    path = tmp_path / "events.jsonl"
+    path.write_text(jsonl(events))
+    summary(check(source.optin("import", str(path))), IMPORTED)
+    summary(check(source.optin("migrate", "--to", target.url)), COPIED)
+    result = check(source.optin("export", "-o", str(tmp_path / "out.jsonl")))
+    summary(result, re.compile(rf"exported {len(events)} events"))
+
+
+# --- real processes ----------------------------------------------------------------
+
+
+def run(args: list[str], env: dict[str, str], cwd: Path, stdin: str | None = None):
+    return subprocess.run(
+        args, input=stdin, env=env, cwd=cwd, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.fixture
+def cli_env(tmp_path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLASK_", "OPTIN_"))}
+    env["OPTIN_STORAGE_URL"] = f"sqlite:///{tmp_path / 'cli.db'}"
+    return env
+
+
+@pytest.mark.slow
+def test_the_console_script(cli_env, tmp_path):
+    optin = str(BIN / "optin")
+    assert os.access(optin, os.X_OK), optin
+
+    setting = run([optin, "set", "m-1", "declined", "--source", "shell"], cli_env, tmp_path)
+    assert setting.returncode == 0, setting.stderr
+    data = json.loads(setting.stdout)
+    assert (data["LOYALTY_OPTIN"], data["source"]) == ("declined", "shell")
+
+    getting = run([optin, "get", "m-1"], cli_env, tmp_path)
+    assert (getting.returncode, getting.stdout) == (0, setting.stdout)
+
+    missing = run([optin, "get", "nobody"], cli_env, tmp_path)
+    assert missing.returncode == 1 and missing.stdout == ""
+    assert "Error: no opt-in recorded for nobody" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+    events = sample(20)
+    imported = run([optin, "import", "-"], cli_env, tmp_path, stdin=jsonl(events))
+    assert imported.returncode == 0, imported.stderr
+    n = len(events)
+    assert f"imported {n} events: {n} new, 0 already present; 0 lines failed" in imported.stderr
+
+    exported = run([optin, "export"], cli_env, tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    assert set(exported.stdout.splitlines()) == {line(e) for e in events} | {setting.stdout[:-1]}
+    # Piped: the summary line, no progress bar.
+    assert f"exported {n + 1} events" in exported.stderr
+    assert "[#" not in exported.stderr and "%" not in exported.stderr
+
+    rejected = run([optin, "set", "m-1", "maybe"], cli_env, tmp_path)
+    assert rejected.returncode == 2 and "is not one of" in rejected.stderr
+
+
+@pytest.mark.slow
+def test_flask_cli_reads_the_same_store(cli_env, tmp_path):
+    app = create_app({"OPTIN_STORAGE_URL": cli_env["OPTIN_STORAGE_URL"]})
+    record = event("via-flask", "accepted", 0, "r-1", "WEB")
+    app.extensions["optin"].store.import_events([record])
+    app.extensions["optin"].store.close()
+
+    args = [sys.executable, "-m", "flask", "--app", "optin_service", "optin", "get", "via-flask"]
+    result = run(args, cli_env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == line(record) + "\n"
+
+    result = run([*args[:-1], "nobody"], cli_env, tmp_path)
+    assert result.returncode == 1 and "no opt-in recorded for nobody" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_progress_bar_shows_on_a_terminal(cli_env, tmp_path):
+    app = create_app({"OPTIN_STORAGE_URL": cli_env["OPTIN_STORAGE_URL"]})
+    events = sample(1500)
+    app.extensions["optin"].store.import_events(events)
+    app.extensions["optin"].store.close()
+
+    master, slave = pty.openpty()
+    chunks = []
+    with subprocess.Popen(
+        [str(BIN / "optin"), "export", "-o", str(tmp_path / "out.jsonl")],
+        env=cli_env,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=slave,
+    ) as proc:
+        os.close(slave)
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert proc.wait(60) == 0
+    os.close(master)
+    seen = b"".join(chunks).decode(errors="replace")
+    assert "exporting" in seen and "[#" in seen, seen
+    # A complete export ends at 100%, not at the last whole thousand.
+    assert "100%" in seen, seen
+    assert f"exported {len(events)} events" in seen
