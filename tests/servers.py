@@ -131,8 +131,8 @@ class Gunicorn:
 
     def start(self, log_path: Path) -> Gunicorn:
         self.log_path = log_path
-        log = open(log_path, "ab")
-        self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=log, stderr=log)
+        with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=log, stderr=log)
         wait_for_port(self.port, timeout=20, proc=self.proc)
         return self
 
