@@ -5,6 +5,8 @@ or through ``GUNICORN_CMD_ARGS``.
 """
 
 import os
+import shutil
+import tempfile
 from urllib.parse import urlsplit
 
 bind = [os.environ.get("OPTIN_BIND", "127.0.0.1:8000")]
@@ -19,10 +21,62 @@ timeout = 30
 graceful_timeout = 30
 # Build the app in each worker, after fork, so no connection crosses a fork.
 preload_app = False
-accesslog = "-"
+# The app writes its own access line (JSON, with request id, route and backend).
+accesslog = None
+
+
+_made: list[str] = []  # metrics folders made here, removed on exit
+
+
+def _metrics_enabled() -> bool:
+    return os.environ.get("OPTIN_METRICS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def on_starting(server) -> None:  # noqa: ANN001 - gunicorn's Arbiter
+    """Check the storage choice, and give the workers an empty folder for their metrics."""
+    _refuse_memory_with_several_workers(server)
+    if _metrics_enabled():
+        # Every worker writes its samples here and /metrics sums them. It must be
+        # empty at start: files of a previous run would be summed in.
+        path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if path:
+            shutil.rmtree(path, ignore_errors=True)
+            os.makedirs(path)
+        else:
+            path = tempfile.mkdtemp(prefix="optin-metrics-")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+            _made.append(path)
+        server.log.info("metrics of all workers collected in %s", path)
+
+
+def when_ready(server) -> None:  # noqa: ANN001 - gunicorn's Arbiter
+    """With OPTIN_METRICS_PORT set, also serve /metrics on its own port from the master."""
+    port = os.environ.get("OPTIN_METRICS_PORT")
+    if port and _metrics_enabled():
+        from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        host = os.environ.get("OPTIN_METRICS_HOST", "127.0.0.1")
+        start_http_server(int(port), addr=host, registry=registry)
+        server.log.info("metrics on http://%s:%s/metrics", host, port)
+
+
+def child_exit(server, worker) -> None:  # noqa: ANN001 - gunicorn's Arbiter and Worker
+    """Tell prometheus-client a worker is gone (its live gauges stop counting)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server) -> None:  # noqa: ANN001 - gunicorn's Arbiter
+    """Remove the metrics folder this config made (one given by the operator stays)."""
+    for path in _made:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _refuse_memory_with_several_workers(server) -> None:  # noqa: ANN001
     """Refuse a per-process store shared by several workers: each would see its own data."""
     scheme = urlsplit(os.environ.get("OPTIN_STORAGE_URL", "")).scheme
     if scheme == "memory" and server.cfg.workers > 1:
@@ -39,3 +93,4 @@ def worker_exit(server, worker) -> None:  # noqa: ANN001 - gunicorn's Arbiter an
     state = getattr(app, "extensions", {}).get("optin") if app is not None else None
     if state is not None:
         state.store.close()
+        server.log.info("worker %s closed its store", worker.pid)

@@ -6,13 +6,12 @@ gunicorn); :class:`OptIn` mounts the same API on an existing Flask app.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask
 
-from . import defaults
+from . import defaults, logs
 from .extension import OptIn
 
 __all__ = ["OptIn", "create_app"]
@@ -29,12 +28,6 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     if config:
         app.config.update(config)
     defaults.apply(app.config)
-    pkg_log = logging.getLogger(__name__)
-    if pkg_log.level == logging.NOTSET:
-        pkg_log.setLevel(logging.INFO)
-    if not pkg_log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("[%(asctime)s] %(levelname)s %(name)s: %(message)s"))
-        pkg_log.addHandler(handler)
+    logs.configure(app.config["OPTIN_LOG_FORMAT"])
     OptIn(app, standalone=True)
     return app

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import AbstractContextManager, nullcontext
 
 from flask import Blueprint, Response, current_app, request
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import NotFound, RequestEntityTooLarge
 
 from .errors import ApiError, register_error_handlers
 from .headers import no_https_redirect, request_id
+from .metrics import CONSENT_CHANGES, exposition, storage_operation
 from .schemas import (
     CORRELATION_ID,
     IDEMPOTENCY_KEY,
@@ -32,7 +34,7 @@ register_error_handlers(bp)
 
 OPTIN_PATH = "/client/users/<correlation_id>/profile/optin"
 #: Path prefixes of the API when mounted without a url_prefix (its 404s and 405s).
-API_PATHS = ("/client/users/", "/healthz", "/readyz")
+API_PATHS = ("/client/users/", "/healthz", "/readyz", "/metrics")
 #: The seed's 200 body, exactly these 29 bytes (``jsonify`` would add a newline).
 UPDATED_BODY = b'{"message":"Opt-in updated."}'
 
@@ -40,6 +42,13 @@ UPDATED_BODY = b'{"message":"Opt-in updated."}'
 def store() -> OptInStore:
     """The store of the app handling this request."""
     return current_app.extensions["optin"].store
+
+
+def _timed(operation: str) -> AbstractContextManager[None]:
+    """Time a storage call for the metrics (a no-op when metrics are off)."""
+    if not current_app.config["OPTIN_METRICS"]:
+        return nullcontext()
+    return storage_operation(current_app.extensions["optin"].backend, operation)
 
 
 def _json(body: object, status: int = 200) -> Response:
@@ -84,13 +93,16 @@ def put_optin(correlation_id: str) -> Response:
     status = load_optin_status(_body())
     record = OptInRecord.now(correlation_id, status, request_id(), source or DEFAULT_SOURCE)
     try:
-        store().set(record, idempotency_key=key)
+        with _timed("set"):
+            current = store().set(record, idempotency_key=key)
     except IdempotencyKeyReused:
         raise ApiError(
             422,
             "Idempotency-Key was already used for this member with a different request",
             "IDEMPOTENCY_KEY_REUSED",
         ) from None
+    if current.request_id == record.request_id and current_app.config["OPTIN_METRICS"]:
+        CONSENT_CHANGES.labels(status).inc()
     return Response(UPDATED_BODY, 200, mimetype="application/json")
 
 
@@ -98,7 +110,8 @@ def put_optin(correlation_id: str) -> Response:
 @no_https_redirect
 def get_optin(correlation_id: str) -> Response:
     """The member's current answer and when it was recorded."""
-    record = store().get(_checked_id(correlation_id))
+    with _timed("get"):
+        record = store().get(_checked_id(correlation_id))
     if record is None:
         raise ApiError(404, f"No opt-in recorded for {correlation_id}")
     return _json(dump_state(record))
@@ -110,7 +123,8 @@ def get_history(correlation_id: str) -> Response:
     """The member's consent events, newest first, a page at a time."""
     correlation_id = _checked_id(correlation_id)
     limit, before = load_history_query(request.args)
-    events = store().history(correlation_id, limit + 1, before)
+    with _timed("history"):
+        events = store().history(correlation_id, limit + 1, before)
     if not events and before is None:
         raise ApiError(404, f"No opt-in history for {correlation_id}")
     page = events[:limit]
@@ -129,5 +143,16 @@ def healthz() -> Response:
 @no_https_redirect
 def readyz() -> Response:
     """The store answers; 503 (with Retry-After) while it does not."""
-    store().check()
+    with _timed("check"):
+        store().check()
     return _json({"status": "ready"})
+
+
+@bp.get("/metrics")
+@no_https_redirect
+def metrics() -> Response:
+    """Prometheus metrics (summed over gunicorn workers); 404 when OPTIN_METRICS is off."""
+    if not current_app.config["OPTIN_METRICS"]:
+        raise NotFound()
+    body, content_type = exposition()
+    return Response(body, 200, content_type=content_type)

@@ -21,6 +21,12 @@ OPTIN_MAX_BODY_BYTES: int = 16384
 #: Seconds a client is told to wait (``Retry-After``) when storage is unavailable.
 OPTIN_RETRY_AFTER_SECONDS: int = 1
 
+#: Serve Prometheus metrics at ``/metrics``.
+OPTIN_METRICS: bool = True
+
+#: ``json`` (one JSON object per line) or ``text``: the standalone service's log format.
+OPTIN_LOG_FORMAT: str = "json"
+
 DEFAULTS: dict[str, Any] = {
     name: value for name, value in globals().items() if name.startswith("OPTIN_")
 }

@@ -98,7 +98,8 @@ def handle_http_exception(exc: HTTPException) -> Response:
 
 def handle_storage_unavailable(exc: StorageUnavailable) -> Response:
     """Storage down or busy: the client may retry after a moment."""
-    log.warning("storage unavailable (request id %s): %s", request_id(), exc)
+    rid = request_id()
+    log.warning("storage unavailable (request id %s): %s", rid, exc, extra={"request_id": rid})
     retry_after = str(current_app.config.get("OPTIN_RETRY_AFTER_SECONDS", 1))
     return error_response(
         503,
@@ -109,12 +110,14 @@ def handle_storage_unavailable(exc: StorageUnavailable) -> Response:
 
 def handle_unexpected(exc: Exception) -> Response:
     """A bug or a storage fault: logged with its trace, answered without details."""
+    rid = request_id()
     log.error(
         "unhandled error on %s %s (request id %s)",
         request.method,
         request.path,
-        request_id(),
+        rid,
         exc_info=exc,
+        extra={"request_id": rid, "method": request.method, "path": request.path},
     )
     return error_response(500, "Internal error")
 

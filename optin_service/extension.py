@@ -11,16 +11,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 import weakref
+from urllib.parse import urlsplit
 
-from flask import Flask, Request, Response, current_app, request
+from flask import Flask, Request, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException
 
 from . import defaults
 from .api import API_PATHS, bp
 from .cli import optin as optin_cli
 from .errors import handle_http_exception, register_error_handlers
-from .headers import apply_headers
+from .headers import apply_headers, request_id
+from .logs import ACCESS
+from .metrics import observe_request
 from .registry import redact, store_from_url
 from .storage import OptInStore
 
@@ -38,6 +42,8 @@ class OptInState:
     url_prefix: str
     #: True when the whole app is the opt-in API (``create_app``).
     standalone: bool
+    #: The backend's name in metrics and logs (the URL scheme, or the store's class).
+    backend: str
 
     def owns(self, req: Request) -> bool:
         """Whether ``req`` is the opt-in API's to answer (envelope, headers, request id)."""
@@ -98,7 +104,8 @@ class OptIn:
             how = "" if configured else " (default: OPTIN_STORAGE_URL is not set)"
             log.info("opt-in storage: %s%s", redact(url), how)
         prefix = (url_prefix or "").rstrip("/")
-        state = OptInState(store, url, prefix, standalone)
+        backend = urlsplit(url).scheme if url else type(store).__name__
+        state = OptInState(store, url, prefix, standalone, backend)
         app.extensions["optin"] = state
         app.register_blueprint(bp, url_prefix=prefix or None)
         app.cli.add_command(optin_cli)
@@ -109,10 +116,11 @@ class OptIn:
             # app-level hook sees a 404 or 405 under the mount point. It answers
             # those and leaves every other path to the host's own handlers.
             app.before_request(_routing_errors)
+        app.before_request_funcs.setdefault(None, []).insert(0, _start)
         # Flask runs app-level after_request functions last-registered first:
         # first in the list runs last, after a host's own Talisman or header
         # hooks, so the API's responses keep the seed's values whatever the host sets.
-        app.after_request_funcs.setdefault(None, []).insert(0, _headers)
+        app.after_request_funcs.setdefault(None, []).insert(0, _finish)
 
     @property
     def store(self) -> OptInStore:
@@ -128,7 +136,32 @@ def _routing_errors() -> Response | None:
     return None
 
 
-def _headers(response: Response) -> Response:
-    if current_app.extensions["optin"].owns(request):
-        apply_headers(response)
+def _start() -> None:
+    g.optin_started = time.perf_counter()
+
+
+def _finish(response: Response) -> Response:
+    """The API's last word on each of its responses: headers, metrics, the access log."""
+    state = current_app.extensions["optin"]
+    if not state.owns(request):
+        return response
+    apply_headers(response)
+    seconds = time.perf_counter() - g.get("optin_started", time.perf_counter())
+    route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+    if current_app.config["OPTIN_METRICS"]:
+        observe_request(route, request.method, response.status_code, seconds)
+    ACCESS.info(
+        "%s %s %s",
+        request.method,
+        route,
+        response.status_code,
+        extra={
+            "request_id": request_id(),
+            "method": request.method,
+            "route": route,
+            "status": response.status_code,
+            "duration_ms": round(seconds * 1000, 3),
+            "backend": state.backend,
+        },
+    )
     return response

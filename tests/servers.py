@@ -111,7 +111,9 @@ class RedisServer:
 class Gunicorn:
     """``gunicorn wsgi:app`` from the project root with the shipped config."""
 
-    def __init__(self, env: dict[str, str], workers: int = 2, *extra: str) -> None:
+    def __init__(
+        self, env: dict[str, str], workers: int = 2, *extra: str, app: str = "wsgi:app"
+    ) -> None:
         self.port = free_port()
         self.env = {**os.environ, **env}
         self.args = [
@@ -120,7 +122,7 @@ class Gunicorn:
             "-w", str(workers),
             "-b", f"{LOOPBACK}:{self.port}",
             *extra,
-            "wsgi:app",
+            app,
         ]  # fmt: skip
         self.proc: subprocess.Popen | None = None
         self.log_path: Path | None = None

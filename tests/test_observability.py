@@ -1,0 +1,227 @@
+"""Metrics, logs and shutdown: what an operator sees."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from prometheus_client import REGISTRY
+
+from optin_service import create_app, logs
+from tests.servers import Gunicorn
+from tests.test_api import FailingStore, put
+
+ROUTE = "/client/users/<correlation_id>/profile/optin"
+
+
+def sample(name, **labels):
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_requests_are_counted_by_route_template_method_and_status(client):
+    before_ok = sample("optin_http_requests_total", route=ROUTE, method="PUT", status="200")
+    before_bad = sample("optin_http_requests_total", route=ROUTE, method="PUT", status="400")
+    before_404 = sample("optin_http_requests_total", route="unmatched", method="GET", status="404")
+    before_hist = sample("optin_http_request_duration_seconds_count", route=ROUTE, method="PUT")
+    for i in range(3):
+        put(client, {"LOYALTY_OPTIN": "accepted"}, url=f"/client/users/m{i}/profile/optin")
+    put(client, {})
+    client.get("/no/such/page")
+    assert (
+        sample("optin_http_requests_total", route=ROUTE, method="PUT", status="200")
+        == before_ok + 3
+    )
+    assert (
+        sample("optin_http_requests_total", route=ROUTE, method="PUT", status="400")
+        == before_bad + 1
+    )
+    assert (
+        sample("optin_http_requests_total", route="unmatched", method="GET", status="404")
+        == before_404 + 1
+    )
+    assert (
+        sample("optin_http_request_duration_seconds_count", route=ROUTE, method="PUT")
+        == before_hist + 4
+    )
+
+
+def test_storage_latency_errors_and_consent_changes(client, app):
+    ops = "optin_storage_operation_duration_seconds_count"
+    before_set = sample(ops, backend="memory", operation="set")
+    declined = sample("optin_consent_changes_total", status="declined")
+    headers = {"Idempotency-Key": "metrics-key"}
+    put(client, {"LOYALTY_OPTIN": "declined"}, headers=headers)
+    put(client, {"LOYALTY_OPTIN": "declined"}, headers=headers)  # a replay changes nothing
+    assert sample(ops, backend="memory", operation="set") == before_set + 2
+    assert sample("optin_consent_changes_total", status="declined") == declined + 1
+
+    errors = "optin_storage_errors_total"
+    from optin_service.storage import StorageUnavailable
+
+    app.extensions["optin"].store = FailingStore(StorageUnavailable("down"))
+    before = sample(errors, backend="memory", operation="get", kind="unavailable")
+    assert client.get("/client/users/m1/profile/optin").status_code == 503
+    assert sample(errors, backend="memory", operation="get", kind="unavailable") == before + 1
+
+
+def test_metrics_endpoint_and_switch(monkeypatch):
+    client = create_app({"OPTIN_STORAGE_URL": "memory://"}).test_client()
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.mimetype == "text/plain"
+    assert b"optin_http_requests_total" in response.data
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    monkeypatch.setenv("OPTIN_METRICS", "false")
+    off = create_app({"OPTIN_STORAGE_URL": "memory://"}).test_client()
+    assert off.get("/metrics").status_code == 404
+
+
+def capture(app_log_format="json"):
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.formatter(app_log_format))
+    logging.getLogger("optin_service").addHandler(handler)
+    return stream, handler
+
+
+def test_an_unexpected_store_error_is_a_bare_500_and_one_log_line_with_id_and_trace():
+    app = create_app({"OPTIN_STORAGE_URL": "memory://"})
+    app.extensions["optin"].store = FailingStore(RuntimeError("secret: db password is hunter2"))
+    stream, handler = capture()
+    try:
+        response = put(app.test_client(), {"LOYALTY_OPTIN": "accepted"})
+    finally:
+        logging.getLogger("optin_service").removeHandler(handler)
+    assert response.status_code == 500
+    assert json.loads(response.data) == {
+        "statusCode": 500,
+        "errorCode": "INTERNAL_ERROR",
+        "errorMessage": "Internal error",
+    }
+    assert b"hunter2" not in response.data and b"Traceback" not in response.data
+    rid = response.headers["x-amzn-RequestId"]
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    with_trace = [line for line in lines if "trace" in line]
+    assert len(with_trace) == 1
+    assert with_trace[0]["request_id"] == rid
+    assert with_trace[0]["level"] == "ERROR"
+    assert "Traceback" in with_trace[0]["trace"] and "hunter2" in with_trace[0]["trace"]
+    access = [line for line in lines if line["logger"] == "optin_service.access"]
+    assert len(access) == 1
+    assert {k: access[0][k] for k in ("request_id", "method", "route", "status", "backend")} == {
+        "request_id": rid,
+        "method": "PUT",
+        "route": ROUTE,
+        "status": 500,
+        "backend": "memory",
+    }
+    assert isinstance(access[0]["duration_ms"], float) and access[0]["time"]
+
+
+def test_text_log_format_for_humans():
+    app = create_app({"OPTIN_STORAGE_URL": "memory://", "OPTIN_LOG_FORMAT": "text"})
+    stream, handler = capture("text")
+    try:
+        app.test_client().get("/healthz")
+    finally:
+        logging.getLogger("optin_service").removeHandler(handler)
+    line = stream.getvalue().strip().splitlines()[-1]
+    assert "GET /healthz 200" in line and "request_id=" in line and "backend=memory" in line
+    with pytest.raises(ValueError, match="OPTIN_LOG_FORMAT"):
+        create_app({"OPTIN_STORAGE_URL": "memory://", "OPTIN_LOG_FORMAT": "xml"})
+
+
+# --- under gunicorn -----------------------------------------------------------------
+
+
+def _metric_total(text: str, name: str, **labels) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            got = ",".join(sorted(line[len(name) + 1 : line.index("}")].split(",")))
+            if got == want:
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.mark.slow
+def test_metrics_are_summed_over_two_gunicorn_workers(tmp_path: Path):
+    metrics_dir = tmp_path / "metrics"
+    env = {
+        "OPTIN_STORAGE_URL": f"sqlite:///{tmp_path}/optin.db",
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+    }
+    gunicorn = Gunicorn(env, workers=2).start(tmp_path / "gunicorn.log")
+    try:
+        sent = 120
+
+        def work(offset: int) -> None:
+            with requests.Session() as session:
+                for i in range(offset, sent, 4):
+                    response = session.put(
+                        f"{gunicorn.base}/client/users/w{i}/profile/optin",
+                        json={"LOYALTY_OPTIN": "accepted"},
+                        timeout=5,
+                    )
+                    assert response.status_code == 200
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        workers = set(gunicorn.worker_pids())
+        writers = {int(p.stem.rsplit("_", 1)[1]) for p in metrics_dir.glob("counter_*.db")}
+        assert len(workers) == 2 and writers == workers, (workers, writers)  # both served
+        text = requests.get(f"{gunicorn.base}/metrics", timeout=5).text
+        labels = {"route": ROUTE, "method": "PUT", "status": "200"}
+        assert _metric_total(text, "optin_http_requests_total", **labels) == sent
+        assert _metric_total(text, "optin_consent_changes_total", status="accepted") == sent
+        count = _metric_total(
+            text,
+            "optin_storage_operation_duration_seconds_count",
+            backend="sqlite",
+            operation="set",
+        )
+        assert count == sent
+    finally:
+        gunicorn.stop()
+
+
+@pytest.mark.slow
+def test_sigterm_lets_an_in_flight_request_finish_and_closes_stores(tmp_path: Path):
+    env = {"OPTIN_STORAGE_URL": f"sqlite:///{tmp_path}/optin.db", "SLOW_SECONDS": "1.5"}
+    gunicorn = Gunicorn(env, workers=1, app="tests.slow_app:app").start(tmp_path / "g.log")
+    result = {}
+
+    def slow_put() -> None:
+        response = requests.put(
+            f"{gunicorn.base}/client/users/slow-1/profile/optin",
+            json={"LOYALTY_OPTIN": "declined"},
+            timeout=10,
+        )
+        result["status"] = response.status_code
+
+    thread = threading.Thread(target=slow_put)
+    thread.start()
+    time.sleep(0.5)  # the PUT is inside the store now
+    gunicorn.proc.send_signal(signal.SIGTERM)
+    thread.join(15)
+    code = gunicorn.stop()
+    log = gunicorn.log()
+    assert result.get("status") == 200, log
+    assert code == 0, log
+    assert "closed its store" in log
+    from backends.sqlite import SQLiteStore
+
+    store = SQLiteStore.from_url(f"sqlite:///{tmp_path}/optin.db")
+    assert store.get("slow-1").status == "declined"
+    store.close()
