@@ -27,6 +27,29 @@ OPTIN_METRICS: bool = True
 #: ``json`` (one JSON object per line) or ``text``: the standalone service's log format.
 OPTIN_LOG_FORMAT: str = "json"
 
+#: Who may call the API: ``none`` (a gateway in front authenticates), ``api-key`` or ``jwt``.
+OPTIN_AUTH: str = "none"
+
+#: For ``api-key``: ``name:sha256-hex-of-key`` entries, separated by commas or spaces.
+OPTIN_API_KEYS: str = ""
+
+#: For ``jwt``: where the issuer publishes its signing keys (JWKS), or a PEM public key file.
+OPTIN_JWT_JWKS_URL: str = ""
+OPTIN_JWT_PUBLIC_KEY_FILE: str = ""
+#: For ``jwt``: the ``iss`` and ``aud`` every token must carry.
+OPTIN_JWT_ISSUER: str = ""
+OPTIN_JWT_AUDIENCE: str = ""
+#: For ``jwt``: accepted signature algorithms (asymmetric only).
+OPTIN_JWT_ALGORITHMS: str = "RS256,ES256"
+
+#: Requests per client (or per address without authentication), e.g. ``600/minute``; off if empty.
+OPTIN_RATE_LIMIT: str = ""
+#: Where rate-limit counters live: ``memory://`` (per worker) or ``redis://...`` (shared).
+OPTIN_RATE_LIMIT_STORAGE_URL: str = "memory://"
+
+#: Proxies in front whose ``X-Forwarded-For``/``-Proto`` are trusted (hops; standalone only).
+OPTIN_TRUSTED_PROXIES: int = 0
+
 DEFAULTS: dict[str, Any] = {
     name: value for name, value in globals().items() if name.startswith("OPTIN_")
 }
