@@ -1,0 +1,377 @@
+"""Benchmark ``optin migrate``: SQLite -> Redis -> SQLite, N members with E events each.
+
+Run from the repository root::
+
+    .venv/bin/python bench/migrate.py                      # 1,000,000 members x 2 events
+    .venv/bin/python bench/migrate.py --members 100000     # a quicker look
+
+It builds an SQLite source through ``SQLiteStore.import_events`` in big batches,
+starts a redis-server of its own on a free loopback port in a temp dir (no AOF,
+no RDB snapshots: this measures the CLI, not the disk), then runs the console
+script ``optin migrate --to ...`` as a subprocess each way, so the peak RSS
+measured (``wait4`` on that child) is the CLI's own. It checks the summary line's
+counts, compares the final SQLite copy with the source row for row, prints a
+table and writes ``bench/results/migrate.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+LOOPBACK = "127.0.0.1"
+RESULTS = ROOT / "bench" / "results" / "migrate.json"
+TARGET_RATE = 50_000  # events/s, each way
+TARGET_RSS_MB = 150
+GENERATE_BATCH = 100_000
+SOURCES = ("API", "WEB", "CLI", "SMS")
+START_US = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z
+DAY_US = 86_400_000_000
+COPIED = re.compile(
+    r"copied (\d+) events \((\d+) new\) to (\S+) in ([\d.]+) s \(([\d,]+) events/s\); "
+    r"target holds (\d+) events"
+)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --- the source ----------------------------------------------------------------------
+
+
+def events(members: int, per_member: int):
+    """Member ``i``'s events, a day apart; a third of them declined; UUID-sized request ids."""
+    from optin_service.storage import OptInRecord
+
+    for i in range(members):
+        cid = f"member-{i:07d}"
+        base = START_US + i * 997_003  # about a second apart, never on a whole second
+        for j in range(per_member):
+            n = i * per_member + j
+            yield OptInRecord.from_us(
+                cid,
+                "declined" if n % 3 == 0 else "accepted",
+                base + j * DAY_US,
+                f"00000000-0000-4000-8000-{n:012x}",
+                SOURCES[n % len(SOURCES)],
+            )
+
+
+def generate(path: Path, members: int, per_member: int) -> None:
+    """Fill an SQLite store at ``path`` through its own import_events (in this process)."""
+    from backends.sqlite import SQLiteStore
+
+    store = SQLiteStore(str(path), synchronous="NORMAL")
+    batch = []
+    total = members * per_member
+    done = 0
+    for record in events(members, per_member):
+        batch.append(record)
+        if len(batch) == GENERATE_BATCH:
+            done += store.import_events(batch)
+            batch = []
+            if done % 1_000_000 == 0:
+                log(f"  generated {done:,} / {total:,} events")
+    done += store.import_events(batch)
+    count = store.count_events()
+    store.close()
+    if done != total or count != total:
+        raise SystemExit(f"source has {count} events ({done} new), expected {total}")
+
+
+def generate_in_child(path: Path, members: int, per_member: int) -> float:
+    """:func:`generate` in a child process; seconds taken.
+
+    A child's ``ru_maxrss`` starts from its parent's peak RSS (Linux carries the
+    old address space's high-water mark across ``exec``, and ``subprocess`` uses
+    vfork), so the parent must stay small for the CLI's peak to be its own.
+    """
+    started = time.monotonic()
+    args = [sys.executable, __file__, "--members", str(members)]
+    args += ["--events-per-member", str(per_member), "--generate-only", str(path)]
+    subprocess.run(args, check=True)
+    return time.monotonic() - started
+
+
+# --- redis-server --------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def start_redis(workdir: Path) -> tuple[subprocess.Popen, int]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    args = [
+        binary,
+        "--bind", LOOPBACK,
+        "--port", str(port),
+        "--dir", str(workdir),
+        "--save", "",
+        "--appendonly", "no",
+        "--protected-mode", "yes",
+        "--daemonize", "no",
+        "--logfile", str(workdir / "redis.log"),
+    ]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"redis-server exited with {proc.returncode}; see {workdir}")
+        try:
+            with socket.create_connection((LOOPBACK, port), timeout=0.2):
+                return proc, port
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("redis-server did not start listening within 10 s")
+
+
+def redis_info(url: str) -> dict[str, object]:
+    import redis
+
+    client = redis.Redis.from_url(url.split("?", 1)[0])
+    try:
+        memory = client.info("memory")
+        return {
+            "version": client.info("server")["redis_version"],
+            "keys": client.dbsize(),
+            "used_memory_mb": round(memory["used_memory"] / 2**20, 1),
+        }
+    finally:
+        client.close()
+
+
+def hiredis_in_use() -> bool:
+    """Whether redis-py in the CLI's interpreter parses replies with hiredis (C)."""
+    code = "import redis.utils; print(redis.utils.HIREDIS_AVAILABLE)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return out.stdout.strip() == "True"
+
+
+# --- one migration -------------------------------------------------------------------
+
+
+def migrate(source_url: str, target_url: str, expected: int, workdir: Path) -> dict:
+    """``optin migrate --to target_url`` on ``source_url``, as a child we wait4 on."""
+    optin = Path(sys.executable).parent / "optin"
+    if not optin.exists():
+        raise SystemExit(f"no console script at {optin}: pip install -e . first")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPTIN_", "FLASK_"))}
+    env["OPTIN_STORAGE_URL"] = source_url
+    err_path = workdir / "migrate.stderr"
+    with open(err_path, "wb") as err:
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            [str(optin), "migrate", "--to", target_url],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.monotonic() - started
+    parent_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    stderr = err_path.read_text(errors="replace")
+    if proc.returncode != 0:
+        raise SystemExit(f"optin migrate exited with {proc.returncode}:\n{stderr}")
+    match = COPIED.search(stderr)
+    if match is None:
+        raise SystemExit(f"no summary line in the output of optin migrate:\n{stderr}")
+    copied, added, _, seconds, rate, holds = match.groups()
+    counts = {"copied": int(copied), "new": int(added), "target_holds": int(holds)}
+    if any(value != expected for value in counts.values()):
+        raise SystemExit(f"expected {expected} events each, got {counts}:\n{stderr}")
+    return {
+        **counts,
+        "summary": match.group(0),
+        "wall_seconds": round(wall, 2),
+        "copy_seconds": float(seconds),
+        "events_per_second_wall": round(expected / wall),
+        "events_per_second_copy": int(rate.replace(",", "")),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # ru_maxrss is in KiB on Linux
+        # The floor of the figure above (see generate_in_child): must stay well below it.
+        "bench_parent_peak_rss_mb": round(parent_peak / 1024, 1),
+        "peak_rss_is_the_clis_own": usage.ru_maxrss > parent_peak,
+        "user_cpu_seconds": round(usage.ru_utime, 2),
+        "system_cpu_seconds": round(usage.ru_stime, 2),
+    }
+
+
+def same_sqlite(source: Path, target: Path) -> dict[str, int]:
+    """Rows of each table present in one file and not the other (both ways)."""
+    conn = sqlite3.connect(source)
+    try:
+        conn.execute("ATTACH DATABASE ? AS target", (str(target),))
+        differences = {}
+        for table in ("optin_event", "optin"):
+            differences[table] = sum(
+                conn.execute(
+                    f"SELECT COUNT(*) FROM (SELECT * FROM {a}.{table} "
+                    f"EXCEPT SELECT * FROM {b}.{table})"
+                ).fetchone()[0]
+                for a, b in (("main", "target"), ("target", "main"))
+            )
+        return differences
+    finally:
+        conn.close()
+
+
+# --- main ----------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--members", type=int, default=1_000_000)
+    parser.add_argument("--events-per-member", type=int, default=2)
+    parser.add_argument("--workdir", type=Path, help="where to put the files (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir afterwards")
+    parser.add_argument("--no-verify", action="store_true", help="skip the row-by-row check")
+    parser.add_argument("--generate-only", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    total = args.members * args.events_per_member
+    if args.generate_only:
+        generate(args.generate_only, args.members, args.events_per_member)
+        return 0
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="optin-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    source_db, target_db = workdir / "source.db", workdir / "target.db"
+    for path in [*workdir.glob("source.db*"), *workdir.glob("target.db*")]:
+        path.unlink()
+    redis_proc = None
+    started = time.monotonic()
+    try:
+        log(f"generating {args.members:,} members x {args.events_per_member} events in {workdir}")
+        load_before = os.getloadavg()
+        hiredis = hiredis_in_use()
+        generate_seconds = generate_in_child(source_db, args.members, args.events_per_member)
+        log(f"  {total:,} events in {generate_seconds:.1f} s")
+
+        redis_proc, port = start_redis(workdir)
+        redis_url = f"redis://{LOOPBACK}:{port}/0?prefix=bench:"
+        log(f"redis-server on {LOOPBACK}:{port}, AOF off, no RDB snapshots")
+
+        log("optin migrate: sqlite -> redis")
+        to_redis = migrate(f"sqlite:///{source_db}", redis_url, total, workdir)
+        log(f"  {to_redis['summary']}")
+        redis_after = redis_info(redis_url)
+
+        log("optin migrate: redis -> sqlite")
+        to_sqlite = migrate(redis_url, f"sqlite:///{target_db}", total, workdir)
+        log(f"  {to_sqlite['summary']}")
+
+        differences = None
+        if not args.no_verify:
+            log("comparing the SQLite copy with the source, row by row")
+            differences = same_sqlite(source_db, target_db)
+            if any(differences.values()):
+                raise SystemExit(f"the copy differs from the source: {differences}")
+    finally:
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait(30)
+        if not args.keep and not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    total_seconds = time.monotonic() - started
+
+    runs = {"sqlite_to_redis": to_redis, "redis_to_sqlite": to_sqlite}
+    passed = {
+        name: {
+            "rate": run["events_per_second_wall"] >= TARGET_RATE,
+            "rss": run["peak_rss_mb"] < TARGET_RSS_MB,
+        }
+        for name, run in runs.items()
+    }
+    result = {
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "members": args.members,
+        "events_per_member": args.events_per_member,
+        "events": total,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "redis": redis_after["version"],
+            "hiredis": hiredis,
+        },
+        "redis_persistence": "none (appendonly no, save '')",
+        "target_sqlite_url_options": "none (synchronous=FULL, WAL)",
+        "load_average_before": [round(x, 2) for x in load_before],
+        "generate_seconds": round(generate_seconds, 1),
+        "redis_after_first_copy": redis_after,
+        "runs": runs,
+        "verified_rows_differing": differences,
+        "targets": {"events_per_second": TARGET_RATE, "peak_rss_mb": TARGET_RSS_MB},
+        "passed": passed,
+        "total_seconds": round(total_seconds, 1),
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+
+    print()
+    print(
+        f"optin migrate, {total:,} events ({args.members:,} members x "
+        f"{args.events_per_member}); {os.cpu_count()} CPUs, load average "
+        f"{load_before[0]:.2f} before; redis {redis_after['version']} with AOF off and no "
+        f"snapshots; hiredis {'on' if hiredis else 'off'}"
+    )
+    header = ("direction", "events/s", "copy loop", "wall s", "CPU s", "peak RSS MB", "met")
+    rows = [header]
+    for name, run in runs.items():
+        ok = passed[name]["rate"] and passed[name]["rss"]
+        cpu = run["user_cpu_seconds"] + run["system_cpu_seconds"]
+        rows.append(
+            (
+                name.replace("_to_", " -> "),
+                f"{run['events_per_second_wall']:,}",
+                f"{run['events_per_second_copy']:,}/s",
+                f"{run['wall_seconds']:.1f}",
+                f"{cpu:.1f}",
+                f"{run['peak_rss_mb']:.1f}",
+                "yes" if ok else "NO",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        cells = zip(row, widths, strict=True)
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(cells)))
+    print(
+        "events/s: end to end, process start to exit (counts before and after included); "
+        "copy loop: the CLI's own figure. CPU s: the CLI's user + system time."
+    )
+    print(f"targets: >= {TARGET_RATE:,} events/s each way, peak RSS < {TARGET_RSS_MB} MB")
+    if not all(run["peak_rss_is_the_clis_own"] for run in runs.values()):
+        print("WARNING: peak RSS not above this script's own peak; it may be inherited")
+    if differences is not None:
+        print("the SQLite copy equals the source row for row (events and current states)")
+    print(f"source generated in {generate_seconds:.1f} s; total {total_seconds:.1f} s")
+    print(f"results: {RESULTS.relative_to(ROOT)}")
+    return 0 if all(all(p.values()) for p in passed.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
