@@ -21,6 +21,9 @@ timeout = 30
 graceful_timeout = 30
 # Build the app in each worker, after fork, so no connection crosses a fork.
 preload_app = False
+# gunicorn >= 25's control socket defaults to one path per user: two services on
+# one machine would take each other's. Turn it on with --control-socket PATH.
+control_socket_disable = True
 # The app writes its own access line (JSON, with request id, route and backend).
 accesslog = None
 

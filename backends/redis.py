@@ -1,4 +1,4 @@
-"""``redis://``, ``rediss://`` and ``unix://``: opt-in state in Redis.
+"""``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://``, ``redis+cluster://``: Redis.
 
 Keys per member, all sharing the hash tag ``{<correlation_id>}`` so they land in
 one Cluster slot and one Lua call can change them together:
@@ -19,18 +19,57 @@ small backoff (a retry is what reconnects after Redis restarts, so the service
 recovers by itself). Every timeout can be overridden in the URL, for example
 ``redis://host:6379/0?socket_timeout=1&socket_connect_timeout=1``.
 
-Query options of our own: ``prefix`` (default ``optin:``).
+Beyond one server, only the URL changes:
+
+- ``redis+sentinel://[user:password@]host:port[,host:port...]/service_name[/db]``:
+  the master of ``service_name`` as the Sentinels name it, found again after a
+  failover (on every new connection, and at least once a second even on warm
+  ones, so writes stop going to a demoted master within about a second).
+  ``user:password`` are the data nodes'; ``sentinel_username`` and
+  ``sentinel_password`` query options are the Sentinels' own, if they have any.
+- ``redis+cluster://[user:password@]host:port[,host:port...]``: a Redis Cluster,
+  reached through any of the listed nodes. A member's keys share one slot, so
+  its atomic write works there; a write that meets a slot being migrated
+  (``TRYAGAIN``) is retried briefly here before answering "unavailable".
+
+Query options of our own, on every scheme:
+
+- ``prefix`` (default ``optin:``);
+- ``min_replicas_acked`` (default: the ``OPTIN_REDIS_MIN_REPLICAS_ACKED``
+  environment variable, else 0): after each write, ``WAIT`` on the same
+  connection until that many replicas have it, else the write is reported as
+  unavailable (a 503: the event may still be on the master, and a retry with
+  the same ``Idempotency-Key`` is safe);
+- ``wait_timeout_ms`` (default 500): how long that ``WAIT`` may take.
+
+On ``redis+sentinel`` and ``redis+cluster`` the only other options are
+``socket_timeout`` and ``socket_connect_timeout`` (seconds).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ClusterError,
+    MovedError,
+    NoScriptError,
+    RedisClusterException,
+    TryAgainError,
+)
 from redis.retry import Retry
+from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from optin_service.storage import (
     IDEMPOTENCY_TTL,
@@ -44,27 +83,50 @@ from optin_service.storage import (
 DEFAULT_PREFIX = "optin:"
 SOCKET_TIMEOUT = 0.5
 CONNECT_TIMEOUT = 0.5
+#: Per Sentinel asked: they are asked in turn, so three dead ones cost about 1 s.
+SENTINEL_TIMEOUT = 0.3
+#: The environment variable giving ``min_replicas_acked`` when the URL does not.
+MIN_REPLICAS_ENV = "OPTIN_REDIS_MIN_REPLICAS_ACKED"
+DEFAULT_WAIT_TIMEOUT_MS = 500
+#: How often a Sentinel store asks the Sentinels who the master is, at most.
+MASTER_RECHECK_SECONDS = 1.0
+#: How long a Cluster store keeps retrying a write that meets a slot in migration.
+CLUSTER_RETRY_SECONDS = 2.0
+_CLUSTER_ATTEMPTS = 40
+
 # Errors that mean "not now" rather than "never": no connection, a timeout, a
 # server loading its data set (a ConnectionError), a failover in progress (a
-# write to a demoted master, a replica that lost its master), a slot moving.
+# write to a demoted master, a replica that lost its master, no master known to
+# the Sentinels), a slot moving or uncovered, a cluster that cannot be reached.
 _TRANSIENT = (
     redis.ConnectionError,
     redis.TimeoutError,
     redis.exceptions.ReadOnlyError,
-    redis.exceptions.ClusterDownError,
-    redis.exceptions.TryAgainError,
+    ClusterError,  # ClusterDownError, and "TTL exhausted" after many redirections
+    TryAgainError,
+    AskError,  # and MovedError
+    RedisClusterException,  # no node reachable, a slot not covered
 )
+# What redis-py raises: RedisClusterException is not a RedisError.
+_DRIVER_ERRORS = (redis.RedisError, RedisClusterException)
+_OUR_OPTIONS = ("prefix", "min_replicas_acked", "wait_timeout_ms")
+_TIMEOUT_OPTIONS = ("socket_timeout", "socket_connect_timeout")
 
 
 # KEYS: current, history[, idempotency key]
 # ARGV: µs, history member, current value, 1 if declined, fingerprint, key TTL (s)
+#       [, 1 to touch: write the current state back when nothing else was written,
+#       so that a WAIT after a replay also covers the write being replayed]
 # Returns {1, current, added} after a write, {0, current, 0} for a replay, {-1} on key reuse.
 _SET_SCRIPT = """
+local touch = ARGV[7] == '1'
 if #KEYS == 3 then
   local seen = redis.call('GET', KEYS[3])
   if seen then
     if seen ~= ARGV[5] then return {-1} end
-    return {0, redis.call('GET', KEYS[1]), 0}
+    local current = redis.call('GET', KEYS[1])
+    if touch and current then redis.call('SET', KEYS[1], current, 'KEEPTTL') end
+    return {0, current, 0}
   end
 end
 local added = redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
@@ -78,6 +140,8 @@ end
 if replace then
   redis.call('SET', KEYS[1], ARGV[3])
   current = ARGV[3]
+elseif touch and added == 0 and #KEYS < 3 then
+  redis.call('SET', KEYS[1], current, 'KEEPTTL')
 end
 if #KEYS == 3 then redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[6]) end
 return {1, current, added}
@@ -85,31 +149,66 @@ return {1, current, added}
 _KEY_TTL = int(IDEMPOTENCY_TTL.total_seconds())
 _BATCH = 1000  # keys per SCAN step and commands per pipeline
 
+#: One write: the script's KEYS and ARGV.
+_Call = tuple[list[str], list[object]]
+
 
 class RedisStore(OptInStore):
-    """Opt-in state in Redis, through a redis-py client (ours, or one passed in)."""
+    """Opt-in state in Redis, through a redis-py client (ours, or one passed in).
+
+    With ``min_replicas_acked`` N > 0, every write is followed by ``WAIT N
+    wait_timeout_ms`` on the same connection, and fails with
+    :class:`StorageUnavailable` unless N replicas acknowledged it.
+    """
 
     def __init__(
-        self, client: redis.Redis, *, prefix: str = DEFAULT_PREFIX, owns_client: bool = False
+        self,
+        client: redis.Redis,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        owns_client: bool = False,
+        min_replicas_acked: int = 0,
+        wait_timeout_ms: int = DEFAULT_WAIT_TIMEOUT_MS,
     ) -> None:
         self.client = client
         self.prefix = prefix
         self._owns_client = owns_client
+        self._set_waiting(min_replicas_acked, wait_timeout_ms)
         self._set_script = client.register_script(_SET_SCRIPT)
+
+    def _set_waiting(self, min_replicas_acked: int, wait_timeout_ms: int) -> None:
+        if min_replicas_acked < 0:
+            raise ValueError(f"min_replicas_acked must be 0 or more, not {min_replicas_acked}")
+        if wait_timeout_ms < 1:  # WAIT n 0 would block forever
+            raise ValueError(f"wait_timeout_ms must be 1 or more, not {wait_timeout_ms}")
+        self.min_replicas_acked = min_replicas_acked
+        self.wait_timeout_ms = wait_timeout_ms
 
     @classmethod
     def from_url(cls, url: str) -> RedisStore:
+        scheme = urlsplit(url).scheme
+        if scheme == "redis+sentinel":
+            return RedisSentinelStore.from_url(url)
+        if scheme == "redis+cluster":
+            return RedisClusterStore.from_url(url)
         parts = urlsplit(url)
         options = parse_qsl(parts.query, keep_blank_values=True)
         prefix = next((v for k, v in options if k == "prefix"), DEFAULT_PREFIX)
-        rest = urlencode([(k, v) for k, v in options if k != "prefix"])
+        replicas, wait_ms = _waiting(options)
+        rest = urlencode([(k, v) for k, v in options if k not in _OUR_OPTIONS])
         client = redis.Redis.from_url(
             urlunsplit(parts._replace(query=rest)),
-            socket_timeout=SOCKET_TIMEOUT,
+            socket_timeout=_socket_timeout(SOCKET_TIMEOUT, replicas, wait_ms),
             socket_connect_timeout=CONNECT_TIMEOUT,
-            retry=Retry(ExponentialBackoff(cap=0.1, base=0.02), retries=1),
+            retry=_retry(),
         )
-        return cls(client, prefix=prefix, owns_client=True)
+        return cls(
+            client,
+            prefix=prefix,
+            owns_client=True,
+            min_replicas_acked=replicas,
+            wait_timeout_ms=wait_ms,
+        )
 
     def key(self, correlation_id: str) -> str:
         """The key holding a member's current state (hash-tagged by member)."""
@@ -118,7 +217,7 @@ class RedisStore(OptInStore):
     def get(self, correlation_id: str) -> OptInRecord | None:
         try:
             raw = self.client.get(self.key(correlation_id))
-        except redis.RedisError as exc:
+        except _DRIVER_ERRORS as exc:
             raise _wrap(exc) from exc
         return None if raw is None else _current(correlation_id, raw)
 
@@ -128,12 +227,44 @@ class RedisStore(OptInStore):
         if idempotency_key is not None:
             keys.append(f"{key}:i:{idempotency_key}")
         try:
-            reply = self._set_script(keys, _args(record))
-        except redis.RedisError as exc:
+            reply = self._write(keys, _args(record, touch=self.min_replicas_acked > 0))
+        except _DRIVER_ERRORS as exc:
             raise _wrap(exc) from exc
         if reply[0] == -1:
             raise IdempotencyKeyReused(idempotency_key)
         return _current(record.correlation_id, reply[1])
+
+    def _write(self, keys: list[str], args: list[object]) -> list:
+        """Run the write script once: alone, or followed by WAIT on the same connection."""
+        if not self.min_replicas_acked:
+            return self._set_script(keys, args)
+        for attempt in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.evalsha(self._set_script.sha, len(keys), *keys, *args)
+            self._queue_wait(pipe)
+            reply, acked = pipe.execute(raise_on_error=False)
+            if isinstance(reply, NoScriptError) and attempt == 0:
+                self.client.script_load(_SET_SCRIPT)
+                continue
+            if isinstance(reply, Exception):
+                raise reply
+            if reply[0] != -1:  # a refused key wrote nothing: nothing to wait for
+                self._check_acked(acked)
+            return reply
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _queue_wait(self, pipe: redis.client.Pipeline) -> None:
+        pipe.execute_command("WAIT", self.min_replicas_acked, self.wait_timeout_ms)
+
+    def _check_acked(self, acked: object) -> None:
+        if isinstance(acked, Exception):
+            raise acked
+        if int(acked) < self.min_replicas_acked:  # type: ignore[call-overload]
+            raise StorageUnavailable(
+                f"redis: the write reached {acked} of the {self.min_replicas_acked} replicas "
+                f"required within {self.wait_timeout_ms} ms; it may still be applied, and "
+                "a retry with the same Idempotency-Key is safe"
+            )
 
     def history(
         self, correlation_id: str, limit: int, before: tuple[int, str] | None = None
@@ -157,18 +288,26 @@ class RedisStore(OptInStore):
                 if len(page) < want:
                     break
                 offset += len(page)
-        except redis.RedisError as exc:
+        except _DRIVER_ERRORS as exc:
             raise _wrap(exc) from exc
         return found[:limit]
 
     def import_events(self, records: Iterable[OptInRecord]) -> int:
+        touch = self.min_replicas_acked > 0
         try:
             pipe = self.client.pipeline(transaction=False)
+            queued = 0
             for record in records:
                 key = self.key(record.correlation_id)
-                self._set_script([key, key + ":h"], _args(record), client=pipe)
-            return sum(reply[2] for reply in pipe.execute())
-        except redis.RedisError as exc:
+                self._set_script([key, key + ":h"], _args(record, touch=touch), client=pipe)
+                queued += 1
+            if touch and queued:
+                self._queue_wait(pipe)
+            replies = pipe.execute()
+            if touch and queued:
+                self._check_acked(replies.pop())
+            return sum(reply[2] for reply in replies)
+        except _DRIVER_ERRORS as exc:
             raise _wrap(exc) from exc
 
     def _history_keys(self) -> Iterator[list[bytes]]:
@@ -194,7 +333,7 @@ class RedisStore(OptInStore):
                     cid = key[start:-3].decode()
                     for member, score in members:
                         yield _event(cid, member, int(score))
-        except redis.RedisError as exc:
+        except _DRIVER_ERRORS as exc:
             raise _wrap(exc) from exc
 
     def count_events(self) -> int:
@@ -205,14 +344,14 @@ class RedisStore(OptInStore):
                 for key in keys:
                     pipe.zcard(key)
                 total += sum(pipe.execute())
-        except redis.RedisError as exc:
+        except _DRIVER_ERRORS as exc:
             raise _wrap(exc) from exc
         return total
 
     def check(self) -> None:
         try:
             self.client.ping()
-        except redis.RedisError as exc:
+        except _DRIVER_ERRORS as exc:
             raise StorageUnavailable(f"redis: {exc}") from exc
 
     def close(self) -> None:
@@ -220,9 +359,441 @@ class RedisStore(OptInStore):
             self.client.close()
 
 
-def _args(record: OptInRecord) -> list[object]:
+# --- Sentinel ---------------------------------------------------------------------
+
+
+class _MasterPool(SentinelConnectionPool):
+    """Sentinel's pool for a master, asking the Sentinels again at least once a second.
+
+    redis-py asks the Sentinels only when it opens a connection, so a warm
+    connection to a master that a failover demoted keeps writing there (and
+    those writes are discarded when it becomes a replica) until Sentinel
+    reconfigures it, which takes about ten seconds by default. Here, when the
+    Sentinels name another master, idle connections are closed and the next
+    command connects to the new one.
+    """
+
+    def __init__(self, service_name: str, sentinel_manager: Sentinel, **kwargs: object) -> None:
+        super().__init__(service_name, sentinel_manager, **kwargs)
+        self._next_check = 0.0
+
+    def get_connection(self, *args: object, **kwargs: object) -> redis.Connection:
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + MASTER_RECHECK_SECONDS
+            try:
+                self.get_master_address()  # closes idle connections if the master moved
+            except redis.ConnectionError:  # no Sentinel answers: keep the master we know
+                pass
+        return super().get_connection(*args, **kwargs)
+
+
+class RedisSentinelStore(RedisStore):
+    """``redis+sentinel://``: the master of a Sentinel-monitored service."""
+
+    def __init__(
+        self,
+        sentinel: Sentinel,
+        service_name: str,
+        *,
+        db: int = 0,
+        prefix: str = DEFAULT_PREFIX,
+        min_replicas_acked: int = 0,
+        wait_timeout_ms: int = DEFAULT_WAIT_TIMEOUT_MS,
+        **connection_kwargs: object,
+    ) -> None:
+        client = sentinel.master_for(
+            service_name, connection_pool_class=_MasterPool, db=db, **connection_kwargs
+        )
+        super().__init__(
+            client,
+            prefix=prefix,
+            owns_client=True,
+            min_replicas_acked=min_replicas_acked,
+            wait_timeout_ms=wait_timeout_ms,
+        )
+        self.sentinel = sentinel
+        self.service_name = service_name
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisSentinelStore:
+        parts = urlsplit(url)
+        if parts.scheme != "redis+sentinel":
+            raise ValueError(f"not a redis+sentinel:// URL: {parts.scheme}://...")
+        username, password, hosts = _netloc(parts.netloc, default_port=26379)
+        path = [unquote(p) for p in parts.path.split("/")[1:]]
+        if len(path) == 2 and path[1] == "":
+            path.pop()
+        if not 1 <= len(path) <= 2 or not path[0]:
+            raise ValueError(
+                "redis+sentinel:// needs the service name as its path: "
+                "redis+sentinel://host:26379[,host:26379...]/service_name[/db]"
+            )
+        db = _integer("db", path[1], low=0) if len(path) == 2 else 0
+        options = parse_qsl(parts.query, keep_blank_values=True)
+        known = (*_OUR_OPTIONS, *_TIMEOUT_OPTIONS, "sentinel_username", "sentinel_password")
+        _refuse_unknown(options, known, "redis+sentinel")
+        found = dict(options)
+        replicas, wait_ms = _waiting(options)
+        timeouts = _timeouts(found, replicas, wait_ms)
+        sentinel_kwargs: dict[str, object] = {
+            "socket_timeout": SENTINEL_TIMEOUT,
+            "socket_connect_timeout": SENTINEL_TIMEOUT,
+            # The Sentinels are asked in turn: that is the retry.
+            "retry": Retry(NoBackoff(), 0),
+        }
+        if found.get("sentinel_username"):
+            sentinel_kwargs["username"] = found["sentinel_username"]
+        if found.get("sentinel_password"):
+            sentinel_kwargs["password"] = found["sentinel_password"]
+        sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs)
+        return cls(
+            sentinel,
+            path[0],
+            db=db,
+            prefix=found.get("prefix", DEFAULT_PREFIX),
+            min_replicas_acked=replicas,
+            wait_timeout_ms=wait_ms,
+            username=username,
+            password=password,
+            retry=_retry(),
+            **timeouts,
+        )
+
+    def check(self) -> None:
+        """Unavailable unless the Sentinels name a master, and it answers as a master."""
+        try:
+            role = self.client.execute_command("ROLE")
+        except _DRIVER_ERRORS as exc:
+            raise StorageUnavailable(f"redis sentinel {self.service_name!r}: {exc}") from exc
+        name = role[0].decode() if isinstance(role[0], bytes) else str(role[0])
+        if name != "master":
+            # A demoted master: make the next command ask the Sentinels again.
+            self.client.connection_pool.disconnect()
+            raise StorageUnavailable(
+                f"redis sentinel {self.service_name!r}: the server named as master is a {name}"
+            )
+
+    def close(self) -> None:
+        super().close()
+        self.sentinel.close()
+
+
+# --- Cluster ------------------------------------------------------------------------
+
+
+class RedisClusterStore(RedisStore):
+    """``redis+cluster://``: a Redis Cluster, through redis-py's RedisCluster.
+
+    RedisCluster connects as it is built, so it is built on first use (a store
+    must not connect in ``from_url``, before gunicorn forks), and again after
+    :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        factory: Callable[[], RedisCluster],
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        min_replicas_acked: int = 0,
+        wait_timeout_ms: int = DEFAULT_WAIT_TIMEOUT_MS,
+    ) -> None:
+        # Not RedisStore.__init__: there is no client until the first command.
+        self.prefix = prefix
+        self._owns_client = True
+        self._set_waiting(min_replicas_acked, wait_timeout_ms)
+        self._factory = factory
+        self._lock = threading.Lock()
+        self._client: RedisCluster | None = None
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisClusterStore:
+        parts = urlsplit(url)
+        if parts.scheme != "redis+cluster":
+            raise ValueError(f"not a redis+cluster:// URL: {parts.scheme}://...")
+        username, password, hosts = _netloc(parts.netloc, default_port=6379)
+        if parts.path not in ("", "/"):
+            raise ValueError(
+                "redis+cluster:// takes no path (a cluster has one database): "
+                "redis+cluster://host:6379[,host:6379...]"
+            )
+        options = parse_qsl(parts.query, keep_blank_values=True)
+        _refuse_unknown(options, (*_OUR_OPTIONS, *_TIMEOUT_OPTIONS), "redis+cluster")
+        found = dict(options)
+        replicas, wait_ms = _waiting(options)
+        kwargs: dict[str, object] = dict(_timeouts(found, replicas, wait_ms))
+        if username is not None:
+            kwargs["username"] = username
+        if password is not None:
+            kwargs["password"] = password
+
+        def factory() -> RedisCluster:
+            return RedisCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in hosts],
+                retry=_retry(),
+                # The servers decide whether a partly covered cluster serves
+                # (cluster-require-full-coverage); check() reports its state.
+                require_full_coverage=False,
+                **kwargs,
+            )
+
+        return cls(
+            factory,
+            prefix=found.get("prefix", DEFAULT_PREFIX),
+            min_replicas_acked=replicas,
+            wait_timeout_ms=wait_ms,
+        )
+
+    @property
+    def client(self) -> RedisCluster:  # type: ignore[override]
+        client = self._client
+        if client is None:
+            with self._lock:
+                if self._client is None:
+                    try:
+                        built = self._factory()
+                    except _DRIVER_ERRORS as exc:
+                        raise StorageUnavailable(f"redis cluster: {exc}") from exc
+                    self._set_script = built.register_script(_SET_SCRIPT)
+                    self._client = built
+                client = self._client
+        return client
+
+    def _write(self, keys: list[str], args: list[object]) -> list:
+        if self.min_replicas_acked:
+            return self._on_nodes([(keys, args)])[0]
+        client = self.client
+        deadline = time.monotonic() + CLUSTER_RETRY_SECONDS
+        for _ in range(_CLUSTER_ATTEMPTS):
+            try:
+                # redis-py follows MOVED and ASK, and retries TRYAGAIN for ~0.4 s.
+                return self._set_script(keys, args, client=client)
+            except (TryAgainError, ClusterError):
+                if time.monotonic() + 0.05 > deadline:
+                    raise
+                time.sleep(0.05)
+        raise StorageUnavailable("redis cluster: a slot stayed in migration")
+
+    def _on_nodes(self, calls: Sequence[_Call]) -> list:
+        """Run the write script for each call on the node owning its slot, in one
+        pipeline per node (ending with WAIT when replicas must acknowledge).
+
+        A call redirected (MOVED, ASK), refused during a migration (TRYAGAIN) or
+        missing the script is sent again, within :data:`CLUSTER_RETRY_SECONDS`.
+        """
+        client = self.client
+        sha = self._set_script.sha
+        replies: list = [None] * len(calls)
+        pending = list(range(len(calls)))
+        asking: dict[int, ClusterNode] = {}
+        deadline = time.monotonic() + CLUSTER_RETRY_SECONDS
+        for _ in range(_CLUSTER_ATTEMPTS):
+            groups: dict[str, tuple[ClusterNode, list[int]]] = {}
+            for i in pending:
+                node = asking.get(i) or client.get_node_from_key(calls[i][0][0])
+                groups.setdefault(node.name, (node, []))[1].append(i)
+            again, pause = [], False
+            for node, indexes in groups.values():
+                node_client = client.get_redis_connection(node)
+                pipe = node_client.pipeline(transaction=False)
+                for i in indexes:
+                    keys, args = calls[i]
+                    if i in asking:
+                        pipe.execute_command("ASKING")
+                    pipe.evalsha(sha, len(keys), *keys, *args)
+                if self.min_replicas_acked:
+                    self._queue_wait(pipe)
+                try:
+                    out = pipe.execute(raise_on_error=False)
+                except (redis.ConnectionError, redis.TimeoutError):
+                    _refresh(client)
+                    raise
+                acked = out.pop() if self.min_replicas_acked else None
+                results = iter(out)
+                wrote = False
+                for i in indexes:
+                    if asking.pop(i, None) is not None:
+                        next(results)  # ASKING's OK
+                    reply = next(results)
+                    if isinstance(reply, MovedError):
+                        client.nodes_manager.move_slot(reply)
+                    elif isinstance(reply, AskError):
+                        target = client.get_node(host=reply.host, port=reply.port)
+                        if target is None:
+                            _refresh(client)
+                        else:
+                            asking[i] = target
+                    elif isinstance(reply, NoScriptError):
+                        node_client.script_load(_SET_SCRIPT)
+                    elif isinstance(reply, TryAgainError | ClusterDownError):
+                        pause = True
+                    elif isinstance(reply, Exception):
+                        raise reply
+                    else:
+                        replies[i] = reply
+                        wrote = wrote or reply[0] != -1
+                        continue
+                    again.append(i)
+                if wrote:
+                    self._check_acked(acked)
+            if not again:
+                return replies
+            pending = again
+            if time.monotonic() > deadline:
+                break
+            if pause:
+                time.sleep(0.05)
+        raise StorageUnavailable(
+            f"redis cluster: {len(pending)} write(s) still redirected or refused "
+            f"after {CLUSTER_RETRY_SECONDS} s (a slot in migration?)"
+        )
+
+    def import_events(self, records: Iterable[OptInRecord]) -> int:
+        touch = self.min_replicas_acked > 0
+        calls = []
+        for record in records:
+            key = self.key(record.correlation_id)
+            calls.append(([key, key + ":h"], _args(record, touch=touch)))
+        if not calls:
+            return 0
+        try:
+            replies = self._on_nodes(calls)
+        except _DRIVER_ERRORS as exc:
+            raise _wrap(exc) from exc
+        return sum(reply[2] for reply in replies)
+
+    def check(self) -> None:
+        """Unavailable unless every master answers and says ``cluster_state:ok``."""
+        client = self.client
+        try:
+            primaries = client.get_primaries()
+            if not primaries:
+                raise StorageUnavailable("redis cluster: no master known")
+            for node in primaries:
+                info = client.get_redis_connection(node).execute_command("CLUSTER INFO")
+                text = info.decode() if isinstance(info, bytes) else str(info)
+                if "cluster_state:ok" not in text:
+                    _refresh(client)
+                    raise StorageUnavailable(f"redis cluster: {node.name} says the cluster is down")
+        except _DRIVER_ERRORS as exc:
+            _refresh(client)
+            raise StorageUnavailable(f"redis cluster: {exc}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+
+def _refresh(client: RedisCluster) -> None:
+    """Ask the cluster for its slots again (best effort: the caller reports the error)."""
+    try:
+        client.nodes_manager.initialize()
+    except Exception:  # nothing reachable: the next command says so
+        pass
+
+
+# --- URL parsing --------------------------------------------------------------------
+
+
+def _netloc(netloc: str, default_port: int) -> tuple[str | None, str | None, list[tuple[str, int]]]:
+    """``[user:password@]host[:port][,host[:port]...]`` -> (user, password, addresses)."""
+    userinfo, _, hostlist = netloc.rpartition("@")
+    username = password = None
+    if userinfo:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon and secret else None
+    addresses = []
+    for part in hostlist.split(","):
+        part = part.strip()
+        if part.startswith("["):  # [IPv6]:port
+            host, _, rest = part[1:].partition("]")
+            if rest and not rest.startswith(":"):
+                raise ValueError(f"bad address {part!r} in the storage URL")
+            port = rest[1:]
+        else:
+            host, _, port = part.partition(":")
+        if not host:
+            raise ValueError(f"empty host in the storage URL's host list {hostlist!r}")
+        number = _integer("port", port, low=1, high=65535) if port else default_port
+        addresses.append((unquote(host), number))
+    return username, password, addresses
+
+
+def _refuse_unknown(options: list[tuple[str, str]], known: Sequence[str], scheme: str) -> None:
+    unknown = sorted({k for k, _ in options} - set(known))
+    if unknown:
+        raise ValueError(
+            f"unknown {scheme}:// option(s) {', '.join(unknown)}; known: {', '.join(known)}"
+        )
+
+
+def _integer(name: str, raw: str, low: int, high: int | None = None) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number, not {raw!r}") from None
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be between {low} and {high or 'any'}, not {value}")
+    return value
+
+
+def _seconds(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, not {raw!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive number of seconds, not {raw!r}")
+    return value
+
+
+def _waiting(options: list[tuple[str, str]]) -> tuple[int, int]:
+    """(min_replicas_acked, wait_timeout_ms) from the URL, else the environment, else 0."""
+    found = dict(options)
+    raw = found.get("min_replicas_acked")
+    source = "min_replicas_acked"
+    if raw is None:
+        raw, source = os.environ.get(MIN_REPLICAS_ENV, "").strip() or "0", MIN_REPLICAS_ENV
+    replicas = _integer(source, raw, low=0)
+    wait_ms = _integer(
+        "wait_timeout_ms", found.get("wait_timeout_ms", str(DEFAULT_WAIT_TIMEOUT_MS)), low=1
+    )
+    return replicas, wait_ms
+
+
+def _socket_timeout(base: float, replicas: int, wait_ms: int) -> float:
+    """A read must outlast the WAIT it may be waiting for."""
+    return base + wait_ms / 1000 if replicas else base
+
+
+def _timeouts(found: dict[str, str], replicas: int, wait_ms: int) -> dict[str, float]:
+    return {
+        "socket_timeout": (
+            _seconds("socket_timeout", found["socket_timeout"])
+            if "socket_timeout" in found
+            else _socket_timeout(SOCKET_TIMEOUT, replicas, wait_ms)
+        ),
+        "socket_connect_timeout": (
+            _seconds("socket_connect_timeout", found["socket_connect_timeout"])
+            if "socket_connect_timeout" in found
+            else CONNECT_TIMEOUT
+        ),
+    }
+
+
+def _retry() -> Retry:
+    return Retry(ExponentialBackoff(cap=0.1, base=0.02), retries=1)
+
+
+# --- values -------------------------------------------------------------------------
+
+
+def _args(record: OptInRecord, *, touch: bool = False) -> list[object]:
     us = record.updated_at_us
-    return [
+    args: list[object] = [
         us,
         f"{record.request_id} {record.status} {record.source}",
         f"{record.status}:{us}:{record.source}:{record.request_id}",
@@ -230,6 +801,9 @@ def _args(record: OptInRecord) -> list[object]:
         record.fingerprint,
         _KEY_TTL,
     ]
+    if touch:
+        args.append(1)
+    return args
 
 
 def _current(correlation_id: str, raw: bytes) -> OptInRecord:
@@ -242,6 +816,8 @@ def _event(correlation_id: str, member: bytes, us: int) -> OptInRecord:
     return OptInRecord.from_us(correlation_id, status, us, request_id, source)  # type: ignore[arg-type]
 
 
-def _wrap(exc: redis.RedisError) -> StorageError:
+def _wrap(exc: Exception) -> StorageError:
+    if isinstance(exc, StorageError):
+        return exc
     kind = StorageUnavailable if isinstance(exc, _TRANSIENT) else StorageError
     return kind(f"redis: {exc}")

@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS optin (
     status TEXT NOT NULL CHECK (status IN ('accepted', 'declined')),
     updated_us INTEGER NOT NULL,
     request_id TEXT NOT NULL,
-    source TEXT NOT NULL
+    source TEXT NOT NULL,
+    client TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS optin_event (
     correlation_id TEXT NOT NULL,
@@ -52,6 +53,7 @@ CREATE TABLE IF NOT EXISTS optin_event (
     request_id TEXT NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('accepted', 'declined')),
     source TEXT NOT NULL,
+    client TEXT NOT NULL,
     PRIMARY KEY (correlation_id, updated_us, request_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS optin_idempotency (
@@ -63,15 +65,15 @@ CREATE TABLE IF NOT EXISTS optin_idempotency (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS optin_idempotency_created ON optin_idempotency (created_us);
 """
-_COLUMNS = "correlation_id, updated_us, request_id, status, source"
-_INSERT_EVENT = f"INSERT OR IGNORE INTO optin_event ({_COLUMNS}) VALUES (?, ?, ?, ?, ?)"
+_COLUMNS = "correlation_id, updated_us, request_id, status, source, client"
+_INSERT_EVENT = f"INSERT OR IGNORE INTO optin_event ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
 # The current state moves only to an event that takes precedence: newer, or as
 # new and "declined" over "accepted" (OptInRecord.precedence).
 _APPLY_CURRENT = (
-    f"INSERT INTO optin ({_COLUMNS}) VALUES (?, ?, ?, ?, ?) "
+    f"INSERT INTO optin ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (correlation_id) DO UPDATE SET status = excluded.status, "
     "updated_us = excluded.updated_us, request_id = excluded.request_id, "
-    "source = excluded.source "
+    "source = excluded.source, client = excluded.client "
     "WHERE (excluded.updated_us, excluded.status = 'declined') "
     "> (optin.updated_us, optin.status = 'declined')"
 )
@@ -271,19 +273,23 @@ class SQLiteStore(OptInStore):
             conn.close()
 
 
-def _row(record: OptInRecord) -> tuple[str, int, str, str, str]:
+_Row = tuple[str, int, str, str, str, str]
+
+
+def _row(record: OptInRecord) -> _Row:
     return (
         record.correlation_id,
         record.updated_at_us,
         record.request_id,
         record.status,
         record.source,
+        record.client,
     )
 
 
-def _record(row: tuple[str, int, str, str, str]) -> OptInRecord:
-    cid, us, rid, status, source = row
-    return OptInRecord.from_us(cid, status, us, rid, source)  # type: ignore[arg-type]
+def _record(row: _Row) -> OptInRecord:
+    cid, us, rid, status, source, client = row
+    return OptInRecord.from_us(cid, status, us, rid, source, client)  # type: ignore[arg-type]
 
 
 def _now_us() -> int:

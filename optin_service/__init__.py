@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import defaults, logs
 from .extension import OptIn
@@ -29,5 +30,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         app.config.update(config)
     defaults.apply(app.config)
     logs.configure(app.config["OPTIN_LOG_FORMAT"])
+    hops = app.config["OPTIN_TRUSTED_PROXIES"]
+    if hops:
+        # Only these proxies' X-Forwarded-For/-Proto are believed (rate limits, HTTPS).
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]
     OptIn(app, standalone=True)
     return app

@@ -12,6 +12,7 @@ from contextlib import AbstractContextManager, nullcontext
 from flask import Blueprint, Response, current_app, request
 from werkzeug.exceptions import NotFound, RequestEntityTooLarge
 
+from .auth import check_request, client_name
 from .errors import ApiError, register_error_handlers
 from .headers import no_https_redirect, request_id
 from .metrics import CONSENT_CHANGES, exposition, storage_operation
@@ -31,6 +32,7 @@ bp = Blueprint("optin", __name__)
 # Errors raised by these views get the envelope even when a host app has its own
 # handlers: Flask consults a blueprint's handlers before the app's.
 register_error_handlers(bp)
+bp.before_request(check_request)
 
 OPTIN_PATH = "/client/users/<correlation_id>/profile/optin"
 #: Path prefixes of the API when mounted without a url_prefix (its 404s and 405s).
@@ -91,7 +93,9 @@ def put_optin(correlation_id: str) -> Response:
     if request.mimetype != "application/json":
         raise ApiError(415, "Content-Type must be application/json")
     status = load_optin_status(_body())
-    record = OptInRecord.now(correlation_id, status, request_id(), source or DEFAULT_SOURCE)
+    record = OptInRecord.now(
+        correlation_id, status, request_id(), source or DEFAULT_SOURCE, client_name()
+    )
     try:
         with _timed("set"):
             current = store().set(record, idempotency_key=key)

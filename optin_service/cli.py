@@ -128,8 +128,8 @@ def export_command(since: datetime | None, output: IO[str]) -> None:
 
 
 @optin.command("import")
-@click.argument("file", type=click.File("r"))
-def import_command(file: IO[str]) -> None:
+@click.argument("file", type=click.File("rb"))
+def import_command(file: IO[bytes]) -> None:
     """Apply events from a JSON Lines FILE (or - for stdin).
 
     An event older than a member's current state goes into history only;

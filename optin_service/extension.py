@@ -16,15 +16,18 @@ import weakref
 from urllib.parse import urlsplit
 
 from flask import Flask, Request, Response, current_app, g, request
+from flask_limiter import Limiter
 from werkzeug.exceptions import HTTPException
 
 from . import defaults
 from .api import API_PATHS, bp
+from .auth import Authenticator, build_authenticator
 from .cli import optin as optin_cli
 from .errors import handle_http_exception, register_error_handlers
 from .headers import apply_headers, request_id
 from .logs import ACCESS
 from .metrics import observe_request
+from .ratelimit import init_rate_limit
 from .registry import redact, store_from_url
 from .storage import OptInStore
 
@@ -44,6 +47,10 @@ class OptInState:
     standalone: bool
     #: The backend's name in metrics and logs (the URL scheme, or the store's class).
     backend: str
+    #: Checks credentials (``None`` with ``OPTIN_AUTH=none``).
+    authenticator: Authenticator | None = None
+    #: Counts requests (``None`` without ``OPTIN_RATE_LIMIT``).
+    limiter: Limiter | None = None
 
     def owns(self, req: Request) -> bool:
         """Whether ``req`` is the opt-in API's to answer (envelope, headers, request id)."""
@@ -106,8 +113,10 @@ class OptIn:
         prefix = (url_prefix or "").rstrip("/")
         backend = urlsplit(url).scheme if url else type(store).__name__
         state = OptInState(store, url, prefix, standalone, backend)
+        state.authenticator = build_authenticator(app.config)
         app.extensions["optin"] = state
         app.register_blueprint(bp, url_prefix=prefix or None)
+        state.limiter = init_rate_limit(app, bp.name)
         app.cli.add_command(optin_cli)
         if standalone:
             register_error_handlers(app)

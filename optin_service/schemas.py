@@ -16,7 +16,7 @@ from typing import Any
 
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate
 
-from .errors import ApiError
+from .errors import ERROR_CODES, ApiError
 from .storage import DEFAULT_SOURCE, STATUSES, OptInRecord, Status
 
 INVALID_OPTIN = "Invalid opt-in response provided"
@@ -30,6 +30,8 @@ SOURCE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
 #: A request id in an imported event (ours are UUID4s): printable, no spaces.
 REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+#: The client recorded on an event: printable ASCII, possibly empty.
+CLIENT = re.compile(r"[\x20-\x7e]{0,128}")
 
 
 def _matches(pattern: re.Pattern[str]) -> validate.Regexp:
@@ -120,6 +122,9 @@ class HistoryItemSchema(OptInStateSchema):
 
     requestId = fields.String(attribute="request_id")
     source = fields.String(metadata={"description": "X-Consent-Source of the request"})
+    client = fields.String(
+        metadata={"description": "The authenticated client that recorded it (empty without auth)"}
+    )
 
 
 class HistoryPageSchema(Schema):
@@ -144,6 +149,32 @@ class HistoryQuerySchema(Schema):
     cursor = fields.String(load_default=None)
 
 
+#: Every ``errorCode`` the envelope carries: one per status, plus the PUT's 422.
+ERROR_CODE_VALUES = (*ERROR_CODES.values(), "IDEMPOTENCY_KEY_REUSED")
+
+
+class ErrorSchema(Schema):
+    """The error envelope every error status answers (see ``errors.py``)."""
+
+    statusCode = fields.Integer(
+        required=True, metadata={"description": "The HTTP status, repeated"}
+    )
+    errorCode = fields.String(
+        required=True,
+        validate=validate.OneOf(ERROR_CODE_VALUES),
+        metadata={"description": "What went wrong, for programs"},
+    )
+    errorMessage = fields.String(
+        required=True, metadata={"description": "What went wrong, for people"}
+    )
+
+
+class HealthSchema(Schema):
+    """``/healthz`` answers ``{"status": "ok"}``, ``/readyz`` ``{"status": "ready"}``."""
+
+    status = fields.String(required=True, validate=validate.OneOf(("ok", "ready")))
+
+
 class EventSchema(Schema):
     """One event as a line of ``optin export`` / ``optin import`` (JSON Lines)."""
 
@@ -162,6 +193,7 @@ class EventSchema(Schema):
     )
     requestId = fields.String(attribute="request_id", required=True, validate=_matches(REQUEST_ID))
     source = fields.String(load_default=DEFAULT_SOURCE, validate=_matches(SOURCE))
+    client = fields.String(load_default="", validate=_matches(CLIENT))
 
 
 _request_schema = OptInRequestSchema()
@@ -224,7 +256,7 @@ def dump_event(record: OptInRecord) -> dict[str, Any]:
     return _event_schema.dump(record)
 
 
-def load_event(line: str) -> OptInRecord:
+def load_event(line: str | bytes) -> OptInRecord:
     """An event from one import line; ``ValueError`` says what is wrong with it."""
     try:
         data = _event_schema.load(loads_object(line, "the event"))

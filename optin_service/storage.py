@@ -54,6 +54,8 @@ class OptInRecord:
     request_id: str = ""
     #: Through which channel: the ``X-Consent-Source`` header, else ``API``.
     source: str = DEFAULT_SOURCE
+    #: Who recorded it: the authenticated client's name ("" without authentication).
+    client: str = ""
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -68,9 +70,10 @@ class OptInRecord:
         status: Status,
         request_id: str = "",
         source: str = DEFAULT_SOURCE,
+        client: str = "",
     ) -> OptInRecord:
         """A record stamped with the server's current UTC time."""
-        return cls(correlation_id, status, datetime.now(timezone.utc), request_id, source)
+        return cls(correlation_id, status, datetime.now(timezone.utc), request_id, source, client)
 
     @property
     def updated_at_us(self) -> int:
@@ -86,11 +89,11 @@ class OptInRecord:
         micros: int,
         request_id: str = "",
         source: str = DEFAULT_SOURCE,
+        client: str = "",
     ) -> OptInRecord:
         """Rebuild a record from the microsecond timestamp a store kept."""
-        return cls(
-            correlation_id, status, _EPOCH + timedelta(microseconds=micros), request_id, source
-        )
+        moment = _EPOCH + timedelta(microseconds=micros)
+        return cls(correlation_id, status, moment, request_id, source, client)
 
     @property
     def precedence(self) -> tuple[int, int]:

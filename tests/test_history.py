@@ -24,7 +24,7 @@ def test_every_put_is_an_event_with_its_request_id_and_source(client):
     body = history(client).get_json()
     assert body["next"] is None
     assert [list(item) for item in body["items"]] == [
-        ["LOYALTY_OPTIN", "updatedAt", "requestId", "source"]
+        ["LOYALTY_OPTIN", "updatedAt", "requestId", "source", "client"]
     ] * 2
     newest, oldest = body["items"]
     assert newest["LOYALTY_OPTIN"] == "declined" and newest["source"] == "STORE_42"

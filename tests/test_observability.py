@@ -200,6 +200,7 @@ def test_metrics_are_summed_over_two_gunicorn_workers(tmp_path: Path):
 def test_sigterm_lets_an_in_flight_request_finish_and_closes_stores(tmp_path: Path):
     env = {"OPTIN_STORAGE_URL": f"sqlite:///{tmp_path}/optin.db", "SLOW_SECONDS": "1.5"}
     gunicorn = Gunicorn(env, workers=1, app="tests.slow_app:app").start(tmp_path / "g.log")
+    assert requests.get(f"{gunicorn.base}/healthz", timeout=10).status_code == 200  # booted
     result = {}
 
     def slow_put() -> None:

@@ -1,0 +1,219 @@
+"""Who may call the API, chosen by ``OPTIN_AUTH``.
+
+- ``none`` (default): no check here; the service must sit behind a gateway that
+  authenticates (a warning says so at start-up).
+- ``api-key``: ``OPTIN_API_KEYS`` lists ``name:sha256-hex`` entries (never the keys
+  themselves). A client sends ``Authorization: Bearer <key>`` or ``x-api-key: <key>``.
+  Every configured digest is compared, in constant time, on bytes. A key may do
+  everything.
+- ``jwt``: OAuth 2.0 bearer access tokens (client credentials), verified with PyJWT
+  against the issuer's JWKS (``OPTIN_JWT_JWKS_URL``) or a PEM public key
+  (``OPTIN_JWT_PUBLIC_KEY_FILE``): signature, ``exp``, ``iss``, ``aud``. Scope
+  ``optin:write`` for PUT, ``optin:read`` for GET.
+
+Missing or bad credentials: 401 ``UNAUTHORIZED`` with ``WWW-Authenticate: Bearer``.
+Valid but without the scope: 403 ``FORBIDDEN``. The health checks, ``/metrics``
+and ``/openapi.json`` stay open.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import logging
+import re
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from flask import Request, current_app, g, request
+
+from .errors import ApiError
+
+log = logging.getLogger(__name__)
+
+READ = "optin:read"
+WRITE = "optin:write"
+ALL_SCOPES = frozenset({READ, WRITE})
+#: Endpoints anyone may call: probes, scrapes and the API's own description.
+OPEN_ENDPOINTS = frozenset({"optin.healthz", "optin.readyz", "optin.metrics", "optin.openapi"})
+_NAME = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
+# Public key class (without "PublicKey") -> the algorithm names that use it.
+_FAMILIES = {"RSA": ("RS", "PS"), "EllipticCurve": ("ES",), "Ed25519": ("EdDSA",)}
+_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Principal:
+    """An authenticated caller: its name (recorded on consent events) and scopes."""
+
+    name: str
+    scopes: frozenset[str]
+
+
+class Authenticator(Protocol):
+    """Checks a request's credentials."""
+
+    def authenticate(self, request: Request) -> Principal:
+        """The caller, or an :class:`ApiError` 401 (or 503 if keys cannot be fetched)."""
+
+
+def unauthorized(message: str, error: str = "invalid_token") -> ApiError:
+    """A 401 that tells the client how to authenticate (RFC 6750)."""
+    challenge = 'Bearer realm="optin"'
+    if error:
+        challenge += f', error="{error}"'
+    return ApiError(401, message, headers={"WWW-Authenticate": challenge})
+
+
+def forbidden(scope: str) -> ApiError:
+    """A 403 for a valid caller without the scope this request needs."""
+    challenge = f'Bearer realm="optin", error="insufficient_scope", scope="{scope}"'
+    return ApiError(
+        403, f"This request needs the scope {scope}", headers={"WWW-Authenticate": challenge}
+    )
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("Authorization")
+    if header is None:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise unauthorized("Authorization must be 'Bearer <credentials>'")
+    return token.strip()
+
+
+def _missing() -> ApiError:
+    return unauthorized("Credentials are required", error="")
+
+
+class ApiKeys:
+    """API keys, kept as SHA-256 digests and compared in constant time."""
+
+    def __init__(self, entries: str) -> None:
+        self._digests: list[tuple[bytes, str]] = []
+        for entry in entries.replace(",", " ").split():
+            name, _, digest = entry.partition(":")
+            if not _NAME.fullmatch(name) or not _DIGEST.fullmatch(digest):
+                raise ValueError(
+                    "OPTIN_API_KEYS entries must be name:sha256-hex-of-key "
+                    f"(name of A-Z a-z 0-9 . _ : @ -), not {entry[:80]!r}"
+                )
+            self._digests.append((bytes.fromhex(digest), name))
+        if not self._digests:
+            raise ValueError("OPTIN_AUTH=api-key needs OPTIN_API_KEYS (name:sha256-hex entries)")
+
+    def authenticate(self, request: Request) -> Principal:
+        key = _bearer(request) or request.headers.get("x-api-key")
+        if not key:
+            raise _missing()
+        # WSGI header values are latin-1 strings: their bytes, whatever they hold.
+        digest = hashlib.sha256(key.encode("latin-1", "replace")).digest()
+        found = None
+        for known, name in self._digests:  # no early exit: the time does not tell which
+            if hmac.compare_digest(digest, known):
+                found = name
+        if found is None:
+            raise unauthorized("Unknown API key")
+        return Principal(found, ALL_SCOPES)
+
+
+class JwtBearer:
+    """OAuth 2.0 bearer access tokens (JWT), verified with PyJWT."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.issuer = config["OPTIN_JWT_ISSUER"]
+        self.audience = config["OPTIN_JWT_AUDIENCE"]
+        self.algorithms = [a.strip() for a in config["OPTIN_JWT_ALGORITHMS"].split(",") if a]
+        if not self.issuer or not self.audience:
+            raise ValueError("OPTIN_AUTH=jwt needs OPTIN_JWT_ISSUER and OPTIN_JWT_AUDIENCE")
+        if any(a.upper().startswith("HS") or a.lower() == "none" for a in self.algorithms):
+            raise ValueError(
+                "OPTIN_JWT_ALGORITHMS takes asymmetric algorithms only (RS256, ES256...)"
+            )
+        self._jwks: jwt.PyJWKClient | None = None
+        self._key: Any = None
+        if config["OPTIN_JWT_JWKS_URL"]:
+            self._jwks = jwt.PyJWKClient(config["OPTIN_JWT_JWKS_URL"], lifespan=300, timeout=2)
+        elif config["OPTIN_JWT_PUBLIC_KEY_FILE"]:
+            with open(config["OPTIN_JWT_PUBLIC_KEY_FILE"], "rb") as file:
+                self._key = serialization.load_pem_public_key(file.read())
+            # A token may only name an algorithm that fits the key (an ES256 token
+            # checked against an RSA key is invalid, not an error).
+            family = _FAMILIES.get(type(self._key).__name__.rsplit("PublicKey", 1)[0], ())
+            self.algorithms = [a for a in self.algorithms if a.startswith(family)]
+        else:
+            raise ValueError("OPTIN_AUTH=jwt needs OPTIN_JWT_JWKS_URL or OPTIN_JWT_PUBLIC_KEY_FILE")
+
+    def authenticate(self, request: Request) -> Principal:
+        token = _bearer(request)
+        if token is None:
+            raise _missing()
+        try:
+            key, algorithms = self._key, self.algorithms
+            if self._jwks is not None:
+                jwk = self._jwks.get_signing_key_from_jwt(token)
+                # Only the algorithm the issuer published for this key.
+                key, algorithms = jwk.key, [a for a in algorithms if a == jwk.algorithm_name]
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=algorithms,
+                audience=self.audience,
+                issuer=self.issuer,
+                options={"require": ["exp", "iss", "aud"]},
+                leeway=30,
+            )
+        except jwt.PyJWKClientConnectionError as exc:
+            log.warning("cannot fetch the JWKS: %s", exc)
+            raise ApiError(
+                503, "Cannot verify tokens right now", headers={"Retry-After": "5"}
+            ) from None
+        except (jwt.PyJWTError, ValueError) as exc:
+            raise unauthorized(f"Invalid token: {exc}") from None
+        scopes = claims.get("scope", claims.get("scp", ""))
+        if isinstance(scopes, str):
+            scopes = scopes.split()
+        name = claims.get("client_id") or claims.get("azp") or claims.get("sub") or "unknown"
+        return Principal(str(name)[:128], frozenset(s for s in scopes if isinstance(s, str)))
+
+
+def build_authenticator(config: Mapping[str, Any]) -> Authenticator | None:
+    """The authenticator ``OPTIN_AUTH`` asks for (``None`` for ``none``)."""
+    mode = config["OPTIN_AUTH"]
+    if mode == "none":
+        log.warning(
+            "OPTIN_AUTH=none: the API accepts every caller; "
+            "it must sit behind a gateway that authenticates"
+        )
+        return None
+    if mode == "api-key":
+        return ApiKeys(config["OPTIN_API_KEYS"])
+    if mode == "jwt":
+        return JwtBearer(config)
+    raise ValueError(f"OPTIN_AUTH must be none, api-key or jwt, not {mode!r}")
+
+
+def required_scope(method: str) -> str:
+    """The scope a request method needs."""
+    return READ if method in ("GET", "HEAD") else WRITE
+
+
+def check_request() -> None:
+    """Before each API request: authenticate, check the scope, remember the caller."""
+    authenticator = current_app.extensions["optin"].authenticator
+    if authenticator is None or request.endpoint in OPEN_ENDPOINTS or request.method == "OPTIONS":
+        return
+    principal = authenticator.authenticate(request)
+    scope = required_scope(request.method)
+    if scope not in principal.scopes:
+        raise forbidden(scope)
+    g.optin_client = principal.name
+
+
+def client_name() -> str:
+    """The authenticated caller of this request ("" without authentication)."""
+    return g.get("optin_client", "")

@@ -1,0 +1,45 @@
+"""Rate limits with Flask-Limiter: ``OPTIN_RATE_LIMIT`` per client, off by default.
+
+One limit shared by every API route, counted per authenticated client (else per
+remote address, as ProxyFix reports it). Counters live in
+``OPTIN_RATE_LIMIT_STORAGE_URL``: ``memory://`` counts per worker; point it at
+Redis so all workers (and hosts) share one count. The health checks, metrics
+and the OpenAPI document are never limited. If the counter store fails, requests
+go through (logged): refusing consent updates because of a counter is worse.
+"""
+
+from __future__ import annotations
+
+from flask import Flask, request
+from flask_limiter import Limiter
+
+from .auth import OPEN_ENDPOINTS, client_name
+
+
+def _key() -> str:
+    client = client_name()
+    return f"client:{client}" if client else f"addr:{request.remote_addr or '-'}"
+
+
+def init_rate_limit(app: Flask, blueprint_name: str) -> Limiter | None:
+    """Limit the API's routes on ``app`` if ``OPTIN_RATE_LIMIT`` is set."""
+    rate = app.config["OPTIN_RATE_LIMIT"]
+    if not rate:
+        return None
+    limiter = Limiter(
+        _key,
+        app=app,
+        storage_uri=app.config["OPTIN_RATE_LIMIT_STORAGE_URL"],
+        default_limits=[],
+        headers_enabled=True,
+        key_prefix="optin",
+        swallow_errors=True,
+    )
+    # Applied around each view, so it runs after authentication has named the client.
+    shared = limiter.shared_limit(
+        rate, scope="optin-api", error_message=f"Too many requests: the limit is {rate}"
+    )
+    for endpoint, view in list(app.view_functions.items()):
+        if endpoint.startswith(blueprint_name + ".") and endpoint not in OPEN_ENDPOINTS:
+            app.view_functions[endpoint] = shared(view)
+    return limiter
