@@ -36,7 +36,7 @@ bp.before_request(check_request)
 
 OPTIN_PATH = "/client/users/<correlation_id>/profile/optin"
 #: Path prefixes of the API when mounted without a url_prefix (its 404s and 405s).
-API_PATHS = ("/client/users/", "/healthz", "/readyz", "/metrics")
+API_PATHS = ("/client/users/", "/healthz", "/readyz", "/metrics", "/openapi.json")
 #: The seed's 200 body, exactly these 29 bytes (``jsonify`` would add a newline).
 UPDATED_BODY = b'{"message":"Opt-in updated."}'
 
@@ -160,3 +160,13 @@ def metrics() -> Response:
         raise NotFound()
     body, content_type = exposition()
     return Response(body, 200, content_type=content_type)
+
+
+@bp.get("/openapi.json", endpoint="openapi")
+@no_https_redirect
+def openapi_document() -> Response:
+    """This API's OpenAPI 3.1 document, built once per app."""
+    from .openapi import document  # imports this module: loaded on first use
+
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    return Response(document(app), 200, mimetype="application/json")
