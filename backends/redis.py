@@ -586,6 +586,7 @@ class RedisClusterStore(RedisStore):
         replies: list = [None] * len(calls)
         pending = list(range(len(calls)))
         asking: dict[int, ClusterNode] = {}
+        fewest_acks: int | None = None  # over the nodes written to
         deadline = time.monotonic() + CLUSTER_RETRY_SECONDS
         for _ in range(_CLUSTER_ATTEMPTS):
             groups: dict[str, tuple[ClusterNode, list[int]]] = {}
@@ -609,8 +610,9 @@ class RedisClusterStore(RedisStore):
                     _refresh(client)
                     raise
                 acked = out.pop() if self.min_replicas_acked else None
+                if isinstance(acked, Exception):
+                    raise acked
                 results = iter(out)
-                wrote = False
                 for i in indexes:
                     if asking.pop(i, None) is not None:
                         next(results)  # ASKING's OK
@@ -631,12 +633,17 @@ class RedisClusterStore(RedisStore):
                         raise reply
                     else:
                         replies[i] = reply
-                        wrote = wrote or reply[0] != -1
+                        if acked is not None and reply[0] != -1:
+                            fewest_acks = min(
+                                acked, fewest_acks if fewest_acks is not None else acked
+                            )
                         continue
                     again.append(i)
-                if wrote:
-                    self._check_acked(acked)
             if not again:
+                # Every node has been written to before any shortfall is reported,
+                # so a retried import has less left to do.
+                if fewest_acks is not None:
+                    self._check_acked(fewest_acks)
                 return replies
             pending = again
             if time.monotonic() > deadline:
@@ -671,8 +678,7 @@ class RedisClusterStore(RedisStore):
                 raise StorageUnavailable("redis cluster: no master known")
             for node in primaries:
                 info = client.get_redis_connection(node).execute_command("CLUSTER INFO")
-                text = info.decode() if isinstance(info, bytes) else str(info)
-                if "cluster_state:ok" not in text:
+                if _cluster_state(info) != "ok":
                     _refresh(client)
                     raise StorageUnavailable(f"redis cluster: {node.name} says the cluster is down")
         except _DRIVER_ERRORS as exc:
@@ -684,6 +690,19 @@ class RedisClusterStore(RedisStore):
             client, self._client = self._client, None
         if client is not None:
             client.close()
+
+
+def _cluster_state(info: object) -> str | None:
+    """``cluster_state`` from CLUSTER INFO, parsed by redis-py (a dict) or not (text)."""
+    if isinstance(info, dict):
+        state = info.get("cluster_state", info.get(b"cluster_state"))
+        return state.decode() if isinstance(state, bytes) else state
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    for line in text.splitlines():
+        name, _, value = line.strip().partition(":")
+        if name == "cluster_state":
+            return value
+    return None
 
 
 def _refresh(client: RedisCluster) -> None:
