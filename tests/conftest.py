@@ -27,3 +27,23 @@ def app():
 @pytest.fixture
 def client(app):
     return app.test_client()
+
+
+@pytest.fixture(scope="session")
+def sentinel_topology(tmp_path_factory: pytest.TempPathFactory):
+    """A master, a replica and three Sentinels for the session (started on first use)."""
+    from tests.topologies import SentinelTopology
+
+    topology = SentinelTopology(tmp_path_factory.mktemp("sentinel")).start()
+    yield topology
+    topology.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster_topology(tmp_path_factory: pytest.TempPathFactory):
+    """A three-master Redis Cluster for the session (started on first use)."""
+    from tests.topologies import ClusterTopology
+
+    topology = ClusterTopology(tmp_path_factory.mktemp("cluster")).start()
+    yield topology
+    topology.stop()

@@ -1,0 +1,449 @@
+"""Real Redis topologies on loopback for tests: Sentinel (master, replica, three
+Sentinels) and Cluster (three masters), from Debian's redis-server and redis-cli.
+
+Every process binds 127.0.0.1 only, on a free port, in its own directory under
+the temp dir it is given; :meth:`stop` ends every process it started (by pid).
+Every wait is bounded in time and in count, and fails with what it last saw.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+import redis
+from redis.cluster import key_slot
+
+from tests.servers import LOOPBACK, free_port, wait_for_port
+
+T = TypeVar("T")
+
+SERVICE = "optin-test"
+
+
+def _binary(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed (apt-get install redis-server redis-tools)")
+    return found
+
+
+def wait_until(
+    what: str, probe: Callable[[], T | None], timeout: float = 15.0, every: float = 0.05
+) -> T:
+    """Call ``probe`` until it returns something truthy (errors count as "not yet")."""
+    deadline = time.monotonic() + timeout
+    last: object = "never probed"
+    for _ in range(int(timeout / every) + 2):
+        try:
+            result = probe()
+        except Exception as exc:  # a server not up yet, a refused connection...
+            last = repr(exc)
+        else:
+            if result:
+                return result
+            last = result
+        if time.monotonic() > deadline:
+            break
+        time.sleep(every)
+    raise TimeoutError(f"{what}: not after {timeout}s (last: {last})")
+
+
+def client(port: int, **kwargs: object) -> redis.Redis:
+    """A plain client for one server, with timeouts (tests must never hang)."""
+    return redis.Redis(
+        host=LOOPBACK,
+        port=port,
+        socket_timeout=2,
+        socket_connect_timeout=2,
+        decode_responses=True,
+        **kwargs,
+    )
+
+
+class RedisProcess:
+    """One redis-server (a data node or a Sentinel) in its own directory."""
+
+    def __init__(self, workdir: Path, args: list[str], port: int | None = None) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.args = args
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (LOOPBACK, self.port)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, *extra: str) -> RedisProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        args = [
+            _binary("redis-server"),
+            *self.args,
+            "--bind", LOOPBACK,
+            "--port", str(self.port),
+            "--dir", str(self.workdir),
+            "--protected-mode", "yes",
+            "--daemonize", "no",
+            "--logfile", str(self.workdir / "redis.log"),
+            *extra,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, proc=self.proc)
+        return self
+
+    def client(self, **kwargs: object) -> redis.Redis:
+        return client(self.port, **kwargs)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no last fsync."""
+        self.stop(signal.SIGKILL)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.proc.send_signal(signal.SIGCONT)  # a paused server ignores SIGTERM
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def log(self, chars: int = 4000) -> str:
+        path = self.workdir / "redis.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return text[-chars:]
+
+
+def _data_node_args() -> list[str]:
+    # AOF with fsync on every write: the same durability as tests.servers.RedisServer.
+    return ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
+
+
+class SentinelTopology:
+    """A master, one replica and three Sentinels (quorum 2), all on loopback.
+
+    Failure detection is fast: a master is down after ``down_after_ms`` without
+    an answer. Sentinel's internal clocks (INFO every 10 s, hello every 2 s)
+    are shortened with ``SENTINEL DEBUG`` so that a demoted master is turned into
+    a replica within a few seconds rather than about ten; the README says what
+    the defaults mean in production.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        service: str = SERVICE,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 4000,
+    ) -> None:
+        self.workdir = workdir
+        self.service = service
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        node_args = [*_data_node_args(), "--replica-serve-stale-data", "yes"]
+        self.nodes = [RedisProcess(workdir / f"node-{i}", node_args) for i in range(2)]
+        self.sentinels = []
+        for i in range(3):
+            conf = workdir / f"sentinel-{i}" / "sentinel.conf"
+            self.sentinels.append(RedisProcess(conf.parent, [str(conf), "--sentinel"]))
+
+    # --- life cycle ----------------------------------------------------------
+
+    def start(self) -> SentinelTopology:
+        try:
+            master, replica = self.nodes
+            master.start()
+            replica.start("--replicaof", LOOPBACK, str(master.port))
+            self.wait_replicated(master.port, timeout=15)
+            for sentinel in self.sentinels:
+                self._write_sentinel_conf(sentinel, master.port)
+                sentinel.start()
+                with sentinel.client() as c:
+                    # INFO every second, hellos every half second: a demoted
+                    # master is reconfigured within ~3 s instead of ~10 s.
+                    c.execute_command("SENTINEL", "DEBUG", "info-period", 1000)
+                    c.execute_command("SENTINEL", "DEBUG", "publish-period", 500)
+            self.wait_stable(timeout=20)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for process in [*self.sentinels, *self.nodes]:
+            with contextlib.suppress(Exception):
+                process.stop()
+
+    def _write_sentinel_conf(self, sentinel: RedisProcess, master_port: int) -> None:
+        sentinel.workdir.mkdir(parents=True, exist_ok=True)
+        (sentinel.workdir / "sentinel.conf").write_text(
+            "\n".join(
+                [
+                    f"sentinel monitor {self.service} {LOOPBACK} {master_port} 2",
+                    f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}",
+                    f"sentinel failover-timeout {self.service} {self.failover_timeout_ms}",
+                    f"sentinel parallel-syncs {self.service} 1",
+                    "",
+                ]
+            )
+        )
+
+    # --- what the Sentinels say -------------------------------------------------
+
+    def url(self, **options: object) -> str:
+        hosts = ",".join(f"{LOOPBACK}:{s.port}" for s in self.sentinels)
+        query = "&".join(f"{k}={v}" for k, v in options.items())
+        return f"redis+sentinel://{hosts}/{self.service}" + (f"?{query}" if query else "")
+
+    def master_port(self) -> int:
+        """The master's port according to a majority of the running Sentinels."""
+        votes: dict[int, int] = {}
+        for sentinel in self.sentinels:
+            if not sentinel.running:
+                continue
+            with contextlib.suppress(redis.RedisError), sentinel.client() as c:
+                found = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+                if found:
+                    port = int(found[1])
+                    votes[port] = votes.get(port, 0) + 1
+        agreed = [port for port, count in votes.items() if count >= 2]
+        if not agreed:
+            raise RuntimeError(f"the Sentinels do not agree on a master: {votes}")
+        return agreed[0]
+
+    def node(self, port: int) -> RedisProcess:
+        return next(n for n in self.nodes if n.port == port)
+
+    def master(self) -> RedisProcess:
+        return self.node(self.master_port())
+
+    def replica(self) -> RedisProcess:
+        port = self.master_port()
+        return next(n for n in self.nodes if n.port != port)
+
+    def wait_replicated(self, master_port: int, timeout: float = 15.0) -> None:
+        """Until ``master_port`` is a master with every other data node a synced replica."""
+
+        def probe() -> bool:
+            with client(master_port) as c:
+                info = c.info("replication")
+            if info.get("role") != "master":
+                return False
+            others = {n.port for n in self.nodes if n.port != master_port}
+            online = {
+                int(v["port"])
+                for k, v in info.items()
+                if k.startswith("slave") and isinstance(v, dict) and v.get("state") == "online"
+            }
+            return others <= online
+
+        wait_until(f"replicas of {master_port} online", probe, timeout=timeout)
+
+    def wait_stable(self, timeout: float = 20.0) -> int:
+        """Until every Sentinel sees the same master, its replica and the two other
+        Sentinels, and the data nodes replicate from it. Returns the master's port."""
+
+        def probe() -> int | None:
+            ports = set()
+            for sentinel in self.sentinels:
+                with sentinel.client() as c:
+                    state = c.sentinel_master(self.service)
+                    replicas = c.sentinel_slaves(self.service)
+                if not state["is_master"] or state["is_sdown"] or state["is_odown"]:
+                    return None
+                if state["num-slaves"] < 1 or state["num-other-sentinels"] < 2:
+                    return None
+                for entry in replicas:
+                    if entry["is_sdown"] or entry.get("master-link-status") != "ok":
+                        return None
+                ports.add(int(state["port"]))
+            if len(ports) != 1:
+                return None
+            port = ports.pop()
+            self.wait_replicated(port, timeout=0.01)
+            return port
+
+        return wait_until("a stable Sentinel topology", probe, timeout=timeout, every=0.1)
+
+    def failover(self) -> None:
+        """``SENTINEL FAILOVER``: promote the replica now, without agreement."""
+        with self.sentinels[0].client() as c:
+            c.execute_command("SENTINEL", "FAILOVER", self.service)
+
+    def wait_for_new_master(self, old_port: int, timeout: float = 15.0) -> int:
+        def probe() -> int | None:
+            port = self.master_port()
+            if port == old_port:
+                return None
+            with client(port) as c:
+                return port if c.info("replication")["role"] == "master" else None
+
+        return wait_until(f"a master other than {old_port}", probe, timeout=timeout, every=0.05)
+
+    def logs(self) -> str:
+        parts = []
+        for process in [*self.nodes, *self.sentinels]:
+            parts.append(f"--- {process.workdir.name} :{process.port} ---\n{process.log(2500)}")
+        return "\n".join(parts)
+
+
+class ClusterTopology:
+    """A Redis Cluster of ``masters`` masters (each with ``replicas`` replicas) on loopback."""
+
+    def __init__(
+        self, workdir: Path, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 1000
+    ) -> None:
+        self.workdir = workdir
+        self.masters = masters
+        self.replicas = replicas
+        args = [
+            *_data_node_args(),
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", str(node_timeout_ms),
+        ]  # fmt: skip
+        # The cluster bus needs a port too: by default port + 10000, which may be
+        # taken or above 65535 for a free port picked at random, so pick it as well.
+        self.nodes = [
+            RedisProcess(workdir / f"node-{i}", [*args, "--cluster-port", str(free_port())])
+            for i in range(masters * (1 + replicas))
+        ]
+
+    def start(self) -> ClusterTopology:
+        try:
+            for node in self.nodes:
+                node.start()
+            addresses = [f"{LOOPBACK}:{n.port}" for n in self.nodes]
+            self.redis_cli(
+                "--cluster", "create", *addresses,
+                "--cluster-replicas", str(self.replicas),
+                "--cluster-yes",
+                timeout=60,
+            )  # fmt: skip
+            self.wait_ok(timeout=30)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            with contextlib.suppress(Exception):
+                node.stop()
+
+    def redis_cli(self, *args: str, timeout: float = 60) -> str:
+        done = subprocess.run(
+            [_binary("redis-cli"), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"redis-cli {' '.join(args)} exited {done.returncode}:\n"
+                f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+            )
+        return done.stdout
+
+    def url(self, **options: object) -> str:
+        hosts = ",".join(f"{LOOPBACK}:{n.port}" for n in self.nodes)
+        query = "&".join(f"{k}={v}" for k, v in options.items())
+        return f"redis+cluster://{hosts}" + (f"?{query}" if query else "")
+
+    def running(self) -> Iterator[RedisProcess]:
+        return (n for n in self.nodes if n.running)
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Until every running node says ``cluster_state:ok`` and all agree on the slots."""
+
+        def probe() -> bool:
+            views = set()
+            for node in self.running():
+                with node.client() as c:
+                    if c.execute_command("CLUSTER INFO")["cluster_state"] != "ok":
+                        return False
+                    views.add(self._slot_view(c))
+            return len(views) == 1
+
+        wait_until("cluster_state:ok on every node", probe, timeout=timeout, every=0.1)
+
+    @staticmethod
+    def _slot_view(c: redis.Redis) -> tuple:
+        """What one node believes: every master, its slots, and any slot in migration."""
+        nodes = c.execute_command("CLUSTER NODES")
+        return tuple(
+            sorted(
+                (
+                    entry["node_id"],
+                    tuple(tuple(r) for r in entry["slots"]),
+                    tuple(map(str, entry["migrations"])),
+                )
+                for entry in nodes.values()
+                if "master" in entry["flags"]
+            )
+        )
+
+    def master_ids(self) -> dict[str, int]:
+        """Node id -> port, for every master not known to have failed."""
+        with next(self.running()).client() as c:
+            nodes = c.execute_command("CLUSTER NODES")
+        return {
+            entry["node_id"]: int(address.split(":")[1].split("@")[0])
+            for address, entry in nodes.items()
+            if "master" in entry["flags"] and "fail" not in entry["flags"]
+        }
+
+    def slot_owner(self, slot: int) -> str:
+        """The id of the master serving ``slot`` now."""
+        with next(self.running()).client() as c:
+            for start, end, master, *_ in c.execute_command("CLUSTER SLOTS"):
+                if int(start) <= slot <= int(end):
+                    return master[2]
+        raise LookupError(f"slot {slot} is not served")
+
+    def slots_of(self, node_id: str) -> list[int]:
+        with next(self.running()).client() as c:
+            ranges = c.execute_command("CLUSTER SLOTS")
+        return [
+            slot
+            for start, end, master, *_ in ranges
+            if master[2] == node_id
+            for slot in range(int(start), int(end) + 1)
+        ]
+
+    def node_by_id(self, node_id: str) -> RedisProcess:
+        port = self.master_ids()[node_id]
+        return next(n for n in self.nodes if n.port == port)
+
+    def reshard(self, source: str, target: str, slots: int, timeout: float = 120) -> float:
+        """Move ``slots`` slots from ``source`` to ``target`` with ``redis-cli --cluster
+        reshard``, while the cluster serves; returns the seconds it took."""
+        started = time.monotonic()
+        self.redis_cli(
+            "--cluster", "reshard", f"{LOOPBACK}:{self.nodes[0].port}",
+            "--cluster-from", source,
+            "--cluster-to", target,
+            "--cluster-slots", str(slots),
+            "--cluster-yes",
+            timeout=timeout,
+        )  # fmt: skip
+        return time.monotonic() - started
+
+
+def slot_of(store_key: str) -> int:
+    """The Cluster slot of a key (the hash tag's, when it has one)."""
+    return key_slot(store_key.encode())
