@@ -134,15 +134,24 @@ class HistoryPageSchema(Schema):
     next = fields.String(allow_none=True)
 
 
+class QueryInteger(fields.Integer):
+    """A whole number written in ASCII digits only (``int()`` would also take
+    spaces, signs, underscores and non-ASCII digits)."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> int:
+        if not (isinstance(value, str) and value.isascii() and value.isdigit()):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
 class HistoryQuerySchema(Schema):
     """``?limit=N&cursor=C`` of the history endpoint."""
 
     class Meta:
         unknown = EXCLUDE
 
-    limit = fields.Integer(
+    limit = QueryInteger(
         load_default=20,
-        strict=False,
         validate=validate.Range(1, 100, error="limit must be a whole number from 1 to 100"),
         error_messages={"invalid": "limit must be a whole number from 1 to 100"},
     )

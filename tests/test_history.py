@@ -85,7 +85,9 @@ def test_default_limit_is_20(client):
     assert len(body["items"]) == 20 and body["next"]
 
 
-@pytest.mark.parametrize("limit", ["0", "101", "-1", "abc", "1.5", ""])
+@pytest.mark.parametrize(
+    "limit", ["0", "101", "-1", "abc", "1.5", "", " 5", "5 ", "+5", "1_0", "\u0665", "5.0", "1e1"]
+)
 def test_bad_limit_is_400(client, limit):
     put(client, {"LOYALTY_OPTIN": "accepted"})
     response = history(client, limit=limit)
