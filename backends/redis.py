@@ -9,8 +9,15 @@ one Cluster slot and one Lua call can change them together:
 - ``<prefix>{<id>}:i:<Idempotency-Key>``: the fingerprint of the first request
   with that key, expiring after 24 hours.
 
+The caller (``client``) of an event, when there is one, follows a newline in
+both the current state and the history member; a history member also gets
+``\n<µs>`` when the same words were already stored at another time. ``}`` and
+``%`` in an id (the API accepts neither) are escaped as ``%7D`` and ``%25``.
+
 Every write is one Lua script: the event, the current state and the
-idempotency key change together or not at all.
+idempotency key change together or not at all (the current state is read and
+checked before anything is written). An event is its member, time and request
+id: one already stored is skipped whole, whatever its other fields say.
 
 A dead or hung Redis must cost a request about a second, not a minute:
 redis-py's own defaults are 5 s timeouts with up to 10 retries, and ``from_url``
@@ -50,6 +57,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -114,33 +122,58 @@ _TIMEOUT_OPTIONS = ("socket_timeout", "socket_connect_timeout")
 
 
 # KEYS: current, history[, idempotency key]
-# ARGV: µs, history member, current value, 1 if declined, fingerprint, key TTL (s)
-#       [, 1 to touch: write the current state back when nothing else was written,
-#       so that a WAIT after a replay also covers the write being replayed]
+# ARGV: µs, history member, current value, 1 if declined, fingerprint, key TTL (s),
+#       request id[, 1 to touch: write the current state back when nothing else was
+#       written, so that a WAIT after a replay also covers the write being replayed]
 # Returns {1, current, added} after a write, {0, current, 0} for a replay, {-1} on key reuse.
+# The current state is read and checked first: a script that fails stops before any write.
 _SET_SCRIPT = """
-local touch = ARGV[7] == '1'
+local touch = ARGV[8] == '1'
+local current = redis.call('GET', KEYS[1])
+local cur_status, cur_us
+if current then
+  cur_status, cur_us = string.match(current, '^(%a+):(%-?%d+):')
+  if not cur_status then
+    return redis.error_reply('ERR unparsable opt-in state in ' .. KEYS[1])
+  end
+end
 if #KEYS == 3 then
   local seen = redis.call('GET', KEYS[3])
   if seen then
     if seen ~= ARGV[5] then return {-1} end
-    local current = redis.call('GET', KEYS[1])
     if touch and current then redis.call('SET', KEYS[1], current, 'KEEPTTL') end
     return {0, current, 0}
   end
 end
-local added = redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
-local current = redis.call('GET', KEYS[1])
-local replace = not current
-if current then
-  local status, us = string.match(current, '^(%a+):(%d+):')
-  local new_us, cur_us = tonumber(ARGV[1]), tonumber(us)
-  replace = new_us > cur_us or (new_us == cur_us and ARGV[4] == '1' and status == 'accepted')
+-- An event is its member, time and request id: one already stored is skipped whole.
+local stored = false
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[1], ARGV[1])) do
+  local head = string.match(member, '^[^\\n]*')
+  if string.match(head, '^(.*) [^ ]+ [^ ]+$') == ARGV[7] then
+    stored = true
+    break
+  end
 end
-if replace then
-  redis.call('SET', KEYS[1], ARGV[3])
-  current = ARGV[3]
-elseif touch and added == 0 and #KEYS < 3 then
+local added = 0
+if not stored then
+  local member = ARGV[2]
+  if redis.call('ZSCORE', KEYS[2], member) then
+    -- The same words at another time: another event, kept apart by its time.
+    if not string.find(member, '\\n', 1, true) then member = member .. '\\n' end
+    member = member .. '\\n' .. ARGV[1]
+  end
+  redis.call('ZADD', KEYS[2], ARGV[1], member)
+  added = 1
+  local replace = not current
+  if current then
+    local new_us, old_us = tonumber(ARGV[1]), tonumber(cur_us)
+    replace = new_us > old_us or (new_us == old_us and ARGV[4] == '1' and cur_status == 'accepted')
+  end
+  if replace then
+    redis.call('SET', KEYS[1], ARGV[3])
+    current = ARGV[3]
+  end
+elseif touch and current and #KEYS < 3 then
   redis.call('SET', KEYS[1], current, 'KEEPTTL')
 end
 if #KEYS == 3 then redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[6]) end
@@ -211,8 +244,12 @@ class RedisStore(OptInStore):
         )
 
     def key(self, correlation_id: str) -> str:
-        """The key holding a member's current state (hash-tagged by member)."""
-        return f"{self.prefix}{{{correlation_id}}}"
+        """The key holding a member's current state (hash-tagged by member).
+
+        ``}`` and ``%`` in an id (never in one the API accepts) are escaped, so
+        the hash tag is the whole id and no member's keys can be another's.
+        """
+        return f"{self.prefix}{{{_escape(correlation_id)}}}"
 
     def get(self, correlation_id: str) -> OptInRecord | None:
         try:
@@ -330,7 +367,7 @@ class RedisStore(OptInStore):
                 for key in keys:
                     pipe.zrangebyscore(key, low, "+inf", withscores=True)
                 for key, members in zip(keys, pipe.execute(), strict=True):
-                    cid = key[start:-3].decode()
+                    cid = _unescape(key[start:-3].decode())
                     for member, score in members:
                         yield _event(cid, member, int(score))
         except _DRIVER_ERRORS as exc:
@@ -812,13 +849,17 @@ def _retry() -> Retry:
 
 def _args(record: OptInRecord, *, touch: bool = False) -> list[object]:
     us = record.updated_at_us
+    # The caller (client) follows a newline, which no other part can hold; an
+    # event without one is stored exactly as before clients were recorded.
+    client = f"\n{record.client}" if record.client else ""
     args: list[object] = [
         us,
-        f"{record.request_id} {record.status} {record.source}",
-        f"{record.status}:{us}:{record.source}:{record.request_id}",
+        f"{record.request_id} {record.status} {record.source}{client}",
+        f"{record.status}:{us}:{record.source}:{record.request_id}{client}",
         1 if record.status == "declined" else 0,
         record.fingerprint,
         _KEY_TTL,
+        record.request_id,
     ]
     if touch:
         args.append(1)
@@ -826,13 +867,34 @@ def _args(record: OptInRecord, *, touch: bool = False) -> list[object]:
 
 
 def _current(correlation_id: str, raw: bytes) -> OptInRecord:
-    status, us, source, request_id = raw.decode().split(":", 3)
-    return OptInRecord.from_us(correlation_id, status, int(us), request_id, source)  # type: ignore[arg-type]
+    text, _, client = raw.decode().partition("\n")
+    status, us, source, request_id = text.split(":", 3)
+    return OptInRecord.from_us(correlation_id, status, int(us), request_id, source, client)  # type: ignore[arg-type]
 
 
 def _event(correlation_id: str, member: bytes, us: int) -> OptInRecord:
-    request_id, status, source = member.decode().rsplit(" ", 2)
-    return OptInRecord.from_us(correlation_id, status, us, request_id, source)  # type: ignore[arg-type]
+    # "<request id> <status> <source>[\n<client>[\n<µs>]]": the µs only when the
+    # same words were already stored at another time.
+    text, _, rest = member.decode().partition("\n")
+    client = rest.split("\n", 1)[0]
+    request_id, status, source = text.rsplit(" ", 2)
+    return OptInRecord.from_us(correlation_id, status, us, request_id, source, client)  # type: ignore[arg-type]
+
+
+_ESCAPES = {"%": "%25", "}": "%7D"}
+_UNESCAPES = re.compile("%(25|7D)")
+
+
+def _escape(correlation_id: str) -> str:
+    if "%" not in correlation_id and "}" not in correlation_id:
+        return correlation_id
+    return "".join(_ESCAPES.get(c, c) for c in correlation_id)
+
+
+def _unescape(escaped: str) -> str:
+    if "%" not in escaped:
+        return escaped
+    return _UNESCAPES.sub(lambda m: "%" if m[1] == "25" else "}", escaped)
 
 
 def _wrap(exc: Exception) -> StorageError:
