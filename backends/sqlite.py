@@ -67,15 +67,19 @@ CREATE INDEX IF NOT EXISTS optin_idempotency_created ON optin_idempotency (creat
 """
 _COLUMNS = "correlation_id, updated_us, request_id, status, source, client"
 _INSERT_EVENT = f"INSERT OR IGNORE INTO optin_event ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
-# The current state moves only to an event that takes precedence: newer, or as
-# new and "declined" over "accepted" (OptInRecord.precedence).
+# The current state moves only to an event that takes precedence: newer; as new
+# and "declined" over "accepted"; then the greater request id (OptInRecord.precedence).
+# It is copied from the stored event, so an import whose event was already
+# stored (same identity, other fields) cannot put a state in place that no
+# stored event holds.
 _APPLY_CURRENT = (
-    f"INSERT INTO optin ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?) "
+    f"INSERT INTO optin ({_COLUMNS}) SELECT {_COLUMNS} FROM optin_event "
+    "WHERE correlation_id = ? AND updated_us = ? AND request_id = ? "
     "ON CONFLICT (correlation_id) DO UPDATE SET status = excluded.status, "
     "updated_us = excluded.updated_us, request_id = excluded.request_id, "
     "source = excluded.source, client = excluded.client "
-    "WHERE (excluded.updated_us, excluded.status = 'declined') "
-    "> (optin.updated_us, optin.status = 'declined')"
+    "WHERE (excluded.updated_us, excluded.status = 'declined', excluded.request_id) "
+    "> (optin.updated_us, optin.status = 'declined', optin.request_id)"
 )
 _SELECT = f"SELECT {_COLUMNS} FROM optin WHERE correlation_id = ?"
 _HISTORY = (
@@ -200,7 +204,7 @@ class SQLiteStore(OptInStore):
                     conn.execute(_KEY_PRUNE, (since,))
             row = _row(record)
             if conn.execute(_INSERT_EVENT, row).rowcount:
-                conn.execute(_APPLY_CURRENT, row)
+                conn.execute(_APPLY_CURRENT, row[:3])
             return _record(conn.execute(_SELECT, (cid,)).fetchone())
 
     def history(
@@ -218,7 +222,7 @@ class SQLiteStore(OptInStore):
         with self._transaction() as conn:
             added = conn.executemany(_INSERT_EVENT, rows).rowcount
             # Re-applying an event already stored is harmless: the state is a maximum.
-            conn.executemany(_APPLY_CURRENT, rows)
+            conn.executemany(_APPLY_CURRENT, [row[:3] for row in rows])
             return added
 
     def events(self, since: datetime | None = None) -> Iterator[OptInRecord]:

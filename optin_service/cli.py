@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import sys
 import time
 import uuid
@@ -124,6 +125,7 @@ def export_command(since: datetime | None, output: IO[str]) -> None:
             count += 1
             if count % 1000 == 0:
                 bar.update(1000)
+        bar.update(count % 1000)
     click.echo(f"exported {count} events", err=True)
 
 
@@ -168,7 +170,10 @@ def import_command(file: IO[bytes]) -> None:
 def migrate_command(target_url: str) -> None:
     """Copy every member's events to another backend, in batches; verify counts."""
     source = _store()
-    target = store_from_url(target_url)
+    try:
+        target = store_from_url(target_url)
+    except (LookupError, ValueError) as exc:  # an unknown scheme, a bad URL option
+        raise click.ClickException(str(exc)) from None
     try:
         total = source.count_events()
         before = target.count_events()
@@ -200,6 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     """The ``optin`` console script: the same commands, on ``create_app()``'s store."""
     from . import create_app
 
+    # The service's start-up lines (storage in use, authentication mode) are noise
+    # around a command's own output; errors still show.
+    logging.getLogger("optin_service").setLevel(logging.ERROR)
     app = create_app()
     with app.app_context():
         optin.main(args=argv, prog_name="optin")

@@ -96,9 +96,14 @@ class OptInRecord:
         return cls(correlation_id, status, moment, request_id, source, client)
 
     @property
-    def precedence(self) -> tuple[int, int]:
-        """Orders a member's events for the current state: newest first, ``declined`` on ties."""
-        return (self.updated_at_us, self.status == "declined")
+    def precedence(self) -> tuple[int, bool, str]:
+        """Orders a member's events for the current state.
+
+        Newest wins; for equal times ``declined`` wins; then the greater request
+        id, so the current state depends only on which events are stored, never
+        on the order they arrived in (a migration rebuilds the same state).
+        """
+        return (self.updated_at_us, self.status == "declined", self.request_id)
 
     @property
     def position(self) -> tuple[int, str]:
