@@ -20,7 +20,7 @@ here: a 302 on a PUT is replayed as a GET by most clients.
 
 from __future__ import annotations
 
-import uuid
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -67,6 +67,13 @@ def _talisman_headers() -> tuple[tuple[str, str], ...]:
 
 #: Every fixed header of an opt-in response, computed once.
 RESPONSE_HEADERS: tuple[tuple[str, str], ...] = _talisman_headers() + SEED_HEADERS
+#: Lower-cased names of every header :func:`apply_headers` sets.
+_OWN_NAMES = frozenset(
+    name.lower() for name in (*dict(RESPONSE_HEADERS), "x-amzn-RequestId", "X-Request-Id")
+)
+for _name, _value in RESPONSE_HEADERS:  # checked once here, so added unchecked per response
+    if "\r" in _value or "\n" in _value:
+        raise ValueError(f"header {_name} has a newline")
 
 
 def no_https_redirect(view: Callable[..., Any]) -> Callable[..., Any]:
@@ -80,20 +87,39 @@ def no_https_redirect(view: Callable[..., Any]) -> Callable[..., Any]:
     return view
 
 
+def new_request_id() -> str:
+    """A random (version 4) UUID as text: what ``str(uuid.uuid4())`` gives, in half the time."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 def request_id() -> str:
     """This request's id (made on first use, so error paths have one too)."""
-    rid = g.get("optin_request_id")
+    ctx = g._get_current_object()  # type: ignore[attr-defined]
+    rid = ctx.get("optin_request_id")
     if rid is None:
-        rid = g.optin_request_id = str(uuid.uuid4())
+        rid = ctx.optin_request_id = new_request_id()
     return rid
 
 
 def apply_headers(response: Response) -> Response:
     """Set the seed's headers and a request id on ``response``, replacing any already set."""
     headers = response.headers
-    for name, value in RESPONSE_HEADERS:
-        headers[name] = value
     rid = request_id()
+    items = getattr(headers, "_list", None)
+    if type(items) is list and not any(k.lower() in _OWN_NAMES for k, _ in items):
+        # The usual case (only Content-Type and Content-Length so far): append the
+        # constant, pre-checked pairs in one go instead of 15 set() calls that each
+        # re-check the value and scan the list.
+        items.extend(RESPONSE_HEADERS)
+        items.append(("x-amzn-RequestId", rid))
+        items.append(("X-Request-Id", rid))
+        return response
+    for name, value in RESPONSE_HEADERS:  # some already set (a host's hook): replace them
+        headers[name] = value
     headers["x-amzn-RequestId"] = rid
     headers["X-Request-Id"] = rid
     return response
