@@ -78,9 +78,13 @@ def loads_object(text: str | bytes, what: str = "Request body") -> dict[str, Any
     return value
 
 
+_SUBMICROSECOND = re.compile(r"[.,]\d{7,}")
+
+
 def format_time(moment: datetime) -> str:
-    """``2026-11-26T12:00:00.123456Z``: UTC, always six fractional digits."""
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """``2026-11-26T12:00:00.123456Z``: UTC, four-digit year, always six fractional digits."""
+    # isoformat pads the year to four digits (strftime's %Y does not, before 1000).
+    return moment.astimezone(timezone.utc).replace(tzinfo=None).isoformat("T", "microseconds") + "Z"
 
 
 class Timestamp(fields.AwareDateTime):
@@ -88,6 +92,13 @@ class Timestamp(fields.AwareDateTime):
 
     def _serialize(self, value: datetime | None, attr: Any, obj: Any, **kwargs: Any) -> str | None:
         return None if value is None else format_time(value)
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> datetime:
+        # Stores keep microseconds: a finer time would be cut silently, and two
+        # events could then share one identity.
+        if isinstance(value, str) and _SUBMICROSECOND.search(value):
+            raise ValidationError("has more than six fractional digits (microseconds)")
+        return super()._deserialize(value, attr, data, **kwargs)
 
 
 def _status(**kwargs: Any) -> fields.String:
