@@ -151,26 +151,45 @@ def _start() -> None:
 
 def _finish(response: Response) -> Response:
     """The API's last word on each of its responses: headers, metrics, the access log."""
-    state = current_app.extensions["optin"]
-    if not state.owns(request):
+    # Each name of flask's (request, current_app, g) is a proxy resolved on every
+    # use: resolve each once.
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    req = request._get_current_object()  # type: ignore[attr-defined]
+    state = app.extensions["optin"]
+    if not state.owns(req):
         return response
     apply_headers(response)
-    seconds = time.perf_counter() - g.get("optin_started", time.perf_counter())
-    route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    if current_app.config["OPTIN_METRICS"]:
-        observe_request(route, request.method, response.status_code, seconds)
-    ACCESS.info(
-        "%s %s %s",
-        request.method,
-        route,
-        response.status_code,
-        extra={
-            "request_id": request_id(),
-            "method": request.method,
-            "route": route,
-            "status": response.status_code,
-            "duration_ms": round(seconds * 1000, 3),
-            "backend": state.backend,
-        },
-    )
+    now = time.perf_counter()
+    seconds = now - g._get_current_object().get("optin_started", now)  # type: ignore[attr-defined]
+    rule = req.url_rule
+    route = rule.rule if rule is not None else "unmatched"
+    method = req.method
+    status = response.status_code
+    if app.config["OPTIN_METRICS"]:
+        observe_request(route, method, status, seconds)
+    if ACCESS.isEnabledFor(logging.INFO):
+        # What ACCESS.info() does, less its walk up the stack to find the caller,
+        # which is always this function.
+        record = ACCESS.makeRecord(
+            ACCESS.name,
+            logging.INFO,
+            __file__,
+            _FINISH_LINE,
+            "%s %s %s",
+            (method, route, status),
+            None,
+            "_finish",
+            {
+                "request_id": request_id(),
+                "method": method,
+                "route": route,
+                "status": status,
+                "duration_ms": round(seconds * 1000, 3),
+                "backend": state.backend,
+            },
+        )
+        ACCESS.handle(record)
     return response
+
+
+_FINISH_LINE = _finish.__code__.co_firstlineno
