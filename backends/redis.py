@@ -130,9 +130,9 @@ _TIMEOUT_OPTIONS = ("socket_timeout", "socket_connect_timeout")
 _SET_SCRIPT = """
 local touch = ARGV[8] == '1'
 local current = redis.call('GET', KEYS[1])
-local cur_status, cur_us
+local cur_status, cur_us, cur_rid
 if current then
-  cur_status, cur_us = string.match(current, '^(%a+):(%-?%d+):')
+  cur_status, cur_us, cur_rid = string.match(current, '^(%a+):(%-?%d+):[^:]*:([^\\n]*)')
   if not cur_status then
     return redis.error_reply('ERR unparsable opt-in state in ' .. KEYS[1])
   end
@@ -164,10 +164,18 @@ if not stored then
   end
   redis.call('ZADD', KEYS[2], ARGV[1], member)
   added = 1
+  -- Precedence: newer; as new and declined over accepted; then the greater request id.
   local replace = not current
   if current then
     local new_us, old_us = tonumber(ARGV[1]), tonumber(cur_us)
-    replace = new_us > old_us or (new_us == old_us and ARGV[4] == '1' and cur_status == 'accepted')
+    local new_declined, old_declined = ARGV[4] == '1', cur_status == 'declined'
+    if new_us ~= old_us then
+      replace = new_us > old_us
+    elseif new_declined ~= old_declined then
+      replace = new_declined
+    else
+      replace = ARGV[7] > cur_rid
+    end
   end
   if replace then
     redis.call('SET', KEYS[1], ARGV[3])
