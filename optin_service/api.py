@@ -15,7 +15,7 @@ from werkzeug.exceptions import NotFound, RequestEntityTooLarge
 from .auth import check_request, client_name
 from .errors import ApiError, register_error_handlers
 from .headers import no_https_redirect, request_id
-from .metrics import CONSENT_CHANGES, exposition, storage_operation
+from .metrics import consent_changed, exposition, storage_operation
 from .schemas import (
     CORRELATION_ID,
     IDEMPOTENCY_KEY,
@@ -96,17 +96,20 @@ def put_optin(correlation_id: str) -> Response:
     record = OptInRecord.now(
         correlation_id, status, request_id(), source or DEFAULT_SOURCE, client_name()
     )
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    state = app.extensions["optin"]
+    metrics_on = app.config["OPTIN_METRICS"]
     try:
-        with _timed("set"):
-            current = store().set(record, idempotency_key=key)
+        with storage_operation(state.backend, "set") if metrics_on else nullcontext():
+            current = state.store.set(record, idempotency_key=key)
     except IdempotencyKeyReused:
         raise ApiError(
             422,
             "Idempotency-Key was already used for this member with a different request",
             "IDEMPOTENCY_KEY_REUSED",
         ) from None
-    if current.request_id == record.request_id and current_app.config["OPTIN_METRICS"]:
-        CONSENT_CHANGES.labels(status).inc()
+    if metrics_on and current.request_id == record.request_id:
+        consent_changed(status)
     return Response(UPDATED_BODY, 200, mimetype="application/json")
 
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -54,26 +53,60 @@ CONSENT_CHANGES = Counter(
 )
 
 
-@contextmanager
-def storage_operation(backend: str, operation: str) -> Iterator[None]:
-    """Time a storage call and count its failure, if any."""
-    started = time.perf_counter()
-    try:
-        yield
-    except StorageUnavailable:
-        STORAGE_ERRORS.labels(backend, operation, "unavailable").inc()
-        raise
-    except StorageError:
-        STORAGE_ERRORS.labels(backend, operation, "error").inc()
-        raise
-    finally:
-        STORAGE_SECONDS.labels(backend, operation).observe(time.perf_counter() - started)
+class storage_operation:
+    """Time a storage call and count its failure, if any (a context manager).
+
+    A class rather than ``@contextmanager`` (no generator per call), with the
+    labelled children looked up once per (backend, operation).
+    """
+
+    __slots__ = ("_backend", "_operation", "_seconds", "_started")
+
+    def __init__(self, backend: str, operation: str) -> None:
+        key = (backend, operation)
+        seconds = _storage_children.get(key)
+        if seconds is None:
+            seconds = _storage_children[key] = STORAGE_SECONDS.labels(backend, operation)
+        self._seconds = seconds
+        self._backend = backend
+        self._operation = operation
+
+    def __enter__(self) -> None:
+        self._started = time.perf_counter()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: object, tb: object) -> None:
+        self._seconds.observe(time.perf_counter() - self._started)
+        if kind is not None and issubclass(kind, StorageError):
+            failure = "unavailable" if issubclass(kind, StorageUnavailable) else "error"
+            STORAGE_ERRORS.labels(self._backend, self._operation, failure).inc()
+
+
+# Labelled children, looked up once: ``labels()`` checks and converts its
+# arguments and takes a lock on every call. Routes are templates, so these stay small.
+_storage_children: dict[tuple[str, str], Any] = {}
+_request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+_consent_children: dict[str, Any] = {}
 
 
 def observe_request(route: str, method: str, status: int, seconds: float) -> None:
     """Count one answered request and its duration."""
-    REQUESTS.labels(route, method, str(status)).inc()
-    REQUEST_SECONDS.labels(route, method).observe(seconds)
+    key = (route, method, status)
+    children = _request_children.get(key)
+    if children is None:
+        children = _request_children[key] = (
+            REQUESTS.labels(route, method, str(status)),
+            REQUEST_SECONDS.labels(route, method),
+        )
+    children[0].inc()
+    children[1].observe(seconds)
+
+
+def consent_changed(status: str) -> None:
+    """Count a PUT that became the member's current state."""
+    child = _consent_children.get(status)
+    if child is None:
+        child = _consent_children[status] = CONSENT_CHANGES.labels(status)
+    child.inc()
 
 
 def exposition() -> tuple[bytes, str]:
