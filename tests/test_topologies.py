@@ -8,11 +8,16 @@ ones (started only if these tests run); anything destructive starts its own in
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import threading
 import time
 import uuid
+from collections import Counter
 from datetime import datetime, timezone
 
 import pytest
+import requests
 
 from backends.redis import (
     MIN_REPLICAS_ENV,
@@ -23,8 +28,8 @@ from backends.redis import (
 from optin_service.registry import store_from_url
 from optin_service.storage import IdempotencyKeyReused, OptInRecord, StorageUnavailable
 from optin_service.testing import StoreContract
-from tests.servers import free_port
-from tests.topologies import slot_of
+from tests.servers import LOOPBACK, Gunicorn, free_port
+from tests.topologies import ClusterTopology, SentinelTopology, slot_of, wait_until
 
 STAMP = datetime(2026, 11, 26, 12, 0, 0, 123456, tzinfo=timezone.utc)
 
@@ -220,17 +225,13 @@ def test_sentinel_writes_reach_the_master_and_its_replica(sentinel_topology, sen
     assert sentinel_store.set(record, idempotency_key="k") == record
     key = sentinel_store.key("member-1")
     with sentinel_topology.master().client() as master:
-        assert master.get(key).startswith("accepted:")
-        master.execute_command("WAIT", 1, 2000)
+        on_master = master.get(key)
+        assert on_master.startswith("accepted:")
+        assert master.execute_command("WAIT", 1, 2000) == 1
     with sentinel_topology.replica().client() as replica:
-        assert replica.get(key) == master_value(sentinel_topology, key)
+        assert replica.get(key) == on_master
         assert replica.zcard(key + ":h") == 1
     sentinel_store.check()
-
-
-def master_value(topology, key: str) -> str | None:
-    with topology.master().client() as master:
-        return master.get(key)
 
 
 @pytest.mark.slow
@@ -255,11 +256,11 @@ def test_sentinel_wait_shortfall_is_unavailable_and_a_retry_with_the_key_is_safe
         assert strict.get("member-1") == record
         # A retry with the same key writes nothing new, and waits again.
         with pytest.raises(StorageUnavailable):
-            strict.set(dataclass_replace(record, request_id="r2"), idempotency_key="k")
-        assert one.set(dataclass_replace(record, request_id="r3"), idempotency_key="k") == record
+            strict.set(dataclasses.replace(record, request_id="r2"), idempotency_key="k")
+        assert one.set(dataclasses.replace(record, request_id="r3"), idempotency_key="k") == record
         assert one.history("member-1", 10) == [record]
         with pytest.raises(IdempotencyKeyReused):  # refused before any waiting
-            strict.set(dataclass_replace(record, status="accepted"), idempotency_key="k")
+            strict.set(dataclasses.replace(record, status="accepted"), idempotency_key="k")
         batch = [OptInRecord(f"member-{i}", "accepted", STAMP) for i in range(2, 6)]
         with pytest.raises(StorageUnavailable):
             strict.import_events(batch)
@@ -268,12 +269,6 @@ def test_sentinel_wait_shortfall_is_unavailable_and_a_retry_with_the_key_is_safe
     finally:
         strict.close()
         _dispose(one)
-
-
-def dataclass_replace(record: OptInRecord, **changes: object) -> OptInRecord:
-    import dataclasses
-
-    return dataclasses.replace(record, **changes)
 
 
 @pytest.mark.slow
@@ -345,3 +340,439 @@ def test_cluster_wait_without_replicas_is_unavailable(cluster_topology, monkeypa
         assert store.count_events() == 21
     finally:
         _dispose(store)
+
+
+# --- failover through gunicorn ----------------------------------------------------------
+
+TIMEOUT = 5.0  # seconds, for every HTTP request
+STATUSES = ("accepted", "declined")
+MAX_GAP = 10.0  # seconds without an acknowledged write, at most
+
+
+class WriteLoad:
+    """Client threads PUTting new members through gunicorn, without pause.
+
+    Each logical write has its own Idempotency-Key and is sent again with it
+    after a 503 or a lost connection, for at most ``retry_for`` seconds. What
+    was acknowledged (200) is kept with the time of the acknowledgement.
+    """
+
+    def __init__(self, base: str, threads: int = 4, retry_for: float = 20.0) -> None:
+        self.base = base
+        self.retry_for = retry_for
+        self.lock = threading.Lock()
+        self.acked: dict[str, str] = {}  # id -> status answered 200
+        self.ack_times: list[float] = []
+        self.given_up: dict[str, str] = {}  # id -> status never acknowledged
+        self.first_failure: dict[str, float] = {}  # id -> first 503 or connection error
+        self.answers: Counter[str] = Counter()
+        self.unexpected: list[str] = []
+        self.stopping = threading.Event()
+        self.threads = [
+            threading.Thread(target=self._writer, args=(tid,), daemon=True)
+            for tid in range(threads)
+        ]
+
+    def start(self) -> WriteLoad:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(timeout=self.retry_for + 15)
+        assert not any(t.is_alive() for t in self.threads), "writers did not stop"
+
+    def _writer(self, tid: int) -> None:
+        try:
+            with requests.Session() as http:
+                for n in range(1_000_000):
+                    if self.stopping.is_set():
+                        return
+                    self.write(http, f"w{tid}-{n}", STATUSES[(tid + n) % 2])
+        except Exception as exc:  # reported by the test, not lost in a thread
+            with self.lock:
+                self.unexpected.append(f"writer {tid}: {exc!r}")
+
+    def write(self, http: requests.Session, cid: str, status: str) -> None:
+        key = uuid.uuid4().hex
+        deadline = time.monotonic() + self.retry_for
+        url = f"{self.base}/client/users/{cid}/profile/optin"
+        for _ in range(5000):
+            if time.monotonic() > deadline:
+                break
+            try:
+                resp = http.put(
+                    url,
+                    json={"LOYALTY_OPTIN": status},
+                    headers={"Idempotency-Key": key},
+                    timeout=TIMEOUT,
+                )
+            except requests.RequestException as exc:
+                with self.lock:
+                    self.answers[type(exc).__name__] += 1
+                    self.first_failure.setdefault(cid, time.monotonic())
+                time.sleep(0.05)
+                continue
+            with self.lock:
+                self.answers[str(resp.status_code)] += 1
+                if resp.status_code == 200:
+                    self.acked[cid] = status
+                    self.ack_times.append(time.monotonic())
+                    return
+                if resp.status_code != 503:
+                    self.unexpected.append(f"PUT {cid}: {resp.status_code} {resp.text[:200]}")
+                    return
+                self.first_failure.setdefault(cid, time.monotonic())
+            time.sleep(0.05)
+        with self.lock:
+            self.given_up[cid] = status
+
+    def acks_after(self, moment: float) -> int:
+        with self.lock:
+            return sum(1 for t in self.ack_times if t > moment)
+
+    def longest_gap(self, start: float, end: float) -> float:
+        """The longest time in [start, end] without an acknowledgement."""
+        with self.lock:
+            times = sorted(t for t in self.ack_times if start <= t <= end)
+        edges = [start, *times, end]
+        return max(b - a for a, b in itertools.pairwise(edges))
+
+
+class Readiness:
+    """Polls /readyz every 0.1 s in a thread, keeping (time, status code)."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.seen: list[tuple[float, int]] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def start(self) -> Readiness:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=15)
+
+    def _poll(self) -> None:
+        with requests.Session() as http:
+            for _ in range(10_000):
+                if self.stopping.is_set():
+                    return
+                try:
+                    code = http.get(f"{self.base}/readyz", timeout=TIMEOUT).status_code
+                except requests.RequestException:
+                    code = 0
+                self.seen.append((time.monotonic(), code))
+                time.sleep(0.1)
+
+    def codes_between(self, start: float, end: float) -> list[int]:
+        return [code for t, code in self.seen if start <= t <= end]
+
+
+def gunicorn_log_tail(server: Gunicorn, chars: int = 4000) -> str:
+    text = server.log()
+    return f"\n--- gunicorn log ---\n{text[-chars:]}\n--- end ---"
+
+
+def wait_ready(server: Gunicorn, timeout: float = 15.0) -> None:
+    def probe() -> bool:
+        return requests.get(f"{server.base}/readyz", timeout=TIMEOUT).status_code == 200
+
+    wait_until("gunicorn ready", probe, timeout=timeout, every=0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.redis_server
+@pytest.mark.parametrize("replicas_acked", [0, 1], ids=["no-wait", "wait-1"])
+@pytest.mark.parametrize("fault", ["sentinel-failover", "sigkill-master"])
+def test_writes_through_gunicorn_survive_a_failover(
+    tmp_path, monkeypatch, record_property, fault, replicas_acked
+):
+    """Writes run without pause through gunicorn while the master changes.
+
+    Writes resume within 10 s; with OPTIN_REDIS_MIN_REPLICAS_ACKED=1 every
+    acknowledged write is readable afterwards; without it, the acknowledged
+    writes lost are counted and reported (not asserted: that is the figure).
+    """
+    monkeypatch.delenv(MIN_REPLICAS_ENV, raising=False)
+    topology = SentinelTopology(tmp_path / "topology")
+    prefix = _unique_prefix()
+    server: Gunicorn | None = None
+    load: WriteLoad | None = None
+    ready: Readiness | None = None
+    try:
+        topology.start()
+        env = {
+            "OPTIN_STORAGE_URL": topology.url(prefix=prefix),
+            MIN_REPLICAS_ENV: str(replicas_acked),
+            "GUNICORN_CMD_ARGS": "",  # an inherited one would override the shipped config
+        }
+        server = Gunicorn(env, workers=2).start(tmp_path / "gunicorn.log")
+        wait_ready(server)
+
+        load = WriteLoad(server.base).start()
+        ready = Readiness(server.base).start()
+        started = time.monotonic()
+        wait_until("writes flowing", lambda: load.acks_after(started) >= 20, timeout=10)
+        time.sleep(1.0)
+
+        old = topology.master_port()
+        fault_at = time.monotonic()
+        if fault == "sentinel-failover":
+            topology.failover()
+        else:
+            topology.node(old).kill()
+        new = topology.wait_for_new_master(old, timeout=20)
+        promoted_at = time.monotonic()
+        if fault == "sigkill-master":
+            # The supervisor brings the node back, as a replica of the master the
+            # Sentinels now name (Sentinel would only turn it into one ~10 s later).
+            topology.node(old).start("--replicaof", LOOPBACK, str(new))
+        wait_until(
+            "writes acknowledged after the fault",
+            lambda: load.acks_after(promoted_at) >= 20,
+            timeout=MAX_GAP + 5,
+            every=0.05,
+        )
+        time.sleep(1.5)
+        load.stop()
+        ended = time.monotonic()
+        ready.stop()
+
+        gap = load.longest_gap(started, ended)
+        first_after = min((t for t in load.ack_times if t > fault_at), default=ended)
+        resumed = first_after - fault_at
+        topology.wait_stable(timeout=20)
+        reader = RedisStore.from_url(topology.url(prefix=prefix, min_replicas_acked=0))
+        try:
+            lost = sorted(
+                cid for cid, status in load.acked.items() if _status(reader, cid) != status
+            )
+            late = sum(1 for cid, status in load.given_up.items() if _status(reader, cid) == status)
+        finally:
+            reader.close()
+
+        summary = (
+            f"{fault} {'WAIT 1' if replicas_acked else 'no WAIT'}: "
+            f"{len(load.acked)} writes acknowledged, {len(lost)} lost; "
+            f"longest gap without an ack {gap:.2f}s, first ack {resumed:.2f}s after the fault, "
+            f"new master after {promoted_at - fault_at:.2f}s; "
+            f"answers {dict(load.answers)}; {len(load.given_up)} given up ({late} applied)"
+        )
+        print(summary)
+        record_property("failover", summary)
+        record_property("lost_acknowledged_writes", len(lost))
+        context = summary + gunicorn_log_tail(server)
+
+        assert not load.unexpected, f"{load.unexpected[:10]}\n{context}"
+        assert len(load.acked) >= 100, f"too little load to mean anything: {context}"
+        assert gap < MAX_GAP, context
+        assert not load.given_up, context
+        if replicas_acked:
+            assert not lost, f"acknowledged with WAIT 1, then lost: {lost[:20]}\n{context}"
+        if fault == "sigkill-master":
+            during = ready.codes_between(fault_at, promoted_at)
+            assert 503 in during, f"/readyz during the outage: {during}\n{context}"
+        assert ready.seen and ready.seen[-1][1] == 200, f"/readyz at the end: {ready.seen[-5:]}"
+    finally:
+        if load is not None:
+            load.stopping.set()
+        if ready is not None:
+            ready.stopping.set()
+        if server is not None:
+            server.stop()
+        topology.stop()
+
+
+def _status(store: RedisStore, cid: str) -> str | None:
+    record = store.get(cid)
+    return None if record is None else record.status
+
+
+# --- Cluster: slots moving under load ----------------------------------------------------
+
+
+class MemberLoad:
+    """Client threads rewriting a fixed set of members through gunicorn, round-robin,
+    and creating new ones, each logical write retried with its Idempotency-Key after a
+    503 or a lost connection (bounded). Keeps, per logical write that failed at least
+    once, how long it took to be acknowledged after its first failure."""
+
+    def __init__(self, base: str, live: list[str], fresh: list[str], threads: int = 4) -> None:
+        self.base = base
+        self.lock = threading.Lock()
+        self.acked: dict[str, list[str]] = {}  # id -> statuses acknowledged, in order
+        self.ack_times: list[float] = []
+        self.failed_for: list[float] = []  # seconds from first failure to the ack
+        self.given_up: list[str] = []
+        self.answers: Counter[str] = Counter()
+        self.unexpected: list[str] = []
+        self.stopping = threading.Event()
+        self.threads = [
+            threading.Thread(
+                target=self._writer, args=(live[tid::threads], fresh[tid::threads]), daemon=True
+            )
+            for tid in range(threads)
+        ]
+
+    def start(self) -> MemberLoad:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(timeout=40)
+        assert not any(t.is_alive() for t in self.threads), "writers did not stop"
+
+    def _writer(self, live: list[str], fresh: list[str]) -> None:
+        try:
+            with requests.Session() as http:
+                for n in range(1_000_000):
+                    if self.stopping.is_set():
+                        return
+                    if n % 3 == 2 and fresh:  # a member never written before
+                        cid = fresh.pop()
+                    else:
+                        cid = live[n % len(live)]
+                    self.write(http, cid, STATUSES[n % 2])
+        except Exception as exc:
+            with self.lock:
+                self.unexpected.append(repr(exc))
+
+    def write(self, http: requests.Session, cid: str, status: str) -> None:
+        key = uuid.uuid4().hex
+        first_failure = None
+        deadline = time.monotonic() + 20
+        url = f"{self.base}/client/users/{cid}/profile/optin"
+        for _ in range(2000):
+            if time.monotonic() > deadline:
+                break
+            try:
+                resp = http.put(
+                    url,
+                    json={"LOYALTY_OPTIN": status},
+                    headers={"Idempotency-Key": key},
+                    timeout=TIMEOUT,
+                )
+                code = str(resp.status_code)
+            except requests.RequestException as exc:
+                resp, code = None, type(exc).__name__
+            now = time.monotonic()
+            with self.lock:
+                self.answers[code] += 1
+                if code == "200":
+                    self.acked.setdefault(cid, []).append(status)
+                    self.ack_times.append(now)
+                    if first_failure is not None:
+                        self.failed_for.append(now - first_failure)
+                    return
+                if resp is not None and code != "503":
+                    self.unexpected.append(f"PUT {cid}: {code} {resp.text[:200]}")
+                    return
+            first_failure = first_failure or now
+            time.sleep(0.05)
+        with self.lock:
+            self.given_up.append(cid)
+
+
+def _ids_in_slots(store: RedisStore, slots: set[int], count: int, tag: str) -> list[str]:
+    found = []
+    for i in range(2_000_000):
+        cid = f"{tag}-{i}"
+        if slot_of(store.key(cid)) in slots:
+            found.append(cid)
+            if len(found) == count:
+                return found
+    raise AssertionError(f"not {count} ids in {len(slots)} slots")
+
+
+@pytest.mark.slow
+@pytest.mark.redis_server
+def test_cluster_reshard_under_load_loses_nothing_and_fails_no_write_for_longer(
+    tmp_path, monkeypatch
+):
+    """``redis-cli --cluster reshard`` moves slots holding live members while writes run
+    through gunicorn: no write fails for longer than the migration, none is lost."""
+    monkeypatch.delenv(MIN_REPLICAS_ENV, raising=False)
+    topology = ClusterTopology(tmp_path / "cluster")
+    prefix = _unique_prefix()
+    server: Gunicorn | None = None
+    load: MemberLoad | None = None
+    moving_count = 1500
+    try:
+        topology.start()
+        url = topology.url(prefix=prefix)
+        source, target = topology.slot_owner(0), topology.slot_owner(16383)
+        # redis-cli moves the source's lowest slots first.
+        moving = set(topology.slots_of(source)[:moving_count])
+        store = RedisStore.from_url(url)
+        try:
+            live = _ids_in_slots(store, moving, 80, "live")
+            fresh = _ids_in_slots(store, moving, 2000, "new")
+            # Ballast in the moving slots, so that the migration takes a while.
+            ballast = _ids_in_slots(store, moving, 6000, "ballast")
+            events = [OptInRecord(cid, "accepted", STAMP) for cid in ballast]
+            assert store.import_events(events) == len(events)
+        finally:
+            store.close()
+
+        env = {"OPTIN_STORAGE_URL": url, MIN_REPLICAS_ENV: "0", "GUNICORN_CMD_ARGS": ""}
+        server = Gunicorn(env, workers=2).start(tmp_path / "gunicorn.log")
+        wait_ready(server)
+        load = MemberLoad(server.base, live, fresh).start()
+        wait_until("writes flowing", lambda: len(load.ack_times) >= 100, timeout=15)
+
+        reshard_started = time.monotonic()
+        took = topology.reshard(source, target, moving_count, timeout=120)
+        reshard_ended = time.monotonic()
+        time.sleep(1.0)
+        load.stop()
+
+        topology.wait_ok()
+        moved = moving & set(topology.slots_of(target))
+        assert moved == moving, f"{len(moving - moved)} slots did not move"
+        during = sum(1 for t in load.ack_times if reshard_started <= t <= reshard_ended)
+        longest_failure = max(load.failed_for, default=0.0)
+
+        reader = RedisStore.from_url(url)
+        try:
+            wrong = []
+            for cid, statuses in load.acked.items():
+                current = reader.get(cid)
+                history = reader.history(cid, 10_000)
+                if current is None or current.status != statuses[-1]:
+                    wrong.append(f"{cid}: acked {statuses[-1]} last, reads {current}")
+                elif len(history) < len(statuses):
+                    wrong.append(f"{cid}: {len(statuses)} writes acked, {len(history)} events")
+            ballast_events = sum(1 for cid in ballast[:200] if reader.get(cid) is not None)
+        finally:
+            reader.close()
+
+        summary = (
+            f"reshard of {moving_count} slots ({len(ballast)} ballast members) took {took:.2f}s; "
+            f"{len(load.ack_times)} writes acknowledged, {during} during the migration, "
+            f"on {len(load.acked)} members; longest time a write kept failing "
+            f"{longest_failure:.2f}s ({len(load.failed_for)} writes failed at least once); "
+            f"answers {dict(load.answers)}; {len(wrong)} wrong reads"
+        )
+        print(summary)
+        context = summary + gunicorn_log_tail(server)
+        assert not load.unexpected, f"{load.unexpected[:10]}\n{context}"
+        assert not load.given_up, context
+        assert during >= 20, f"too few writes during the migration: {context}"
+        assert longest_failure < took, context
+        assert not wrong, f"{wrong[:20]}\n{context}"
+        assert ballast_events == 200, context
+    finally:
+        if load is not None:
+            load.stopping.set()
+        if server is not None:
+            server.stop()
+        topology.stop()

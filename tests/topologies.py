@@ -129,7 +129,14 @@ class RedisProcess:
 
 def _data_node_args() -> list[str]:
     # AOF with fsync on every write: the same durability as tests.servers.RedisServer.
-    return ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
+    # A replica's full sync starts at once (the default waits 5 s for more replicas
+    # to share one transfer; the README says what that means after a failover).
+    return [
+        "--save", "",
+        "--appendonly", "yes",
+        "--appendfsync", "always",
+        "--repl-diskless-sync-delay", "0",
+    ]  # fmt: skip
 
 
 class SentinelTopology:
