@@ -189,9 +189,9 @@ class SQLiteStore(OptInStore):
 
     def set(self, record: OptInRecord, *, idempotency_key: str | None = None) -> OptInRecord:
         cid = record.correlation_id
-        now_us = _now_us()
         with self._transaction() as conn:
             if idempotency_key is not None:
+                now_us = _now_us()
                 since = now_us - IDEMPOTENCY_TTL // timedelta(microseconds=1)
                 seen = conn.execute(_KEY_SELECT, (cid, idempotency_key, since)).fetchone()
                 if seen is not None:
@@ -204,7 +204,9 @@ class SQLiteStore(OptInStore):
                     conn.execute(_KEY_PRUNE, (since,))
             row = _row(record)
             if conn.execute(_INSERT_EVENT, row).rowcount:
-                conn.execute(_APPLY_CURRENT, row[:3])
+                if conn.execute(_APPLY_CURRENT, row[:3]).rowcount:
+                    # The state was just copied from this very event: it is ``record``.
+                    return record
             return _record(conn.execute(_SELECT, (cid,)).fetchone())
 
     def history(
