@@ -10,8 +10,9 @@ one Cluster slot and one Lua call can change them together:
   with that key, expiring after 24 hours.
 
 The caller (``client``) of an event, when there is one, follows a newline in
-both the current state and the history member; a history member also gets
-``\n<µs>`` when the same words were already stored at another time. ``}`` and
+both the current state and the history member (its own backslashes and
+newlines escaped as ``\\\\`` and ``\\n``); a history member also gets
+``\\n<µs>`` when the same words were already stored at another time. ``}`` and
 ``%`` in an id (the API accepts neither) are escaped as ``%7D`` and ``%25``.
 
 Every write is one Lua script: the event, the current state and the
@@ -550,6 +551,7 @@ class RedisClusterStore(RedisStore):
         self._factory = factory
         self._lock = threading.Lock()
         self._client: RedisCluster | None = None
+        self._script_on: set[str] = set()  # nodes known to hold the script
 
     @classmethod
     def from_url(cls, url: str) -> RedisClusterStore:
@@ -600,6 +602,7 @@ class RedisClusterStore(RedisStore):
                     except _DRIVER_ERRORS as exc:
                         raise StorageUnavailable(f"redis cluster: {exc}") from exc
                     self._set_script = built.register_script(_SET_SCRIPT)
+                    self._script_on = set()
                     self._client = built
                 client = self._client
         return client
@@ -641,6 +644,9 @@ class RedisClusterStore(RedisStore):
             again, pause = [], False
             for node, indexes in groups.values():
                 node_client = client.get_redis_connection(node)
+                if node.name not in self._script_on:  # else a first batch is all NOSCRIPT
+                    node_client.script_load(_SET_SCRIPT)
+                    self._script_on.add(node.name)
                 pipe = node_client.pipeline(transaction=False)
                 for i in indexes:
                     keys, args = calls[i]
@@ -670,7 +676,7 @@ class RedisClusterStore(RedisStore):
                             _refresh(client)
                         else:
                             asking[i] = target
-                    elif isinstance(reply, NoScriptError):
+                    elif isinstance(reply, NoScriptError):  # a restarted or new node
                         node_client.script_load(_SET_SCRIPT)
                     elif isinstance(reply, TryAgainError | ClusterDownError):
                         pause = True
@@ -857,9 +863,10 @@ def _retry() -> Retry:
 
 def _args(record: OptInRecord, *, touch: bool = False) -> list[object]:
     us = record.updated_at_us
-    # The caller (client) follows a newline, which no other part can hold; an
-    # event without one is stored exactly as before clients were recorded.
-    client = f"\n{record.client}" if record.client else ""
+    # The caller (client) follows a newline, which no other part can hold (the
+    # client's own newlines and backslashes are escaped); an event without one
+    # is stored exactly as before clients were recorded.
+    client = f"\n{_escape_client(record.client)}" if record.client else ""
     args: list[object] = [
         us,
         f"{record.request_id} {record.status} {record.source}{client}",
@@ -876,6 +883,7 @@ def _args(record: OptInRecord, *, touch: bool = False) -> list[object]:
 
 def _current(correlation_id: str, raw: bytes) -> OptInRecord:
     text, _, client = raw.decode().partition("\n")
+    client = _unescape_client(client)
     status, us, source, request_id = text.split(":", 3)
     return OptInRecord.from_us(correlation_id, status, int(us), request_id, source, client)  # type: ignore[arg-type]
 
@@ -884,9 +892,22 @@ def _event(correlation_id: str, member: bytes, us: int) -> OptInRecord:
     # "<request id> <status> <source>[\n<client>[\n<µs>]]": the µs only when the
     # same words were already stored at another time.
     text, _, rest = member.decode().partition("\n")
-    client = rest.split("\n", 1)[0]
+    client = _unescape_client(rest.split("\n", 1)[0])
     request_id, status, source = text.rsplit(" ", 2)
     return OptInRecord.from_us(correlation_id, status, us, request_id, source, client)  # type: ignore[arg-type]
+
+
+_CLIENT_UNESCAPES = re.compile(r"\\([\\n])")
+
+
+def _escape_client(client: str) -> str:
+    return client.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _unescape_client(escaped: str) -> str:
+    if "\\" not in escaped:
+        return escaped
+    return _CLIENT_UNESCAPES.sub(lambda m: "\n" if m[1] == "n" else "\\", escaped)
 
 
 _ESCAPES = {"%": "%25", "}": "%7D"}
