@@ -776,3 +776,89 @@ def test_cluster_reshard_under_load_loses_nothing_and_fails_no_write_for_longer(
         if server is not None:
             server.stop()
         topology.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.redis_server
+def test_cluster_with_replicas_waits_for_them_while_slots_move(tmp_path, monkeypatch):
+    """min_replicas_acked on a cluster with a replica per master: each write is
+    followed by WAIT on its own node's connection, through MOVED and ASK while
+    ``redis-cli --cluster reshard`` moves the slots being written."""
+    monkeypatch.delenv(MIN_REPLICAS_ENV, raising=False)
+    topology = ClusterTopology(tmp_path / "cluster", replicas=1)
+    try:
+        topology.start()
+        url = topology.url(prefix=_unique_prefix(), min_replicas_acked=1, wait_timeout_ms=1000)
+        store = RedisStore.from_url(url)
+        source, target = topology.slot_owner(0), topology.slot_owner(16383)
+        moving = set(topology.slots_of(source)[:500])
+        members = _ids_in_slots(store, moving, 40, "live")
+        ballast = _ids_in_slots(store, moving, 3000, "ballast")
+        assert store.import_events([OptInRecord(c, "accepted", STAMP) for c in ballast]) == 3000
+
+        lock = threading.Lock()
+        acked: dict[str, OptInRecord] = {}
+        failing_for: list[float] = []
+        problems: list[str] = []
+        stopping = threading.Event()
+
+        def writer(mine: list[str]) -> None:
+            try:
+                for n in range(100_000):
+                    if stopping.is_set():
+                        return
+                    cid = mine[n % len(mine)]
+                    record = OptInRecord.now(cid, STATUSES[n % 2], uuid.uuid4().hex)
+                    first_failure = None
+                    for _ in range(200):  # the same key again after a 503, bounded
+                        try:
+                            store.set(record, idempotency_key=record.request_id)
+                        except StorageUnavailable:
+                            first_failure = first_failure or time.monotonic()
+                            time.sleep(0.05)
+                            continue
+                        with lock:
+                            acked[cid] = record
+                            if first_failure is not None:
+                                failing_for.append(time.monotonic() - first_failure)
+                        break
+                    else:
+                        with lock:
+                            problems.append(f"{cid}: never acknowledged")
+            except Exception as exc:
+                with lock:
+                    problems.append(repr(exc))
+
+        threads = [
+            threading.Thread(target=writer, args=(members[i::4],), daemon=True) for i in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            wait_until("writes flowing", lambda: len(acked) >= 20, timeout=10)
+            took = topology.reshard(source, target, len(moving), timeout=120)
+            time.sleep(0.5)
+        finally:
+            stopping.set()
+            for thread in threads:
+                thread.join(timeout=30)
+        assert not problems, problems[:10]
+        assert max(failing_for, default=0.0) < took, (failing_for, took)
+        assert moving <= set(topology.slots_of(target))
+        for cid, record in acked.items():
+            assert store.get(cid) == record
+            # On the replica of the master that now owns it, too.
+            owner = topology.node_by_id(topology.slot_owner(slot_of(store.key(cid))))
+            with owner.client() as c:
+                replicas = c.execute_command("ROLE")[2]
+            with topology.node_at(int(replicas[0][1])).client() as replica:
+                replica.execute_command("READONLY")
+                assert replica.get(store.key(cid)).startswith(record.status)
+        print(
+            f"cluster with replicas, WAIT 1: reshard of {len(moving)} slots took {took:.2f}s; "
+            f"{len(acked)} members written, {len(failing_for)} writes answered 503 first, "
+            f"longest {max(failing_for, default=0.0):.2f}s"
+        )
+        store.close()
+    finally:
+        topology.stop()

@@ -433,7 +433,9 @@ class ClusterTopology:
         ]
 
     def node_by_id(self, node_id: str) -> RedisProcess:
-        port = self.master_ids()[node_id]
+        return self.node_at(self.master_ids()[node_id])
+
+    def node_at(self, port: int) -> RedisProcess:
         return next(n for n in self.nodes if n.port == port)
 
     def reshard(self, source: str, target: str, slots: int, timeout: float = 120) -> float:
