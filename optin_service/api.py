@@ -88,9 +88,15 @@ def _header(name: str, pattern: re.Pattern[str], rule: str) -> str | None:
 def put_optin(correlation_id: str) -> Response:
     """Record the member's answer as a new event; the body is the seed's, byte for byte."""
     correlation_id = _checked_id(correlation_id)
-    source = _header("X-Consent-Source", SOURCE, "1 to 32 characters of A-Z a-z 0-9 _ -")
-    key = _header("Idempotency-Key", IDEMPOTENCY_KEY, "1 to 255 printable ASCII characters")
-    if request.mimetype != "application/json":
+    # Most PUTs carry neither optional header: look for each in the WSGI environ
+    # (where request.headers reads it from) before the header lookup proper.
+    environ = request.environ
+    source = key = None
+    if "HTTP_X_CONSENT_SOURCE" in environ:
+        source = _header("X-Consent-Source", SOURCE, "1 to 32 characters of A-Z a-z 0-9 _ -")
+    if "HTTP_IDEMPOTENCY_KEY" in environ:
+        key = _header("Idempotency-Key", IDEMPOTENCY_KEY, "1 to 255 printable ASCII characters")
+    if environ.get("CONTENT_TYPE") != "application/json" and request.mimetype != "application/json":
         raise ApiError(415, "Content-Type must be application/json")
     status = load_optin_status(_body())
     record = OptInRecord.now(
