@@ -10,13 +10,16 @@ config: ``gunicorn -c gunicorn.conf.py <module>:app``, bound to a free port on
 127.0.0.1, sync workers, stderr (the app's JSON access log) redirected to a file
 as in production. The reference is ``bench/reference_app.py`` (the same PUT into
 a dict, in plain Flask). Each service configuration is paired with a reference
-of the same worker count, and the pair runs reference first, service second,
-then the next pair: A B A B ..., round after round, so drift of this shared
-machine hits both sides of each ratio. Each run gets a fresh server, a warm-up,
-then ``wrk`` with ``bench/put.lua`` (PUTs of random member ids).
+of the same worker count: both are started fresh (empty storage), warmed up,
+then loaded by ``wrk`` with ``bench/put.lua`` (PUTs of random member ids) in
+alternating slices, reference then service, ``--slice`` seconds each (A B A B
+...), until each has had ``--duration`` seconds. On this shared 2-core machine
+the load from other processes moves within seconds: slicing makes that drift
+hit both sides of each ratio alike. Rounds repeat every pair.
 
-It prints requests/s, p50 and p99 latency, RSS per worker and each one's ratio
-to the paired reference, per round and summed up (median, min, max over the
+It prints requests/s, p50 and p99 latency (the median of the per-slice
+percentiles), RSS per worker after the load, the workers' CPU time per request,
+and each one's ratio to the paired reference, per round and summed up (median, min, max over the
 rounds), and writes the same to ``bench/results/load.json`` (and a timestamped
 copy). The exit code is 0 whether or not targets are met: the table says.
 """
@@ -97,7 +100,7 @@ CONFIGS: dict[str, Config] = {
             target=0.80,
             note="local redis-server, AOF off",
         ),
-        # Not in the default run: what the metrics cost (OPTIN_METRICS=false).
+        # Not in the default run: what the metrics and the access log cost.
         Config(
             "memory-nometrics",
             SERVICE_APP,
@@ -105,6 +108,21 @@ CONFIGS: dict[str, Config] = {
             "memory://",
             env=(("OPTIN_METRICS", "false"),),
             note="OPTIN_METRICS=false",
+        ),
+        Config(
+            "memory-nolog",
+            "bench.service_variants:nolog",
+            1,
+            "memory://",
+            note="no access log line",
+        ),
+        Config(
+            "memory-bare",
+            "bench.service_variants:nolog",
+            1,
+            "memory://",
+            env=(("OPTIN_METRICS", "false"),),
+            note="no access log, OPTIN_METRICS=false",
         ),
     )
 }
@@ -149,6 +167,18 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for {pid}")
+
+
+CLOCK_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes so far."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLOCK_TICK
 
 
 def run_wrk(port: int, threads: int, connections: int, seconds: int) -> dict:
@@ -252,32 +282,73 @@ def redis_server(workdir: Path):
         proc.wait(timeout=10)
 
 
-def measure(config: Config, args, workdir: Path, redis_port, redis_client, tag: str) -> dict:
+def reset_storage(config: Config, workdir: Path, redis_client) -> None:
+    """Each server starts on empty storage."""
     if config.storage and config.storage.startswith("redis"):
         redis_client.flushall()
     for name in ("full.db", "normal.db"):
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 (workdir / (name + suffix)).unlink()
-    with Server(config, workdir, redis_port, tag) as server:
-        assert server.proc is not None
+
+
+def measure_pair(
+    configs: tuple[Config, Config], args, workdir: Path, redis_port, redis_client, tag: str
+) -> list[dict]:
+    """The reference and a service, both started fresh and warmed up, then loaded in
+    alternating slices (A B A B ...) of ``--slice`` seconds until each had
+    ``--duration`` seconds: drift of the machine within the pair hits both."""
+    for config in configs:
+        reset_storage(config, workdir, redis_client)
+    with contextlib.ExitStack() as stack:
+        servers = [
+            stack.enter_context(Server(c, workdir, redis_port, f"{tag}-{c.name}")) for c in configs
+        ]
+        pids = [worker_pids(s.proc.pid) for s in servers]  # type: ignore[union-attr]
         if args.warmup > 0:
-            run_wrk(server.port, args.threads, args.connections, args.warmup)
-        load_before = os.getloadavg()[0]
-        result = run_wrk(server.port, args.threads, args.connections, args.duration)
-        pids = worker_pids(server.proc.pid)
-        rss = [rss_mib(pid) for pid in pids]
-    log_bytes = server.log_path.stat().st_size
-    server.log_path.unlink()
-    result.update(
-        config=config.name,
-        workers=config.workers,
-        rss_mib=statistics.mean(rss),
-        rss_mib_each=rss,
-        load_before=load_before,
-        stderr_bytes=log_bytes,
-    )
-    return result
+            for server in servers:
+                run_wrk(server.port, args.threads, args.connections, args.warmup)
+        slices: list[list[dict]] = [[], []]
+        cpu = [0.0, 0.0]
+        loads = [os.getloadavg()[0]]
+        n_slices = max(1, round(args.duration / args.slice))
+        for _ in range(n_slices):
+            for i, server in enumerate(servers):
+                before = cpu_seconds(pids[i])
+                slices[i].append(run_wrk(server.port, args.threads, args.connections, args.slice))
+                cpu[i] += cpu_seconds(pids[i]) - before
+            loads.append(os.getloadavg()[0])
+        rss = [[rss_mib(pid) for pid in each] for each in pids]
+    results = []
+    for i, (config, server) in enumerate(zip(configs, servers, strict=True)):
+        log_bytes = server.log_path.stat().st_size
+        server.log_path.unlink()
+        requests = sum(x["requests"] for x in slices[i])
+        seconds = sum(x["duration_us"] for x in slices[i]) / 1e6
+        results.append(
+            {
+                "config": config.name,
+                "workers": config.workers,
+                "requests": requests,
+                "seconds": seconds,
+                "rps": requests / seconds,
+                # Per-slice percentiles, their median over the slices.
+                "latency_us": {
+                    q: statistics.median(x["latency_us"][q] for x in slices[i])
+                    for q in ("p50", "p90", "p99")
+                },
+                "errors": {
+                    k: sum(x["errors"][k] for x in slices[i]) for k in slices[i][0]["errors"]
+                },
+                "cpu_us_per_request": cpu[i] / max(requests, 1) * 1e6,
+                "rss_mib": statistics.mean(rss[i]),
+                "rss_mib_each": rss[i],
+                "load": statistics.mean(loads),
+                "stderr_bytes": log_bytes,
+                "slices": slices[i],
+            }
+        )
+    return results
 
 
 def ratio(a: float, b: float) -> float:
@@ -290,9 +361,10 @@ def summarize(pairs: list[dict]) -> list[dict]:
     for name in dict.fromkeys(p["config"] for p in pairs):
         rows = [p for p in pairs if p["config"] == name]
         row = {"config": name, "workers": rows[0]["workers"], "rounds": len(rows)}
-        for key in ("rps", "p50_ms", "p99_ms", "rss_mib", "ref_rps", "ref_p99_ms", "ref_rss_mib"):
+        medians = ("rps", "p50_ms", "p99_ms", "rss_mib", "cpu_us")
+        for key in (*medians, *("ref_" + k for k in medians)):
             row[key] = statistics.median(r[key] for r in rows)
-        for key in ("rps_ratio", "p99_ratio", "rss_ratio"):
+        for key in ("rps_ratio", "p99_ratio", "rss_ratio", "cpu_ratio"):
             values = [r[key] for r in rows]
             row[key] = statistics.median(values)
             row[key + "_min"] = min(values)
@@ -325,6 +397,9 @@ def pair_row(config: Config, ref: dict, svc: dict, round_no: int) -> dict:
         "rps_ratio": ratio(svc["rps"], ref["rps"]),
         "p99_ratio": ratio(svc["latency_us"]["p99"], ref["latency_us"]["p99"]),
         "rss_ratio": ratio(svc["rss_mib"], ref["rss_mib"]),
+        "cpu_us": svc["cpu_us_per_request"],
+        "ref_cpu_us": ref["cpu_us_per_request"],
+        "cpu_ratio": ratio(svc["cpu_us_per_request"], ref["cpu_us_per_request"]),
         "errors": svc["errors"],
         "ref_errors": ref["errors"],
     }
@@ -334,7 +409,8 @@ def print_rounds(pairs: list[dict]) -> None:
     head = (
         f"{'round':>5} {'config':<16} {'w':>1} {'ref req/s':>9} {'req/s':>7} {'ratio':>6} "
         f"{'ref p50':>7} {'p50':>6} {'ref p99':>7} {'p99':>6} {'p99 x':>6} "
-        f"{'ref RSS':>7} {'RSS':>6} {'RSS x':>6} {'errors':>6}"
+        f"{'ref RSS':>7} {'RSS':>6} {'RSS x':>6} "
+        f"{'ref CPU':>7} {'CPU':>5} {'CPU x':>5} {'errors':>6}"
     )
     print(head)
     for p in pairs:
@@ -343,7 +419,8 @@ def print_rounds(pairs: list[dict]) -> None:
             f"{p['round']:>5} {p['config']:<16} {p['workers']:>1} {p['ref_rps']:>9.0f} "
             f"{p['rps']:>7.0f} {p['rps_ratio']:>6.3f} {p['ref_p50_ms']:>7.2f} {p['p50_ms']:>6.2f} "
             f"{p['ref_p99_ms']:>7.2f} {p['p99_ms']:>6.2f} {p['p99_ratio']:>6.2f} "
-            f"{p['ref_rss_mib']:>7.1f} {p['rss_mib']:>6.1f} {p['rss_ratio']:>6.2f} {errors:>6}"
+            f"{p['ref_rss_mib']:>7.1f} {p['rss_mib']:>6.1f} {p['rss_ratio']:>6.2f} "
+            f"{p['ref_cpu_us']:>7.0f} {p['cpu_us']:>5.0f} {p['cpu_ratio']:>5.2f} {errors:>6}"
         )
 
 
@@ -355,8 +432,9 @@ def markdown_table(summary: list[dict]) -> str:
 
     lines = [
         "| Service (workers) | req/s (ref) | req/s ratio [min, max] | target | "
-        "p99 ms (ref) | p99 ratio [min, max] | RSS/worker MiB (ref) | RSS ratio [min, max] |",
-        "|---|---|---|---|---|---|---|---|",
+        "p99 ms (ref) | p99 ratio [min, max] | RSS/worker MiB (ref) | RSS ratio [min, max] | "
+        "CPU µs/req (ref) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary:
         met = r["met"]
@@ -368,7 +446,7 @@ def markdown_table(summary: list[dict]) -> str:
             f"{r['p99_ratio']:.2f} [{r['p99_ratio_min']:.2f}, {r['p99_ratio_max']:.2f}]"
             f"{mark(met['p99'])} | {r['rss_mib']:.1f} ({r['ref_rss_mib']:.1f}) | "
             f"{r['rss_ratio']:.2f} [{r['rss_ratio_min']:.2f}, {r['rss_ratio_max']:.2f}]"
-            f"{mark(met['rss'])} |"
+            f"{mark(met['rss'])} | {r['cpu_us']:.0f} ({r['ref_cpu_us']:.0f}) |"
         )
     return "\n".join(lines)
 
@@ -387,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=10, help="seconds of load per run")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of load before each")
+    parser.add_argument(
+        "--slice", type=int, default=2, help="seconds per slice: A and B alternate by slice"
+    )
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (-t)")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections (-c)")
     parser.add_argument(
@@ -412,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         "hiredis": has_hiredis,
         "wrk": f"-t{args.threads} -c{args.connections} -d{args.duration}s -s bench/put.lua",
         "warmup_s": args.warmup,
+        "slice_s": args.slice,
         "rounds": args.rounds,
         "worker_class": "sync",
         **git_state(),
@@ -433,18 +515,25 @@ def main(argv: list[str] | None = None) -> int:
             for round_no in range(1, args.rounds + 1):
                 for config in chosen:
                     ref_config = reference(config.workers)
-                    done = []
-                    for c in (ref_config, config):  # A, then B
-                        tag = f"r{round_no}-{c.name}"
-                        result = measure(c, args, workdir, redis_port, redis_client, tag)
+                    done = measure_pair(
+                        (ref_config, config),
+                        args,
+                        workdir,
+                        redis_port,
+                        redis_client,
+                        f"r{round_no}",
+                    )
+                    for result in done:
                         result["round"] = round_no
                         runs.append(result)
-                        done.append(result)
                         print(
-                            f"  round {round_no} {c.name:<16} {result['rps']:7.0f} req/s  "
+                            f"  round {round_no} {result['config']:<16} "
+                            f"{result['rps']:7.0f} req/s  "
                             f"p50 {result['latency_us']['p50'] / 1000:6.2f} ms  "
                             f"p99 {result['latency_us']['p99'] / 1000:6.2f} ms  "
-                            f"RSS {result['rss_mib']:5.1f} MiB  load {result['load_before']:.1f}",
+                            f"RSS {result['rss_mib']:5.1f} MiB  "
+                            f"CPU {result['cpu_us_per_request']:4.0f} µs/req  "
+                            f"load {result['load']:.1f}",
                             flush=True,
                         )
                     pairs.append(pair_row(config, done[0], done[1], round_no))
