@@ -433,12 +433,12 @@ class WriteLoad:
         with self.lock:
             return sum(1 for t in self.ack_times if t > moment)
 
-    def longest_gap(self, start: float, end: float) -> float:
-        """The longest time in [start, end] without an acknowledgement."""
+    def longest_gap(self, start: float, end: float) -> tuple[float, float]:
+        """The longest time in [start, end] without an acknowledgement: (length, start)."""
         with self.lock:
             times = sorted(t for t in self.ack_times if start <= t <= end)
         edges = [start, *times, end]
-        return max(b - a for a, b in itertools.pairwise(edges))
+        return max((b - a, a) for a, b in itertools.pairwise(edges))
 
 
 class Readiness:
@@ -544,9 +544,7 @@ def test_writes_through_gunicorn_survive_a_failover(
         ended = time.monotonic()
         ready.stop()
 
-        gap = load.longest_gap(started, ended)
-        first_after = min((t for t in load.ack_times if t > fault_at), default=ended)
-        resumed = first_after - fault_at
+        gap, gap_start = load.longest_gap(started, ended)
         topology.wait_stable(timeout=20)
         reader = RedisStore.from_url(topology.url(prefix=prefix, min_replicas_acked=0))
         try:
@@ -560,7 +558,8 @@ def test_writes_through_gunicorn_survive_a_failover(
         summary = (
             f"{fault} {'WAIT 1' if replicas_acked else 'no WAIT'}: "
             f"{len(load.acked)} writes acknowledged, {len(lost)} lost; "
-            f"longest gap without an ack {gap:.2f}s, first ack {resumed:.2f}s after the fault, "
+            f"longest gap without an ack {gap:.2f}s (from {gap_start - fault_at:+.2f}s "
+            f"to {gap_start + gap - fault_at:+.2f}s after the fault), "
             f"new master after {promoted_at - fault_at:.2f}s; "
             f"answers {dict(load.answers)}; {len(load.given_up)} given up ({late} applied)"
         )
