@@ -50,6 +50,9 @@ OPTIN_RATE_LIMIT_STORAGE_URL: str = "memory://"
 #: Proxies in front whose ``X-Forwarded-For``/``-Proto`` are trusted (hops; standalone only).
 OPTIN_TRUSTED_PROXIES: int = 0
 
+# Backend settings read by the backend itself, from its URL or the environment
+# (not Flask config): OPTIN_REDIS_MIN_REPLICAS_ACKED (see backends/redis.py).
+
 DEFAULTS: dict[str, Any] = {
     name: value for name, value in globals().items() if name.startswith("OPTIN_")
 }
