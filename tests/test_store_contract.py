@@ -6,16 +6,22 @@ import os
 import sqlite3
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import fakeredis
 import pytest
 import redis
 
+import backends.sqlite
 from backends.memory import MemoryStore
 from backends.redis import RedisStore
 from backends.sqlite import SQLiteStore
-from optin_service.storage import OptInRecord, StorageError, StorageUnavailable
+from optin_service.storage import (
+    IdempotencyKeyReused,
+    OptInRecord,
+    StorageError,
+    StorageUnavailable,
+)
 from optin_service.testing import StoreContract
 from tests.servers import free_port
 
@@ -40,18 +46,7 @@ def _redis(request, tmp_path):
     return RedisStore.from_url(f"{server.url}?prefix=t-{uuid.uuid4().hex}:")
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(_memory, id="memory"),
-        pytest.param(_sqlite, id="sqlite"),
-        pytest.param(_fakeredis, id="fakeredis"),
-        pytest.param(_redis, id="redis", marks=pytest.mark.redis_server),
-    ]
-)
-def store(request, tmp_path):
-    """A fresh, empty store on each backend; closed (and its Redis keys removed) afterwards."""
-    store = request.param(request, tmp_path)
-    yield store
+def _dispose(store):
     store.close()
     if isinstance(store, RedisStore):
         if not isinstance(store.client, fakeredis.FakeRedis):
@@ -59,6 +54,30 @@ def store(request, tmp_path):
             if keys:
                 store.client.delete(*keys)
         store.client.close()
+
+
+_REDIS_PARAMS = [
+    pytest.param(_fakeredis, id="fakeredis"),
+    pytest.param(_redis, id="redis", marks=pytest.mark.redis_server),
+]
+
+
+@pytest.fixture(
+    params=[pytest.param(_memory, id="memory"), pytest.param(_sqlite, id="sqlite"), *_REDIS_PARAMS]
+)
+def store(request, tmp_path):
+    """A fresh, empty store on each backend; closed (and its Redis keys removed) afterwards."""
+    store = request.param(request, tmp_path)
+    yield store
+    _dispose(store)
+
+
+@pytest.fixture(params=_REDIS_PARAMS)
+def redis_store(request, tmp_path):
+    """A fresh, empty RedisStore on fakeredis and on a real redis-server."""
+    store = request.param(request, tmp_path)
+    yield store
+    _dispose(store)
 
 
 class TestStoreContract(StoreContract):
@@ -214,10 +233,85 @@ def test_sqlite_store_used_after_fork_opens_its_own_connection(sqlite_url):
         assert os.waitstatus_to_exitcode(status) == 0
         assert store._connection() is parent_conn
         assert store.get("child") == OptInRecord("child", "declined", STAMP)
-        store.set(OptInRecord("parent", "declined", STAMP))
-        assert store.get("parent") == OptInRecord("parent", "declined", STAMP)
+        later = OptInRecord("parent", "declined", STAMP + timedelta(seconds=1))
+        store.set(later)
+        assert store.get("parent") == later
+        assert store.count_events() == 3
     finally:
         store.close()
+
+
+@pytest.fixture
+def sqlite_store(sqlite_url):
+    store = SQLiteStore.from_url(sqlite_url)
+    yield store
+    store.close()
+
+
+def _break_apply_current(monkeypatch, store, tmp_path):
+    # The second statement of a write (the current state) becomes invalid SQL.
+    monkeypatch.setattr(backends.sqlite, "_APPLY_CURRENT", "UPDATE optin SET nonsense")
+
+
+def _drop_current_table(monkeypatch, store, tmp_path):
+    # The current-state table vanishes under the store: its write fails.
+    store.get("anyone")  # open the store's connection first
+    raw = sqlite3.connect(tmp_path / "optin.db")
+    try:
+        raw.execute("DROP TABLE optin")
+        raw.commit()
+    finally:
+        raw.close()
+
+
+@pytest.mark.parametrize("breakage", [_break_apply_current, _drop_current_table])
+def test_sqlite_a_write_failing_halfway_stores_no_event(
+    breakage, sqlite_store, monkeypatch, tmp_path
+):
+    store = sqlite_store
+    first = OptInRecord("member-1", "accepted", STAMP, "r1")
+    store.set(first)
+    breakage(monkeypatch, store, tmp_path)
+    newer = OptInRecord("member-1", "declined", STAMP + timedelta(seconds=1), "r2")
+    with pytest.raises(StorageError):
+        store.set(newer, idempotency_key="key-1")
+    with pytest.raises(StorageError):
+        store.set(OptInRecord("member-2", "declined", STAMP, "r3"))
+    with pytest.raises(StorageError):
+        store.import_events([newer, OptInRecord("member-3", "accepted", STAMP, "r4")])
+    assert store.history("member-1", 10) == [first]
+    assert store.history("member-2", 10) == []
+    assert store.history("member-3", 10) == []
+    assert store.count_events() == 1
+    assert list(store.events()) == [first]
+    # Nor was the idempotency key kept: once repaired, the key is free for another answer.
+    monkeypatch.undo()
+    store.close()  # reopening recreates a dropped table
+    other = OptInRecord("member-1", "accepted", STAMP + timedelta(seconds=2), "r5")
+    assert store.set(other, idempotency_key="key-1") == other
+    assert store.count_events() == 2
+
+
+def test_sqlite_a_refused_or_replayed_key_writes_nothing(sqlite_store, tmp_path):
+    store = sqlite_store
+    first = OptInRecord("member-1", "accepted", STAMP, "r1")
+    store.set(first, idempotency_key="key-1")
+    store.close()
+    raw = sqlite3.connect(tmp_path / "optin.db")
+    try:
+        tables = ("optin", "optin_event", "optin_idempotency")
+
+        def dump():
+            return {t: raw.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in tables}
+
+        before = dump()
+        assert len(before["optin_idempotency"]) == 1
+        with pytest.raises(IdempotencyKeyReused):
+            store.set(OptInRecord("member-1", "declined", STAMP, "r2"), idempotency_key="key-1")
+        assert store.set(OptInRecord("member-1", "accepted", STAMP, "r3"), idempotency_key="key-1")
+        assert dump() == before
+    finally:
+        raw.close()
 
 
 # --- redis -----------------------------------------------------------------------
@@ -230,16 +324,53 @@ def raw_redis(redis_server):
     client.close()
 
 
+def _member_keys(raw, prefix, cid):
+    return list(raw.scan_iter(match=f"{prefix}{{{cid}}}*"))
+
+
 @pytest.mark.redis_server
 def test_redis_default_key_layout_is_prefix_and_hash_tag(redis_server, raw_redis):
     cid = f"member-{uuid.uuid4().hex}"
+    key = f"optin:{{{cid}}}"
     store = RedisStore.from_url(redis_server.url)
     try:
-        record = store.set(OptInRecord(cid, "accepted", STAMP))
-        assert raw_redis.get(f"optin:{{{cid}}}") == f"accepted:{record.updated_at_us}".encode()
+        record = OptInRecord(cid, "accepted", STAMP, "req:1", "sms")
+        assert store.set(record, idempotency_key="key 1") == record
+        us = record.updated_at_us
+        assert raw_redis.get(key) == f"accepted:{us}:sms:req:1".encode()
+        assert raw_redis.zrange(f"{key}:h", 0, -1, withscores=True) == [
+            (b"req:1 accepted sms", float(us))
+        ]
+        assert raw_redis.get(f"{key}:i:key 1") == b"accepted|sms"
+        assert 86_400 - 10 <= raw_redis.ttl(f"{key}:i:key 1") <= 86_400
+        assert raw_redis.ttl(key) == -1  # the current state and history never expire
+        assert raw_redis.ttl(f"{key}:h") == -1
+        assert sorted(_member_keys(raw_redis, "optin:", cid)) == sorted(
+            k.encode() for k in (key, f"{key}:h", f"{key}:i:key 1")
+        )
         assert store.get(cid) == record
+        assert store.history(cid, 10) == [record]
     finally:
-        raw_redis.delete(f"optin:{{{cid}}}")
+        raw_redis.delete(key, f"{key}:h", f"{key}:i:key 1")
+        store.close()
+
+
+@pytest.mark.redis_server
+def test_redis_an_older_event_changes_only_the_history_key(redis_server, raw_redis):
+    store = RedisStore.from_url(f"{redis_server.url}?prefix=t-{uuid.uuid4().hex}:")
+    key = store.key("member-1")
+    try:
+        newer = OptInRecord("member-1", "declined", STAMP + timedelta(seconds=1), "r2")
+        older = OptInRecord("member-1", "accepted", STAMP, "r1", "web")
+        store.set(newer)
+        store.set(older)
+        assert raw_redis.get(key) == f"declined:{newer.updated_at_us}:API:r2".encode()
+        assert raw_redis.zrange(f"{key}:h", 0, -1, withscores=True) == [
+            (b"r1 accepted web", float(older.updated_at_us)),
+            (b"r2 declined API", float(newer.updated_at_us)),
+        ]
+    finally:
+        raw_redis.delete(key, f"{key}:h")
         store.close()
 
 
@@ -248,12 +379,92 @@ def test_redis_prefix_option_changes_the_key(redis_server, raw_redis):
     cid = f"member-{uuid.uuid4().hex}"
     store = RedisStore.from_url(f"{redis_server.url}?prefix=x:")
     try:
-        store.set(OptInRecord(cid, "declined", STAMP))
-        assert raw_redis.exists(f"x:{{{cid}}}") == 1
-        assert raw_redis.exists(f"optin:{{{cid}}}") == 0
+        store.set(OptInRecord(cid, "declined", STAMP), idempotency_key="k")
+        assert raw_redis.exists(f"x:{{{cid}}}", f"x:{{{cid}}}:h", f"x:{{{cid}}}:i:k") == 3
+        assert _member_keys(raw_redis, "optin:", cid) == []
+        assert store.count_events() >= 1
+        assert [e for e in store.events() if e.correlation_id == cid] == [store.get(cid)]
     finally:
-        raw_redis.delete(f"x:{{{cid}}}")
+        raw_redis.delete(f"x:{{{cid}}}", f"x:{{{cid}}}:h", f"x:{{{cid}}}:i:k")
         store.close()
+
+
+def _spy_commands(monkeypatch, client):
+    """Record the name of every command ``client`` sends (not through a pipeline)."""
+    sent = []
+    real = client.execute_command
+
+    def spy(*args, **options):
+        sent.append(args[0].upper() if isinstance(args[0], str) else args[0])
+        return real(*args, **options)
+
+    monkeypatch.setattr(client, "execute_command", spy)
+    return sent
+
+
+def test_redis_every_set_is_one_script_call(redis_store, monkeypatch):
+    store = redis_store
+    store.set(OptInRecord("warm-up", "accepted", STAMP))  # loads the script
+    sent = _spy_commands(monkeypatch, store.client)
+    writes = [
+        lambda: store.set(OptInRecord("member-1", "accepted", STAMP, "r1")),
+        lambda: store.set(OptInRecord("member-1", "declined", STAMP, "r2")),
+        lambda: store.set(OptInRecord("member-1", "accepted", STAMP - timedelta(1), "r0")),
+        lambda: store.set(OptInRecord("member-2", "accepted", STAMP, "r3"), idempotency_key="k"),
+        lambda: store.set(OptInRecord("member-2", "accepted", STAMP, "r4"), idempotency_key="k"),
+    ]
+    for write in writes:
+        sent.clear()
+        write()
+        assert sent == ["EVALSHA"]
+    sent.clear()
+    with pytest.raises(IdempotencyKeyReused):
+        store.set(OptInRecord("member-2", "declined", STAMP, "r5"), idempotency_key="k")
+    assert sent == ["EVALSHA"]
+    assert store.count_events() == 5
+
+
+@pytest.mark.redis_server
+def test_redis_every_set_is_one_script_call_on_the_server(redis_server, raw_redis):
+    """What the server itself sees (MONITOR) while the store writes: one EVALSHA per set."""
+    store = RedisStore.from_url(f"{redis_server.url}?prefix=t-{uuid.uuid4().hex}:")
+    store.set(OptInRecord("warm-up", "accepted", STAMP))
+    try:
+        with raw_redis.monitor() as monitor:
+            store.set(OptInRecord("member-1", "accepted", STAMP, "r1"), idempotency_key="k")
+            store.set(OptInRecord("member-1", "declined", STAMP, "r2"))
+            store.client.ping()  # a marker: everything before it was the two writes
+            commands = []
+            for entry in monitor.listen():
+                command = entry["command"].split(" ", 1)[0].upper()
+                if command == "PING":
+                    break
+                if entry["client_type"] != "lua":
+                    commands.append(command)
+        assert commands == ["EVALSHA", "EVALSHA"]
+    finally:
+        keys = list(raw_redis.scan_iter(match=f"{store.prefix}*"))
+        raw_redis.delete(*keys)
+        store.close()
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        pytest.param(lambda raw, key: raw.rpush(key, "a list"), id="wrong-type"),
+        pytest.param(lambda raw, key: raw.set(key, "unparsable"), id="unparsable"),
+    ],
+)
+def test_redis_a_write_failing_halfway_stores_no_event(redis_store, corrupt):
+    # The script's later step (reading the current state) fails: the event must
+    # not have been added to the history before it (both or neither).
+    store = redis_store
+    corrupt(store.client, store.key("member-1"))
+    with pytest.raises(StorageError):
+        store.set(OptInRecord("member-1", "accepted", STAMP, "r1"), idempotency_key="k")
+    assert store.client.exists(store.key("member-1") + ":h") == 0
+    assert store.client.exists(store.key("member-1") + ":i:k") == 0
+    assert store.count_events() == 0
 
 
 @pytest.mark.parametrize(
