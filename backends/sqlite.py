@@ -25,7 +25,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta
 from urllib.parse import parse_qsl, urlsplit
 
@@ -247,23 +247,9 @@ class SQLiteStore(OptInStore):
         except sqlite3.Error as exc:
             raise _wrap(exc) from exc
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self) -> _Transaction:
         """One write transaction, holding the write lock from its start; all or nothing."""
-        try:
-            conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise _wrap(exc) from exc
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
-                raise _wrap(exc) from exc
-            raise
+        return _Transaction(self._connection)
 
     def check(self) -> None:
         try:
@@ -277,6 +263,40 @@ class SQLiteStore(OptInStore):
             self._local = threading.local()
         for conn in connections:
             conn.close()
+
+
+class _Transaction:
+    """``with store._transaction() as conn:`` BEGIN IMMEDIATE, then COMMIT, or ROLLBACK
+    on any exception. A class, not ``@contextmanager``: no generator per write."""
+
+    __slots__ = ("_conn", "_connect")
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+        self._connect = connect
+
+    def __enter__(self) -> sqlite3.Connection:
+        try:
+            conn = self._conn = self._connect()
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise _wrap(exc) from exc
+        return conn
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        conn = self._conn
+        if kind is None:
+            try:
+                conn.execute("COMMIT")
+                return
+            except sqlite3.Error as error:
+                kind, exc = type(error), error
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            raise _wrap(exc) from exc
+        # Any other exception propagates as it is.
 
 
 _Row = tuple[str, int, str, str, str, str]
