@@ -861,3 +861,55 @@ def test_cluster_with_replicas_waits_for_them_while_slots_move(tmp_path, monkeyp
         store.close()
     finally:
         topology.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.redis_server
+def test_cluster_a_dead_master_makes_it_unready_and_503_fast_then_it_recovers(
+    tmp_path, monkeypatch
+):
+    monkeypatch.delenv(MIN_REPLICAS_ENV, raising=False)
+    topology = ClusterTopology(tmp_path / "cluster")
+    try:
+        topology.start()
+        store = RedisStore.from_url(topology.url(prefix=_unique_prefix()))
+        ids = [f"member-{i}" for i in range(30)]
+        for cid in ids:
+            store.set(OptInRecord(cid, "accepted", STAMP))
+        store.check()
+        victim = topology.nodes[0]
+        victim.kill()
+
+        def unready() -> bool:
+            try:
+                store.check()
+            except StorageUnavailable:
+                return True
+            return False
+
+        wait_until("check() failing", unready, timeout=10, every=0.1)
+        # Once the others agree it failed, the cluster is down for every member.
+        wait_until("cluster_state:fail", lambda: _cluster_down(topology), timeout=10)
+        for cid in ids[:6]:
+            started = time.monotonic()
+            with pytest.raises(StorageUnavailable):
+                store.set(OptInRecord(cid, "declined", STAMP.replace(second=1)))
+            assert time.monotonic() - started < 2.0
+
+        victim.start()  # same port, directory, AOF and nodes.conf
+        topology.wait_ok(timeout=20)
+        wait_until("check() passing", lambda: not unready(), timeout=10, every=0.1)
+        for cid in ids:
+            assert store.get(cid) is not None  # what was acknowledged survived (AOF)
+        store.set(OptInRecord(ids[0], "declined", STAMP.replace(second=2)))
+        _dispose(store)
+    finally:
+        topology.stop()
+
+
+def _cluster_down(topology: ClusterTopology) -> bool:
+    for node in topology.running():
+        with node.client() as c:
+            if c.execute_command("CLUSTER INFO")["cluster_state"] != "fail":
+                return False
+    return True
