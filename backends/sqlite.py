@@ -123,6 +123,7 @@ class SQLiteStore(OptInStore):
         self._lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
         self._pid = os.getpid()
+        self._write_lock = threading.Lock()
         self._writes = 0
 
     @classmethod
@@ -146,6 +147,7 @@ class SQLiteStore(OptInStore):
         if self._pid != os.getpid():  # forked: the parent's connections are not ours
             self._local = threading.local()
             self._connections = []
+            self._write_lock = threading.Lock()
             self._pid = os.getpid()
         conn = getattr(self._local, "conn", None)
         if conn is None:
@@ -249,7 +251,7 @@ class SQLiteStore(OptInStore):
 
     def _transaction(self) -> _Transaction:
         """One write transaction, holding the write lock from its start; all or nothing."""
-        return _Transaction(self._connection)
+        return _Transaction(self._connection, self._write_lock, self.timeout)
 
     def check(self) -> None:
         try:
@@ -267,24 +269,46 @@ class SQLiteStore(OptInStore):
 
 class _Transaction:
     """``with store._transaction() as conn:`` BEGIN IMMEDIATE, then COMMIT, or ROLLBACK
-    on any exception. A class, not ``@contextmanager``: no generator per write."""
+    on any exception. A class, not ``@contextmanager``: no generator per write.
 
-    __slots__ = ("_conn", "_connect")
+    Threads of one process take turns on a lock first: SQLite's busy handler
+    sleeps and retries, which is unfair under load (a thread can lose every
+    round until its timeout); a queue on a lock is not. Processes still wait for
+    each other through ``busy_timeout``.
+    """
 
-    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+    __slots__ = ("_conn", "_connect", "_lock", "_timeout")
+
+    def __init__(
+        self, connect: Callable[[], sqlite3.Connection], lock: threading.Lock, timeout: float
+    ) -> None:
         self._connect = connect
+        self._lock = lock
+        self._timeout = timeout
 
     def __enter__(self) -> sqlite3.Connection:
+        if not self._lock.acquire(timeout=self._timeout):
+            raise StorageUnavailable("sqlite: another thread held the write lock too long")
         try:
             conn = self._conn = self._connect()
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
+            self._lock.release()
             raise _wrap(exc) from exc
+        except BaseException:
+            self._lock.release()
+            raise
         return conn
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
+        try:
+            self._finish(kind, exc)
+        finally:
+            self._lock.release()
+
+    def _finish(self, kind: type[BaseException] | None, exc: BaseException | None) -> None:
         conn = self._conn
         if kind is None:
             try:
