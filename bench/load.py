@@ -111,6 +111,13 @@ CONFIGS: dict[str, Config] = {
             target=0.80,
             note="as redis, with hiredis",
         ),
+        # Not in the default run: the reference answering with the contract's headers.
+        Config(
+            "reference-headers",
+            "bench.reference_headers_app:app",
+            1,
+            note="reference + the 15 response headers",
+        ),
         # Not in the default run: what the metrics and the access log cost.
         Config(
             "memory-nometrics",
@@ -191,6 +198,25 @@ def cpu_seconds(pids: list[int]) -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
         total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / CLOCK_TICK
+
+
+def fsync_latency_us(folder: Path, count: int = 50) -> dict:
+    """What one fsync of a 4 KiB append costs in ``folder`` now (p50, p90): with
+    synchronous=FULL, SQLite pays one per committed write."""
+    path = folder / "fsync.probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    times = []
+    try:
+        for _ in range(count):
+            os.write(fd, b"x" * 4096)
+            started = time.perf_counter()
+            os.fsync(fd)
+            times.append((time.perf_counter() - started) * 1e6)
+    finally:
+        os.close(fd)
+        path.unlink()
+    times.sort()
+    return {"p50": round(times[count // 2]), "p90": round(times[count * 9 // 10])}
 
 
 def run_wrk(port: int, threads: int, connections: int, seconds: int) -> dict:
@@ -324,6 +350,7 @@ def measure_pair(
         if args.warmup > 0:
             for server in servers:
                 run_wrk(server.port, args.threads, args.connections, args.warmup)
+        fsync = fsync_latency_us(workdir)
         slices: list[list[dict]] = [[], []]
         cpu = [0.0, 0.0]
         loads = [os.getloadavg()[0]]
@@ -361,6 +388,7 @@ def measure_pair(
                 "rss_mib_each": rss[i],
                 "load": statistics.mean(loads),
                 "stderr_bytes": log_bytes,
+                "fsync_us": fsync,
                 "slices": slices[i],
             }
         )
@@ -418,6 +446,7 @@ def pair_row(config: Config, ref: dict, svc: dict, round_no: int) -> dict:
         "cpu_ratio": ratio(svc["cpu_us_per_request"], ref["cpu_us_per_request"]),
         "errors": svc["errors"],
         "ref_errors": ref["errors"],
+        "fsync_us": svc["fsync_us"],
     }
 
 
@@ -554,7 +583,8 @@ def main(argv: list[str] | None = None) -> int:
                             f"p99 {result['latency_us']['p99'] / 1000:6.2f} ms  "
                             f"RSS {result['rss_mib']:5.1f} MiB  "
                             f"CPU {result['cpu_us_per_request']:4.0f} µs/req  "
-                            f"load {result['load']:.1f}",
+                            f"load {result['load']:.1f}  "
+                            f"fsync p50 {result['fsync_us']['p50']} µs",
                             flush=True,
                         )
                     pairs.append(pair_row(config, done[0], done[1], round_no))
