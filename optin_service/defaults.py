@@ -50,8 +50,10 @@ OPTIN_RATE_LIMIT_STORAGE_URL: str = "memory://"
 #: Proxies in front whose ``X-Forwarded-For``/``-Proto`` are trusted (hops; standalone only).
 OPTIN_TRUSTED_PROXIES: int = 0
 
-# Backend settings read by the backend itself, from its URL or the environment
-# (not Flask config): OPTIN_REDIS_MIN_REPLICAS_ACKED (see backends/redis.py).
+#: Redis only: a PUT is answered 200 once this many replicas confirm the write (WAIT);
+#: fewer within the wait timeout is a 503, safe to retry with the same Idempotency-Key.
+#: 0 sends no WAIT. A ``min_replicas_acked`` option in OPTIN_STORAGE_URL takes precedence.
+OPTIN_REDIS_MIN_REPLICAS_ACKED: int = 0
 
 DEFAULTS: dict[str, Any] = {
     name: value for name, value in globals().items() if name.startswith("OPTIN_")

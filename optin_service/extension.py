@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import weakref
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from flask import Flask, Request, Response, current_app, g, request
 from flask_limiter import Limiter
@@ -106,6 +106,7 @@ class OptIn:
         if store is None:
             configured = app.config["OPTIN_STORAGE_URL"]
             url = configured or default_storage_url(app)
+            url = _with_min_replicas(url, app.config["OPTIN_REDIS_MIN_REPLICAS_ACKED"])
             store = store_from_url(url)
             weakref.finalize(app, store.close)
             how = "" if configured else " (default: OPTIN_STORAGE_URL is not set)"
@@ -143,6 +144,20 @@ def _routing_errors() -> Response | None:
         if current_app.extensions["optin"].owns(request):
             return handle_http_exception(exc)
     return None
+
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
+
+
+def _with_min_replicas(url: str, replicas: int) -> str:
+    """OPTIN_REDIS_MIN_REPLICAS_ACKED as the Redis URL's option, unless the URL sets it."""
+    parts = urlsplit(url)
+    if not replicas or parts.scheme not in _REDIS_SCHEMES:
+        return url
+    if "min_replicas_acked" in dict(parse_qsl(parts.query)):
+        return url
+    query = "&".join(filter(None, [parts.query, f"min_replicas_acked={int(replicas)}"]))
+    return urlunsplit(parts._replace(query=query))
 
 
 def _start() -> None:
