@@ -190,3 +190,16 @@ def test_a_store_passed_in_stays_the_hosts():
     del app
     gc.collect()
     assert CountingStore.closed == []
+
+
+@pytest.mark.parametrize(
+    ("url", "setting", "expected"),
+    [
+        ("redis://127.0.0.1:1/0", 1, 1),
+        ("redis://127.0.0.1:1/0?min_replicas_acked=2", 1, 2),  # the URL wins
+        ("redis://127.0.0.1:1/0", 0, 0),
+    ],
+)
+def test_min_replicas_setting_reaches_a_redis_store(url, setting, expected):
+    app = create_app({"OPTIN_STORAGE_URL": url, "OPTIN_REDIS_MIN_REPLICAS_ACKED": setting})
+    assert app.extensions["optin"].store.min_replicas_acked == expected
