@@ -112,3 +112,14 @@ def test_idempotency_holds_across_two_workers(tmp_path, request, backend):
         assert raw(gunicorn, conflict)[0] == "HTTP/1.1 422 UNPROCESSABLE ENTITY"
     finally:
         gunicorn.stop()
+
+
+def test_the_document_served_by_gunicorn_validates(server):
+    from openapi_spec_validator import validate
+
+    status, headers, body = raw(server, b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == "HTTP/1.1 200 OK" and headers["Content-Type"] == "application/json"
+    document = json.loads(body)
+    validate(document)
+    assert document["openapi"].startswith("3.1")
+    assert "/client/users/{correlation_id}/profile/optin" in document["paths"]
