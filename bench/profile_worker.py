@@ -45,7 +45,10 @@ def frame_name(frame: str) -> str:
     return f"{name} ({path})" if path else name
 
 
-def top_frames(collapsed: str, n: int) -> tuple[int, list, list]:
+def top_frames(collapsed: str, n: int, below: str = "Flask.wsgi_app") -> tuple[int, list, list]:
+    """Busy samples; the top ``n`` functions by self samples; and by inclusive
+    samples, counting only frames under ``below`` (the WSGI app: the gunicorn
+    frames above it are in every sample and say nothing)."""
     self_count: collections.Counter[str] = collections.Counter()
     total_count: collections.Counter[str] = collections.Counter()
     samples = 0
@@ -61,8 +64,10 @@ def top_frames(collapsed: str, n: int) -> tuple[int, list, list]:
             continue
         samples += count
         self_count[frames[-1]] += count
-        for name in set(frames):
-            total_count[name] += count
+        names = [f.split(" (")[0] for f in frames]
+        if below in names:
+            for name in set(frames[names.index(below) :]):
+                total_count[name] += count
     return samples, self_count.most_common(n), total_count.most_common(n)
 
 
@@ -76,7 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--native", action="store_true", help="py-spy --native")
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--from", dest="source", default=None, help="only print the tables of a saved profile"
+    )
     args = parser.parse_args(argv)
+    if args.source:
+        print_tables(Path(args.source).read_text(), args.top)
+        return 0
     if args.config == "reference-1w":
         config = load.reference(1)
     else:
@@ -124,17 +135,27 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if redis_ctx is not None:
                 redis_ctx.__exit__(None, None, None)
-    samples, by_self, by_total = top_frames(out.read_text(), args.top)
+    rps = result.get("rps", 0)
     print(
-        f"{config.name} ({config.storage or config.app}), 1 worker: "
-        f"{result.get('rps', 0):.0f} req/s under py-spy; {samples} busy samples"
+        f"{config.name} ({config.storage or config.app}), 1 worker: {rps:.0f} req/s under "
+        f"py-spy; {samples_in(out.read_text())} busy samples in {args.seconds} s at {args.rate}/s"
     )
-    for title, rows in (("self", by_self), ("total (inclusive)", by_total)):
-        print(f"\ntop {args.top} by {title}:")
-        for name, count in rows:
-            print(f"  {100 * count / samples:5.1f}%  {name}")
+    print_tables(out.read_text(), args.top)
     print(f"\ncollapsed stacks: {out}")
     return 0
+
+
+def samples_in(collapsed: str) -> int:
+    return top_frames(collapsed, 0)[0]
+
+
+def print_tables(collapsed: str, top: int) -> None:
+    samples, by_self, by_total = top_frames(collapsed, top)
+    titles = ("self", "total (inclusive, within the WSGI app)")
+    for title, rows in zip(titles, (by_self, by_total), strict=True):
+        print(f"\ntop {top} by {title}, % of busy samples:")
+        for name, count in rows:
+            print(f"  {100 * count / samples:5.1f}%  {name}")
 
 
 if __name__ == "__main__":
