@@ -145,13 +145,19 @@ class SQLiteStore(OptInStore):
             timeout=float(options.get("timeout", 5.0)),
         )
 
-    def _connection(self) -> sqlite3.Connection:
-        if self._pid != os.getpid():  # forked: the parent's connections are not ours
+    def _forget_parent(self) -> None:
+        """In a forked child, drop what belongs to the parent: its connections, its
+        write lock (possibly held at the fork) and its queue descriptor (an flock
+        on a shared descriptor would be shared, not exclusive)."""
+        if self._pid != os.getpid():
             self._local = threading.local()
             self._connections = []
             self._write_lock = threading.Lock()
             self._queue_fd = None
             self._pid = os.getpid()
+
+    def _connection(self) -> sqlite3.Connection:
+        self._forget_parent()
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._open()
@@ -254,6 +260,7 @@ class SQLiteStore(OptInStore):
 
     def _transaction(self) -> _Transaction:
         """One write transaction, holding the write lock from its start; all or nothing."""
+        self._forget_parent()
         return _Transaction(self._connection, self._write_lock, self.timeout, self._queue)
 
     def _queue(self) -> int | None:
