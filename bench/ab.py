@@ -8,7 +8,8 @@ From the repository root:
 ``--old`` is checked out into a temporary git worktree; the new side is this
 working tree. Three servers are started as ``bench/load.py`` starts them (the
 reference, the old service, the new service, 1 worker each unless the
-configuration says otherwise), warmed up, then loaded in turn by ``wrk`` in
+configuration says otherwise; one private redis-server for both sides of a
+Redis configuration), warmed up, then loaded in turn by ``wrk`` in
 ``--slice``-second slices, round robin, ``--slices`` times. It prints requests/s
 and the workers' CPU time per request of each: the figure a change to the
 request path moves, and the one that moves least when the machine is busy.
@@ -60,10 +61,13 @@ def main(argv: list[str] | None = None) -> int:
                 ("new (working tree)", new, config),
             ]
             with contextlib.ExitStack() as stack:
+                redis_port = None
+                if (config.storage or "").startswith("redis"):
+                    redis_port, _client = stack.enter_context(new.redis_server(Path(tmp)))
                 running = []
                 for name, module, cfg in sides:
                     tag = name.split()[0]
-                    server = stack.enter_context(module.Server(cfg, Path(tmp), None, tag))
+                    server = stack.enter_context(module.Server(cfg, Path(tmp), redis_port, tag))
                     module.run_wrk(server.port, 1, args.connections, 2)  # warm-up
                     pids = module.worker_pids(server.proc.pid)
                     running.append((name, module, server, pids, [0.0, 0, 0.0]))
