@@ -24,13 +24,14 @@ import hmac
 import logging
 import re
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import jwt
-from cryptography.hazmat.primitives import serialization
 from flask import Request, current_app, g, request
 
 from .errors import ApiError
+
+if TYPE_CHECKING:  # PyJWT and cryptography weigh ~10 MiB per worker: loaded for OPTIN_AUTH=jwt only
+    import jwt
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,9 @@ class JwtBearer:
             raise ValueError(
                 "OPTIN_JWT_ALGORITHMS takes asymmetric algorithms only (RS256, ES256...)"
             )
+        import jwt
+        from cryptography.hazmat.primitives import serialization
+
         self._jwks: jwt.PyJWKClient | None = None
         self._key: Any = None
         if config["OPTIN_JWT_JWKS_URL"]:
@@ -149,6 +153,8 @@ class JwtBearer:
             raise ValueError("OPTIN_AUTH=jwt needs OPTIN_JWT_JWKS_URL or OPTIN_JWT_PUBLIC_KEY_FILE")
 
     def authenticate(self, request: Request) -> Principal:
+        import jwt
+
         token = _bearer(request)
         if token is None:
             raise _missing()

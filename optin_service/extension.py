@@ -13,10 +13,10 @@ import logging
 import os
 import time
 import weakref
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from flask import Flask, Request, Response, current_app, g, request
-from flask_limiter import Limiter
 from werkzeug.exceptions import HTTPException
 
 from . import defaults
@@ -30,6 +30,9 @@ from .metrics import observe_request
 from .ratelimit import init_rate_limit
 from .registry import redact, store_from_url
 from .storage import OptInStore
+
+if TYPE_CHECKING:
+    from flask_limiter import Limiter
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,14 @@ go through (logged): refusing consent updates because of a counter is worse.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from flask import Flask, request
-from flask_limiter import Limiter
 
 from .auth import OPEN_ENDPOINTS, client_name
+
+if TYPE_CHECKING:  # Flask-Limiter and limits weigh ~4.6 MiB per worker: loaded when a limit is set
+    from flask_limiter import Limiter
 
 
 def _key() -> str:
@@ -26,6 +30,8 @@ def init_rate_limit(app: Flask, blueprint_name: str) -> Limiter | None:
     rate = app.config["OPTIN_RATE_LIMIT"]
     if not rate:
         return None
+    from flask_limiter import Limiter
+
     limiter = Limiter(
         _key,
         app=app,
