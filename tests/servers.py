@@ -6,6 +6,7 @@ fixture that started it. Nothing here touches any other address.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
@@ -63,42 +65,71 @@ def child_pids(pid: int) -> list[int]:
     return sorted(children)
 
 
-class RedisServer:
-    """A redis-server of our own in a temp dir, with AOF on so restarts keep data."""
+def binary(name: str) -> str:
+    """The path of a Debian redis tool, or a test failure saying how to install it."""
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed (apt-get install redis-server redis-tools)")
+    return found
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed (apt-get install redis-server)")
-        self.binary = binary
+
+def client(port: int, **kwargs: object) -> redis.Redis:
+    """A plain client for one server, with timeouts (tests must never hang)."""
+    return redis.Redis(
+        host=LOOPBACK,
+        port=port,
+        socket_timeout=2,
+        socket_connect_timeout=2,
+        decode_responses=True,
+        **kwargs,
+    )
+
+
+class RedisProcess:
+    """One redis-server (a data node or a Sentinel) in its own directory."""
+
+    def __init__(self, workdir: Path, args: list[str], port: int | None = None) -> None:
         self.workdir = workdir
         self.port = port or free_port()
+        self.args = args
         self.proc: subprocess.Popen | None = None
 
     @property
-    def url(self) -> str:
-        return f"redis://{LOOPBACK}:{self.port}/0"
+    def address(self) -> tuple[str, int]:
+        return (LOOPBACK, self.port)
 
-    def start(self) -> RedisServer:
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, *extra: str) -> RedisProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         args = [
-            self.binary,
+            binary("redis-server"),
+            *self.args,
             "--bind", LOOPBACK,
             "--port", str(self.port),
             "--dir", str(self.workdir),
-            "--save", "",
-            "--appendonly", "yes",
-            "--appendfsync", "always",
             "--protected-mode", "yes",
             "--daemonize", "no",
             "--logfile", str(self.workdir / "redis.log"),
+            *extra,
         ]  # fmt: skip
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(self.port, proc=self.proc)
         return self
 
+    def client(self, **kwargs: object) -> redis.Redis:
+        return client(self.port, **kwargs)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no last fsync."""
+        self.stop(signal.SIGKILL)
+
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.proc.send_signal(signal.SIGCONT)  # a paused server ignores SIGTERM
             self.proc.send_signal(sig)
             try:
                 self.proc.wait(10)
@@ -106,6 +137,24 @@ class RedisServer:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+
+    def log(self, chars: int = 4000) -> str:
+        path = self.workdir / "redis.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return text[-chars:]
+
+
+class RedisServer(RedisProcess):
+    """A redis-server of our own in a temp dir, with AOF fsynced on every write so
+    restarts keep every acknowledged write."""
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        aof = ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
+        super().__init__(workdir, aof, port)
+
+    @property
+    def url(self) -> str:
+        return f"redis://{LOOPBACK}:{self.port}/0"
 
 
 class Gunicorn:

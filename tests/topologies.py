@@ -9,30 +9,21 @@ Every wait is bounded in time and in count, and fails with what it last saw.
 from __future__ import annotations
 
 import contextlib
-import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-import pytest
 import redis
 from redis.cluster import key_slot
 
-from tests.servers import LOOPBACK, free_port, wait_for_port
+from tests.servers import LOOPBACK, RedisProcess, client, free_port
+from tests.servers import binary as _binary
 
 T = TypeVar("T")
 
 SERVICE = "optin-test"
-
-
-def _binary(name: str) -> str:
-    found = shutil.which(name)
-    if found is None:
-        pytest.fail(f"{name} is not installed (apt-get install redis-server redis-tools)")
-    return found
 
 
 def wait_until(
@@ -54,77 +45,6 @@ def wait_until(
             break
         time.sleep(every)
     raise TimeoutError(f"{what}: not after {timeout}s (last: {last})")
-
-
-def client(port: int, **kwargs: object) -> redis.Redis:
-    """A plain client for one server, with timeouts (tests must never hang)."""
-    return redis.Redis(
-        host=LOOPBACK,
-        port=port,
-        socket_timeout=2,
-        socket_connect_timeout=2,
-        decode_responses=True,
-        **kwargs,
-    )
-
-
-class RedisProcess:
-    """One redis-server (a data node or a Sentinel) in its own directory."""
-
-    def __init__(self, workdir: Path, args: list[str], port: int | None = None) -> None:
-        self.workdir = workdir
-        self.port = port or free_port()
-        self.args = args
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return (LOOPBACK, self.port)
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def start(self, *extra: str) -> RedisProcess:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        args = [
-            _binary("redis-server"),
-            *self.args,
-            "--bind", LOOPBACK,
-            "--port", str(self.port),
-            "--dir", str(self.workdir),
-            "--protected-mode", "yes",
-            "--daemonize", "no",
-            "--logfile", str(self.workdir / "redis.log"),
-            *extra,
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_port(self.port, proc=self.proc)
-        return self
-
-    def client(self, **kwargs: object) -> redis.Redis:
-        return client(self.port, **kwargs)
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown, no last fsync."""
-        self.stop(signal.SIGKILL)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(OSError):
-                self.proc.send_signal(signal.SIGCONT)  # a paused server ignores SIGTERM
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def log(self, chars: int = 4000) -> str:
-        path = self.workdir / "redis.log"
-        text = path.read_text(errors="replace") if path.exists() else ""
-        return text[-chars:]
 
 
 def _data_node_args() -> list[str]:
