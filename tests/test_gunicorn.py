@@ -263,7 +263,15 @@ def put_until_acked(
         except requests.RequestException as exc:  # in flight on the killed worker
             with log.lock:
                 log.connection_errors += 1
-            if not isinstance(exc, requests.ConnectionError | requests.Timeout):
+            # A worker killed between the status line and the body cuts the response:
+            # requests says ChunkedEncodingError. Without the whole answer, nothing was
+            # acknowledged, so it is retried like a refused connection.
+            broken = (
+                requests.ConnectionError
+                | requests.Timeout
+                | requests.exceptions.ChunkedEncodingError
+            )
+            if not isinstance(exc, broken):
                 raise
             time.sleep(0.02)
             continue
