@@ -14,7 +14,7 @@ from werkzeug.exceptions import NotFound, RequestEntityTooLarge
 
 from .auth import check_request, client_name
 from .errors import ApiError, register_error_handlers
-from .headers import no_https_redirect, request_id
+from .headers import ApiResponse, no_https_redirect, request_id
 from .metrics import consent_changed, exposition, storage_operation
 from .schemas import (
     CORRELATION_ID,
@@ -54,7 +54,7 @@ def _timed(operation: str) -> AbstractContextManager[None]:
 
 
 def _json(body: object, status: int = 200) -> Response:
-    return Response(json.dumps(body, separators=(",", ":")), status, mimetype="application/json")
+    return ApiResponse(json.dumps(body, separators=(",", ":")), status, mimetype="application/json")
 
 
 def _checked_id(correlation_id: str) -> str:
@@ -116,7 +116,7 @@ def put_optin(correlation_id: str) -> Response:
         ) from None
     if metrics_on and current.request_id == record.request_id:
         consent_changed(status)
-    return Response(UPDATED_BODY, 200, mimetype="application/json")
+    return ApiResponse(UPDATED_BODY, 200, mimetype="application/json")
 
 
 @bp.get(OPTIN_PATH)
@@ -168,7 +168,7 @@ def metrics() -> Response:
     if not current_app.config["OPTIN_METRICS"]:
         raise NotFound()
     body, content_type = exposition()
-    return Response(body, 200, content_type=content_type)
+    return ApiResponse(body, 200, content_type=content_type)
 
 
 @bp.get("/openapi.json", endpoint="openapi")
@@ -178,4 +178,4 @@ def openapi_document() -> Response:
     from .openapi import document  # imports this module: loaded on first use
 
     app = current_app._get_current_object()  # type: ignore[attr-defined]
-    return Response(document(app), 200, mimetype="application/json")
+    return ApiResponse(document(app), 200, mimetype="application/json")

@@ -14,7 +14,7 @@ from http import HTTPStatus
 from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
-from .headers import request_id
+from .headers import ApiResponse, request_id
 from .storage import StorageError, StorageUnavailable
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def error_response(
         separators=(",", ":"),
         ensure_ascii=False,
     )
-    return Response(body, status, headers=headers, mimetype="application/json")
+    return ApiResponse(body, status, headers=headers, mimetype="application/json")
 
 
 def _reason_code(status: int) -> str:
