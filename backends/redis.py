@@ -56,13 +56,17 @@ On ``redis+sentinel`` and ``redis+cluster`` the only other options are
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import os
 import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
@@ -82,6 +86,7 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from optin_service.storage import (
     IDEMPOTENCY_TTL,
+    EventRow,
     IdempotencyKeyReused,
     OptInRecord,
     OptInStore,
@@ -118,76 +123,125 @@ _TRANSIENT = (
 )
 # What redis-py raises: RedisClusterException is not a RedisError.
 _DRIVER_ERRORS = (redis.RedisError, RedisClusterException)
+T = TypeVar("T")
+R = TypeVar("R")
 _OUR_OPTIONS = ("prefix", "min_replicas_acked", "wait_timeout_ms")
 _TIMEOUT_OPTIONS = ("socket_timeout", "socket_connect_timeout")
 
 
-# KEYS: current, history[, idempotency key]
-# ARGV: µs, history member, current value, 1 if declined, fingerprint, key TTL (s),
-#       request id[, 1 to touch: write the current state back when nothing else was
-#       written, so that a WAIT after a replay also covers the write being replayed]
-# Returns {1, current, added} after a write, {0, current, 0} for a replay, {-1} on key reuse.
-# The current state is read and checked first: a script that fails stops before any write.
-_SET_SCRIPT = """
-local touch = ARGV[8] == '1'
-local current = redis.call('GET', KEYS[1])
-local cur_status, cur_us, cur_rid
-if current then
-  cur_status, cur_us, cur_rid = string.match(current, '^(%a+):(%-?%d+):[^:]*:([^\\n]*)')
-  if not cur_status then
-    return redis.error_reply('ERR unparsable opt-in state in ' .. KEYS[1])
-  end
+# Shared by both write scripts. ``state`` reads a member's current state (nil if
+# none, an error before any write if unparsable); ``apply`` stores one event
+# unless it is stored already (an event is its member, time and request id: one
+# already stored is skipped whole) and makes it the current state if it takes
+# precedence: newer; as new and declined over accepted; then the greater request
+# id. It returns the current value and 1 if the event was added, else 0.
+_FUNCTIONS = """
+local function state(key)
+  local current = redis.call('GET', key)
+  if not current then return nil end
+  local status, us, rid = string.match(current, '^(%a+):(%-?%d+):[^:]*:([^\\n]*)')
+  if not status then error({err = 'ERR unparsable opt-in state in ' .. key}) end
+  return current, status, us, rid
 end
-if #KEYS == 3 then
-  local seen = redis.call('GET', KEYS[3])
-  if seen then
-    if seen ~= ARGV[5] then return {-1} end
-    if touch and current then redis.call('SET', KEYS[1], current, 'KEEPTTL') end
-    return {0, current, 0}
+
+local function apply(key, history, us, member, value, declined, rid,
+                     current, cur_status, cur_us, cur_rid)
+  for _, stored in ipairs(redis.call('ZRANGEBYSCORE', history, us, us)) do
+    local head = string.match(stored, '^[^\\n]*')
+    if string.match(head, '^(.*) [^ ]+ [^ ]+$') == rid then return current, 0 end
   end
-end
--- An event is its member, time and request id: one already stored is skipped whole.
-local stored = false
-for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[1], ARGV[1])) do
-  local head = string.match(member, '^[^\\n]*')
-  if string.match(head, '^(.*) [^ ]+ [^ ]+$') == ARGV[7] then
-    stored = true
-    break
-  end
-end
-local added = 0
-if not stored then
-  local member = ARGV[2]
-  if redis.call('ZSCORE', KEYS[2], member) then
+  if redis.call('ZSCORE', history, member) then
     -- The same words at another time: another event, kept apart by its time.
     if not string.find(member, '\\n', 1, true) then member = member .. '\\n' end
-    member = member .. '\\n' .. ARGV[1]
+    member = member .. '\\n' .. us
   end
-  redis.call('ZADD', KEYS[2], ARGV[1], member)
-  added = 1
-  -- Precedence: newer; as new and declined over accepted; then the greater request id.
+  redis.call('ZADD', history, us, member)
   local replace = not current
   if current then
-    local new_us, old_us = tonumber(ARGV[1]), tonumber(cur_us)
-    local new_declined, old_declined = ARGV[4] == '1', cur_status == 'declined'
+    local new_us, old_us = tonumber(us), tonumber(cur_us)
+    local new_declined, old_declined = declined == '1', cur_status == 'declined'
     if new_us ~= old_us then
       replace = new_us > old_us
     elseif new_declined ~= old_declined then
       replace = new_declined
     else
-      replace = ARGV[7] > cur_rid
+      replace = rid > cur_rid
     end
   end
   if replace then
-    redis.call('SET', KEYS[1], ARGV[3])
-    current = ARGV[3]
+    redis.call('SET', key, value)
+    current = value
   end
-elseif touch and current and #KEYS < 3 then
+  return current, 1
+end
+"""
+
+# One write. KEYS: current, history[, idempotency key]
+# ARGV: µs, history member, current value, 1 if declined, request id, fingerprint,
+#       key TTL (s)[, 1 to touch: write the current state back when nothing else was
+#       written, so that a WAIT after a replay also covers the write being replayed]
+# Returns {1, current, added} after a write, {0, current, 0} for a replay, {-1} on key reuse.
+_SET_SCRIPT = (
+    _FUNCTIONS
+    + """
+local touch = ARGV[8] == '1'
+local current, cur_status, cur_us, cur_rid = state(KEYS[1])
+if #KEYS == 3 then
+  local seen = redis.call('GET', KEYS[3])
+  if seen then
+    if seen ~= ARGV[6] then return {-1} end
+    if touch and current then redis.call('SET', KEYS[1], current, 'KEEPTTL') end
+    return {0, current, 0}
+  end
+end
+local added
+current, added = apply(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5],
+                       current, cur_status, cur_us, cur_rid)
+if added == 0 and touch and current and #KEYS < 3 then
   redis.call('SET', KEYS[1], current, 'KEEPTTL')
 end
-if #KEYS == 3 then redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[6]) end
+if #KEYS == 3 then redis.call('SET', KEYS[3], ARGV[6], 'EX', ARGV[7]) end
 return {1, current, added}
 """
+)
+
+# Many events, of any members (one server or Sentinel: not Cluster, whose scripts
+# reach one slot). KEYS: current and history of each event in turn.
+# ARGV: 1 to touch (as above), then µs, history member, current value, 1 if
+#       declined, request id of each event. Returns how many events were added.
+# Each event is read, checked and written in turn, so each is all or nothing.
+_IMPORT_SCRIPT = (
+    _FUNCTIONS
+    + """
+local touch = ARGV[1] == '1'
+local added = 0
+for i = 1, #KEYS, 2 do
+  local a = (i - 1) / 2 * 5 + 1
+  local current, cur_status, cur_us, cur_rid = state(KEYS[i])
+  local _, new = apply(KEYS[i], KEYS[i + 1], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3],
+                       ARGV[a + 4], ARGV[a + 5], current, cur_status, cur_us, cur_rid)
+  if new == 0 and touch and current then redis.call('SET', KEYS[i], current, 'KEEPTTL') end
+  added = added + new
+end
+return added
+"""
+)
+# Events of each history key in KEYS, at or after ARGV[1] µs: for each key, a
+# flat list of member, score... (one call per SCAN page instead of one per key).
+_RANGES_SCRIPT = """
+local found = {}
+for i, key in ipairs(KEYS) do
+  found[i] = redis.call('ZRANGEBYSCORE', key, ARGV[1], '+inf', 'WITHSCORES')
+end
+return found
+"""
+_COUNT_SCRIPT = """
+local total = 0
+for _, key in ipairs(KEYS) do total = total + redis.call('ZCARD', key) end
+return total
+"""
+#: Events per call of the import script: about a millisecond of Redis's time.
+_SCRIPT_EVENTS = 100
 _KEY_TTL = int(IDEMPOTENCY_TTL.total_seconds())
 _BATCH = 1000  # keys per SCAN step and commands per pipeline
 
@@ -217,6 +271,9 @@ class RedisStore(OptInStore):
         self._owns_client = owns_client
         self._set_waiting(min_replicas_acked, wait_timeout_ms)
         self._set_script = client.register_script(_SET_SCRIPT)
+        self._import_script = client.register_script(_IMPORT_SCRIPT)
+        self._ranges_script = client.register_script(_RANGES_SCRIPT)
+        self._count_script = client.register_script(_COUNT_SCRIPT)
 
     def _set_waiting(self, min_replicas_acked: int, wait_timeout_ms: int) -> None:
         if min_replicas_acked < 0:
@@ -273,7 +330,7 @@ class RedisStore(OptInStore):
         if idempotency_key is not None:
             keys.append(f"{key}:i:{idempotency_key}")
         try:
-            reply = self._write(keys, _args(record, touch=self.min_replicas_acked > 0))
+            reply = self._write(keys, _args(record.row, touch=self.min_replicas_acked > 0))
         except _DRIVER_ERRORS as exc:
             raise _wrap(exc) from exc
         if reply[0] == -1:
@@ -339,22 +396,40 @@ class RedisStore(OptInStore):
         return found[:limit]
 
     def import_events(self, records: Iterable[OptInRecord]) -> int:
+        return self.import_rows(record.row for record in records)
+
+    def import_rows(self, rows: Iterable[EventRow]) -> int:
+        """:data:`_SCRIPT_EVENTS` events per script call, :data:`_BATCH` calls' worth of
+        events per pipeline (ending with WAIT when replicas must acknowledge); the
+        next pipeline is built while Redis runs the previous one."""
         touch = self.min_replicas_acked > 0
+        batches = _chunks(iter(rows), _BATCH * 5)
+        pipelines = (self._import_pipeline(batch, touch) for batch in batches)
         try:
-            pipe = self.client.pipeline(transaction=False)
-            queued = 0
-            for record in records:
-                key = self.key(record.correlation_id)
-                self._set_script([key, key + ":h"], _args(record, touch=touch), client=pipe)
-                queued += 1
-            if touch and queued:
-                self._queue_wait(pipe)
-            replies = pipe.execute()
-            if touch and queued:
-                self._check_acked(replies.pop())
-            return sum(reply[2] for reply in replies)
+            return sum(_overlapped(pipelines, functools.partial(self._run_import, touch=touch)))
         except _DRIVER_ERRORS as exc:
             raise _wrap(exc) from exc
+
+    def _import_pipeline(self, batch: list[EventRow], touch: bool) -> redis.client.Pipeline:
+        pipe = self.client.pipeline(transaction=False)
+        key = self.key
+        for start in range(0, len(batch), _SCRIPT_EVENTS):
+            keys: list[str] = []
+            args: list[object] = [1 if touch else 0]
+            for row in batch[start : start + _SCRIPT_EVENTS]:
+                current = key(row[0])
+                keys += (current, current + ":h")
+                args += _event_args(row)
+            self._import_script(keys, args, client=pipe)
+        if touch:
+            self._queue_wait(pipe)
+        return pipe
+
+    def _run_import(self, pipe: redis.client.Pipeline, touch: bool) -> int:
+        replies = pipe.execute()
+        if touch:
+            self._check_acked(replies.pop())
+        return sum(replies)
 
     def _history_keys(self) -> Iterator[list[bytes]]:
         pattern = self.prefix.replace("*", "\\*") + "{*}:h"
@@ -368,31 +443,35 @@ class RedisStore(OptInStore):
             yield batch
 
     def events(self, since: datetime | None = None) -> Iterator[OptInRecord]:
+        for row in self.rows(since):
+            yield OptInRecord.from_row(row)
+
+    def rows(self, since: datetime | None = None) -> Iterator[EventRow]:
         low = "-inf" if since is None else OptInRecord("-", "accepted", since).updated_at_us
         start = len(self.prefix) + 1
         try:
             for keys in self._history_keys():
-                pipe = self.client.pipeline(transaction=False)
-                for key in keys:
-                    pipe.zrangebyscore(key, low, "+inf", withscores=True)
-                for key, members in zip(keys, pipe.execute(), strict=True):
+                for key, pairs in zip(keys, self._ranges(keys, low), strict=True):
                     cid = _unescape(key[start:-3].decode())
-                    for member, score in members:
-                        yield _event(cid, member, int(score))
+                    for member, score in pairs:
+                        yield _event_row(cid, member, score)
         except _DRIVER_ERRORS as exc:
             raise _wrap(exc) from exc
 
+    def _ranges(self, keys: list[bytes], low: object) -> Iterator[Iterable[tuple[bytes, Any]]]:
+        """For each history key, its (member, score) pairs at or after ``low``."""
+        for flat in self._ranges_script(keys, [low]):
+            yield zip(flat[::2], flat[1::2], strict=True)
+
     def count_events(self) -> int:
-        total = 0
         try:
-            for keys in self._history_keys():
-                pipe = self.client.pipeline(transaction=False)
-                for key in keys:
-                    pipe.zcard(key)
-                total += sum(pipe.execute())
+            return sum(self._count(keys) for keys in self._history_keys())
         except _DRIVER_ERRORS as exc:
             raise _wrap(exc) from exc
-        return total
+
+    def _count(self, keys: list[bytes]) -> int:
+        """How many events the history keys hold, together."""
+        return self._count_script(keys)
 
     def check(self) -> None:
         try:
@@ -708,19 +787,33 @@ class RedisClusterStore(RedisStore):
             f"after {CLUSTER_RETRY_SECONDS} s (a slot in migration?)"
         )
 
-    def import_events(self, records: Iterable[OptInRecord]) -> int:
+    def import_rows(self, rows: Iterable[EventRow]) -> int:
+        # One script call per event: a script reaches one slot.
         touch = self.min_replicas_acked > 0
-        calls = []
-        for record in records:
-            key = self.key(record.correlation_id)
-            calls.append(([key, key + ":h"], _args(record, touch=touch)))
-        if not calls:
-            return 0
+        added = 0
         try:
-            replies = self._on_nodes(calls)
+            for batch in _chunks(iter(rows), _BATCH):
+                calls = []
+                for row in batch:
+                    key = self.key(row[0])
+                    calls.append(([key, key + ":h"], _args(row, touch=touch)))
+                added += sum(reply[2] for reply in self._on_nodes(calls))
         except _DRIVER_ERRORS as exc:
             raise _wrap(exc) from exc
-        return sum(reply[2] for reply in replies)
+        return added
+
+    # A script reaches one slot: a pipeline instead, which redis-py splits by node.
+    def _ranges(self, keys: list[bytes], low: object) -> Iterator[Iterable[tuple[bytes, Any]]]:
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.zrangebyscore(key, low, "+inf", withscores=True)
+        return iter(pipe.execute())
+
+    def _count(self, keys: list[bytes]) -> int:
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.zcard(key)
+        return sum(pipe.execute())
 
     def check(self) -> None:
         """Unavailable unless every master answers and says ``cluster_state:ok``."""
@@ -743,6 +836,27 @@ class RedisClusterStore(RedisStore):
             client, self._client = self._client, None
         if client is not None:
             client.close()
+
+
+def _chunks(items: Iterator[T], size: int) -> Iterator[list[T]]:
+    while batch := list(itertools.islice(items, size)):
+        yield batch
+
+
+def _overlapped(items: Iterator[T], run: Callable[[T], R]) -> Iterator[R]:
+    """``run(item)`` for each item in turn, in a second thread, while the caller's
+    thread makes the next item (the client builds a pipeline while Redis runs the
+    previous one; waiting on a socket releases the GIL). One runs at a time, in order.
+    """
+    first = next(items, None)
+    if first is None:
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="optin-import") as runner:
+        running = runner.submit(run, first)
+        for item in items:
+            yield running.result()
+            running = runner.submit(run, item)
+        yield running.result()
 
 
 def _cluster_state(info: object) -> str | None:
@@ -863,21 +977,27 @@ def _retry() -> Retry:
 # --- values -------------------------------------------------------------------------
 
 
-def _args(record: OptInRecord, *, touch: bool = False) -> list[object]:
-    us = record.updated_at_us
+def _event_args(row: EventRow) -> list[object]:
+    """An event's ARGV for the write scripts: µs, history member, current value,
+    1 if declined, request id."""
+    _, us, request_id, status, source, client = row
     # The caller (client) follows a newline, which no other part can hold (the
     # client's own newlines and backslashes are escaped); an event without one
     # is stored exactly as before clients were recorded.
-    client = f"\n{_escape_client(record.client)}" if record.client else ""
-    args: list[object] = [
+    caller = f"\n{_escape_client(client)}" if client else ""
+    return [
         us,
-        f"{record.request_id} {record.status} {record.source}{client}",
-        f"{record.status}:{us}:{record.source}:{record.request_id}{client}",
-        1 if record.status == "declined" else 0,
-        record.fingerprint,
-        _KEY_TTL,
-        record.request_id,
+        f"{request_id} {status} {source}{caller}",
+        f"{status}:{us}:{source}:{request_id}{caller}",
+        1 if status == "declined" else 0,
+        request_id,
     ]
+
+
+def _args(row: EventRow, *, touch: bool = False) -> list[object]:
+    """The set script's ARGV: the event's, the fingerprint, the key's TTL[, touch]."""
+    args = _event_args(row)
+    args += (f"{row[3]}|{row[4]}", _KEY_TTL)  # OptInRecord.fingerprint
     if touch:
         args.append(1)
     return args
@@ -891,12 +1011,20 @@ def _current(correlation_id: str, raw: bytes) -> OptInRecord:
 
 
 def _event(correlation_id: str, member: bytes, us: int) -> OptInRecord:
+    return OptInRecord.from_row(_event_row(correlation_id, member, us))
+
+
+def _event_row(correlation_id: str, member: bytes, score: bytes | float) -> EventRow:
     # "<request id> <status> <source>[\n<client>[\n<µs>]]": the µs only when the
     # same words were already stored at another time.
     text, _, rest = member.decode().partition("\n")
-    client = _unescape_client(rest.split("\n", 1)[0])
+    client = _unescape_client(rest.split("\n", 1)[0]) if rest else ""
     request_id, status, source = text.rsplit(" ", 2)
-    return OptInRecord.from_us(correlation_id, status, us, request_id, source, client)  # type: ignore[arg-type]
+    try:
+        us = int(score)
+    except ValueError:  # a score Redis wrote in exponent form
+        us = int(float(score))
+    return (correlation_id, us, request_id, status, source, client)
 
 
 _CLIENT_UNESCAPES = re.compile(r"\\([\\n])")

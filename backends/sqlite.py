@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import os
 import sqlite3
 import threading
@@ -32,6 +33,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from optin_service.storage import (
     IDEMPOTENCY_TTL,
+    EventRow,
     IdempotencyKeyReused,
     OptInRecord,
     OptInStore,
@@ -81,6 +83,57 @@ _APPLY_CURRENT = (
     "source = excluded.source, client = excluded.client "
     "WHERE (excluded.updated_us, excluded.status = 'declined', excluded.request_id) "
     "> (optin.updated_us, optin.status = 'declined', optin.request_id)"
+)
+# Bulk import (import_rows): a stage, sorted by a covering index (the merge reads
+# the index alone), merged in chunks copied out in key order; the chunk's rowid
+# order is then key order, so inserting in rowid order needs no sort.
+_TYPED_COLUMNS = (
+    "correlation_id TEXT, updated_us INTEGER, request_id TEXT, status TEXT, source TEXT, "
+    "client TEXT"
+)
+# seq (the rowid) keeps the stream's order among rows of one identity: the first wins.
+_STAGE = f"CREATE TEMP TABLE optin_staged (seq INTEGER PRIMARY KEY, {_TYPED_COLUMNS})"
+_CHUNK = f"CREATE TEMP TABLE optin_chunk ({_TYPED_COLUMNS})"
+_STAGE_INSERT = f"INSERT INTO temp.optin_staged ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
+_STAGE_INDEX = (
+    "CREATE INDEX temp.optin_staged_key ON optin_staged "
+    "(correlation_id, updated_us, request_id, seq, status, source, client)"
+)
+_STAGE_BATCH = 5000  # rows per insert into the stage
+_MERGE_CHUNK = 50_000  # events per write transaction of the merge
+_CHUNK_FILL = (
+    f"INSERT INTO temp.optin_chunk ({_COLUMNS}) SELECT {_COLUMNS} FROM temp.optin_staged "
+    "WHERE (correlation_id, updated_us, request_id) > (?, ?, ?) "
+    "ORDER BY correlation_id, updated_us, request_id, seq LIMIT ?"
+)
+_CHUNK_LAST = (
+    "SELECT correlation_id, updated_us, request_id FROM temp.optin_chunk "
+    "ORDER BY rowid DESC LIMIT 1"
+)
+_CHUNK_EVENTS = (
+    f"INSERT OR IGNORE INTO optin_event ({_COLUMNS}) SELECT {_COLUMNS} FROM temp.optin_chunk "
+    "ORDER BY rowid"
+)
+# Every event of the chunk in turn; the state moves only to one that takes
+# precedence, so it ends on the greatest. Used when every row of the chunk was
+# new, hence is exactly what is stored.
+_UPSERT_CURRENT = (
+    "ON CONFLICT (correlation_id) DO UPDATE SET status = excluded.status, "
+    "updated_us = excluded.updated_us, request_id = excluded.request_id, "
+    "source = excluded.source, client = excluded.client "
+    "WHERE (excluded.updated_us, excluded.status = 'declined', excluded.request_id) "
+    "> (optin.updated_us, optin.status = 'declined', optin.request_id)"
+)
+_CHUNK_CURRENT = (
+    f"INSERT INTO optin ({_COLUMNS}) SELECT {_COLUMNS} FROM temp.optin_chunk "
+    f"WHERE true ORDER BY rowid {_UPSERT_CURRENT}"
+)
+# Otherwise (some events were stored already, maybe with other fields), from the
+# stored events, as _APPLY_CURRENT does.
+_CHUNK_CURRENT_STORED = (
+    f"INSERT INTO optin ({_COLUMNS}) SELECT {', '.join('e.' + c for c in _COLUMNS.split(', '))} "
+    "FROM temp.optin_chunk c JOIN optin_event e USING (correlation_id, updated_us, request_id) "
+    f"WHERE true ORDER BY c.rowid {_UPSERT_CURRENT}"
 )
 _SELECT = f"SELECT {_COLUMNS} FROM optin WHERE correlation_id = ?"
 _HISTORY = (
@@ -196,7 +249,7 @@ class SQLiteStore(OptInStore):
             row = self._connection().execute(_SELECT, (correlation_id,)).fetchone()
         except sqlite3.Error as exc:
             raise _wrap(exc) from exc
-        return None if row is None else _record(row)
+        return None if row is None else OptInRecord.from_row(row)
 
     def set(self, record: OptInRecord, *, idempotency_key: str | None = None) -> OptInRecord:
         cid = record.correlation_id
@@ -208,17 +261,17 @@ class SQLiteStore(OptInStore):
                 if seen is not None:
                     if seen[0] != record.fingerprint:
                         raise IdempotencyKeyReused(idempotency_key)
-                    return _record(conn.execute(_SELECT, (cid,)).fetchone())
+                    return OptInRecord.from_row(conn.execute(_SELECT, (cid,)).fetchone())
                 conn.execute(_KEY_PUT, (cid, idempotency_key, record.fingerprint, now_us))
                 self._writes += 1
                 if self._writes % _PRUNE_EVERY == 0:
                     conn.execute(_KEY_PRUNE, (since,))
-            row = _row(record)
+            row = record.row
             if conn.execute(_INSERT_EVENT, row).rowcount:
                 if conn.execute(_APPLY_CURRENT, row[:3]).rowcount:
                     # The state was just copied from this very event: it is ``record``.
                     return record
-            return _record(conn.execute(_SELECT, (cid,)).fetchone())
+            return OptInRecord.from_row(conn.execute(_SELECT, (cid,)).fetchone())
 
     def history(
         self, correlation_id: str, limit: int, before: tuple[int, str] | None = None
@@ -226,19 +279,54 @@ class SQLiteStore(OptInStore):
         us, rid = before or _NEWEST
         try:
             rows = self._connection().execute(_HISTORY, (correlation_id, us, rid, limit))
-            return [_record(row) for row in rows]
+            return [OptInRecord.from_row(row) for row in rows]
         except sqlite3.Error as exc:
             raise _wrap(exc) from exc
 
     def import_events(self, records: Iterable[OptInRecord]) -> int:
-        rows = [_row(record) for record in records]
-        with self._transaction() as conn:
-            added = conn.executemany(_INSERT_EVENT, rows).rowcount
-            # Re-applying an event already stored is harmless: the state is a maximum.
-            conn.executemany(_APPLY_CURRENT, [row[:3] for row in rows])
-            return added
+        return self.import_rows(record.row for record in records)
 
-    def events(self, since: datetime | None = None) -> Iterator[OptInRecord]:
+    def import_rows(self, rows: Iterable[EventRow]) -> int:
+        """Stage every row in a TEMP table (no lock on the file), sort it with an
+        index, then merge it in key order, :data:`_MERGE_CHUNK` events per write
+        transaction. Rows arriving in random order (a Redis SCAN) would otherwise
+        dirty a page of the file per event in every transaction; in key order a
+        transaction appends to a few pages. Memory stays constant: SQLite's temp
+        files hold the stage."""
+        conn = self._connection()
+        try:
+            for table, create in (("optin_staged", _STAGE), ("optin_chunk", _CHUNK)):
+                conn.execute(f"DROP TABLE IF EXISTS temp.{table}")
+                conn.execute(create)
+            iterator = iter(rows)
+            while batch := list(itertools.islice(iterator, _STAGE_BATCH)):
+                conn.execute("BEGIN")  # touches the temp database only: no lock on the file
+                conn.executemany(_STAGE_INSERT, batch)
+                conn.execute("COMMIT")
+            conn.execute(_STAGE_INDEX)
+            added = 0
+            after: tuple[str, int, str] | None = ("", -(2**63), "")
+            while after is not None:
+                with self._transaction() as conn:
+                    conn.execute("DELETE FROM temp.optin_chunk")
+                    filled = conn.execute(_CHUNK_FILL, (*after, _MERGE_CHUNK)).rowcount
+                    after = conn.execute(_CHUNK_LAST).fetchone()
+                    if after is not None:
+                        new = conn.execute(_CHUNK_EVENTS).rowcount
+                        conn.execute(_CHUNK_CURRENT if new == filled else _CHUNK_CURRENT_STORED)
+                        added += new
+            return added
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise _wrap(exc) from exc
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("DROP TABLE IF EXISTS temp.optin_staged")
+                conn.execute("DROP TABLE IF EXISTS temp.optin_chunk")
+
+    def rows(self, since: datetime | None = None) -> Iterator[EventRow]:
         query = f"SELECT {_COLUMNS} FROM optin_event"
         params: tuple[int, ...] = ()
         if since is not None:
@@ -247,10 +335,13 @@ class SQLiteStore(OptInStore):
         try:
             cursor = self._connection().execute(query, params)
             while batch := cursor.fetchmany(1000):
-                for row in batch:
-                    yield _record(row)
+                yield from batch
         except sqlite3.Error as exc:
             raise _wrap(exc) from exc
+
+    def events(self, since: datetime | None = None) -> Iterator[OptInRecord]:
+        for row in self.rows(since):
+            yield OptInRecord.from_row(row)
 
     def count_events(self) -> int:
         try:
@@ -392,25 +483,6 @@ def _queue_up(fd: int | None, deadline: float) -> int | None:
             delay = min(delay * 2, 0.001)
         except OSError:
             return None
-
-
-_Row = tuple[str, int, str, str, str, str]
-
-
-def _row(record: OptInRecord) -> _Row:
-    return (
-        record.correlation_id,
-        record.updated_at_us,
-        record.request_id,
-        record.status,
-        record.source,
-        record.client,
-    )
-
-
-def _record(row: _Row) -> OptInRecord:
-    cid, us, rid, status, source, client = row
-    return OptInRecord.from_us(cid, status, us, rid, source, client)  # type: ignore[arg-type]
 
 
 def _now_us() -> int:

@@ -8,15 +8,14 @@ Progress bars show on a terminal and stay quiet when output is piped.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
 import click
 from flask import current_app
@@ -24,22 +23,13 @@ from flask.cli import AppGroup
 
 from .registry import redact, store_from_url
 from .schemas import CORRELATION_ID, SOURCE, dump_event, load_event
-from .storage import STATUSES, OptInRecord, OptInStore
-
-BATCH = 5000  # events per import/migrate batch: one transaction or one pipeline
-T = TypeVar("T")
+from .storage import STATUSES, EventRow, OptInRecord, OptInStore
 
 optin = AppGroup("optin", help="Read and write opt-in records; export, import, migrate.")
 
 
 def _store() -> OptInStore:
     return current_app.extensions["optin"].store
-
-
-def _batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    iterator = iter(items)
-    while batch := list(itertools.islice(iterator, size)):
-        yield batch
 
 
 class _Quiet:
@@ -140,22 +130,23 @@ def import_command(file: IO[bytes]) -> None:
     the exit code is 1 if any line failed.
     """
     store = _store()
-    read = added = failed = 0
+    read = failed = 0
 
-    def records() -> Iterator[OptInRecord]:
-        nonlocal failed
+    def rows() -> Iterator[EventRow]:
+        nonlocal read, failed
         for number, line in enumerate(file, 1):
             if not line.strip():
                 continue
             try:
-                yield load_event(line)
+                row = load_event(line).row
             except ValueError as exc:
                 failed += 1
                 click.echo(f"line {number}: {exc}", err=True)
+                continue
+            read += 1
+            yield row
 
-    for batch in _batched(records(), BATCH):
-        added += store.import_events(batch)
-        read += len(batch)
+    added = store.import_rows(rows())
     click.echo(
         f"imported {read} events: {added} new, {read - added} already present; "
         f"{failed} lines failed",
@@ -177,13 +168,21 @@ def migrate_command(target_url: str) -> None:
     try:
         total = source.count_events()
         before = target.count_events()
-        copied = added = 0
+        copied = 0
         started = time.monotonic()
         with _progress("migrating", lambda: total) as bar:
-            for batch in _batched(source.events(), BATCH):
-                added += target.import_events(batch)
-                copied += len(batch)
-                bar.update(len(batch))
+
+            def counted() -> Iterator[EventRow]:
+                nonlocal copied
+                for row in source.rows():
+                    yield row
+                    copied += 1
+                    if copied % 1000 == 0:
+                        bar.update(1000)
+
+            # The target batches the stream itself (pipelines, ordered transactions).
+            added = target.import_rows(counted())
+            bar.update(copied % 1000)
         seconds = time.monotonic() - started
         after = target.count_events()
     finally:

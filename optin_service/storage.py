@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import itertools
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Literal
@@ -18,6 +19,11 @@ Status = Literal["accepted", "declined"]
 STATUSES: tuple[Status, ...] = ("accepted", "declined")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+#: An event as stores move it in bulk, with no record built per event:
+#: ``(correlation_id, updated_at µs, request_id, status, source, client)``.
+EventRow = tuple[str, int, str, str, str, str]
 
 
 class StorageError(Exception):
@@ -94,6 +100,24 @@ class OptInRecord:
         """Rebuild a record from the microsecond timestamp a store kept."""
         moment = _EPOCH + timedelta(microseconds=micros)
         return cls(correlation_id, status, moment, request_id, source, client)
+
+    @property
+    def row(self) -> EventRow:
+        """The record as an :data:`EventRow`."""
+        return (
+            self.correlation_id,
+            self.updated_at_us,
+            self.request_id,
+            self.status,
+            self.source,
+            self.client,
+        )
+
+    @classmethod
+    def from_row(cls, row: EventRow) -> OptInRecord:
+        """The record an :data:`EventRow` holds."""
+        cid, us, rid, status, source, client = row
+        return cls.from_us(cid, status, us, rid, source, client)  # type: ignore[arg-type]
 
     @property
     def precedence(self) -> tuple[int, bool, str]:
@@ -173,6 +197,28 @@ class OptInStore(abc.ABC):
     @abc.abstractmethod
     def events(self, since: datetime | None = None) -> Iterator[OptInRecord]:
         """Every stored event (at or after ``since``), streamed in constant memory."""
+
+    def rows(self, since: datetime | None = None) -> Iterator[EventRow]:
+        """:meth:`events` as :data:`EventRow` tuples: what ``optin migrate`` reads.
+
+        Backends may override it to skip building a record per event.
+        """
+        for record in self.events(since):
+            yield record.row
+
+    def import_rows(self, rows: Iterable[EventRow]) -> int:
+        """:meth:`import_events` for a whole stream of :data:`EventRow` tuples, of any
+        length: the store batches it as suits it (``optin import`` and ``migrate``).
+
+        Same rules as :meth:`import_events`; returns how many events were new.
+        Backends may override it with a bulk path. Rows are trusted: they come
+        from another store or from :func:`~optin_service.schemas.load_event`.
+        """
+        added = 0
+        iterator = iter(rows)
+        while batch := [OptInRecord.from_row(row) for row in itertools.islice(iterator, 5000)]:
+            added += self.import_events(batch)
+        return added
 
     @abc.abstractmethod
     def count_events(self) -> int:

@@ -12,6 +12,7 @@ import fakeredis
 import pytest
 import redis
 
+import backends.redis
 import backends.sqlite
 from backends.memory import MemoryStore
 from backends.redis import RedisStore
@@ -81,7 +82,14 @@ def redis_store(request, tmp_path):
 
 
 class TestStoreContract(StoreContract):
-    pass
+    @pytest.fixture(autouse=True)
+    def _small_batches(self, monkeypatch):
+        """Bulk paths cut their input into batches, chunks and script calls; cut
+        small here, the contract crosses every boundary."""
+        monkeypatch.setattr(backends.sqlite, "_STAGE_BATCH", 7)
+        monkeypatch.setattr(backends.sqlite, "_MERGE_CHUNK", 13)
+        monkeypatch.setattr(backends.redis, "_SCRIPT_EVENTS", 3)
+        monkeypatch.setattr(backends.redis, "_BATCH", 2)
 
 
 # --- memory ----------------------------------------------------------------------
@@ -249,8 +257,11 @@ def sqlite_store(sqlite_url):
 
 
 def _break_apply_current(monkeypatch, store, tmp_path):
-    # The second statement of a write (the current state) becomes invalid SQL.
+    # The second statement of a write (the current state) becomes invalid SQL,
+    # in a single write and in a bulk import.
     monkeypatch.setattr(backends.sqlite, "_APPLY_CURRENT", "UPDATE optin SET nonsense")
+    for name in ("_CHUNK_CURRENT", "_CHUNK_CURRENT_STORED"):
+        monkeypatch.setattr(backends.sqlite, name, "UPDATE optin SET nonsense")
 
 
 def _drop_current_table(monkeypatch, store, tmp_path):
