@@ -749,6 +749,36 @@ class StoreContract:
         assert store.import_events(e for e in batch) == len(batch)
         assert store.count_events() == len(batch)
 
+    def test_precedence_holds_across_eras(self, store: OptInStore) -> None:
+        """Before 1970 (negative µs), across the epoch, and far ahead, a microsecond
+        apart: a store comparing times as text or as floats gets one of these wrong."""
+        eras = [
+            datetime(1899, 12, 31, 23, 59, 59, 999998, tzinfo=timezone.utc),
+            datetime(1899, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc),
+            datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc),
+            datetime(1970, 1, 1, tzinfo=timezone.utc),
+            datetime(1970, 1, 1, 0, 0, 0, 1, tzinfo=timezone.utc),
+            datetime(2001, 9, 9, 1, 46, 39, 999999, tzinfo=timezone.utc),  # 10^15 - 1 µs
+            datetime(2001, 9, 9, 1, 46, 40, tzinfo=timezone.utc),  # one more digit
+            datetime(2200, 1, 1, 0, 0, 0, 1, tzinfo=timezone.utc),
+        ]
+        for i, moment in enumerate(eras):
+            # Declined first: at the next µs an acceptance must still win.
+            declined = OptInRecord(f"era-{i}", "declined", moment, f"d{i}")
+            assert store.set(declined) == declined
+            later = OptInRecord(f"era-{i}", "accepted", moment + _US, f"a{i}")
+            assert store.set(later) == later
+            assert store.get(f"era-{i}") == later
+            earlier = OptInRecord(f"era-{i}", "declined", moment - _US, f"e{i}")
+            assert store.set(earlier) == later
+            assert store.get(f"era-{i}") == later
+        for j, (older, newer) in enumerate(itertools.pairwise(eras)):
+            cid = f"pair-{j}"
+            newest = OptInRecord(cid, "declined", newer, "n")
+            assert store.import_events([newest, OptInRecord(cid, "accepted", older, "o")]) == 2
+            assert store.import_events([OptInRecord(cid, "accepted", newer, "z")]) == 1
+            assert store.get(cid) == newest
+
     def test_rows_are_the_events_as_tuples(self, store: OptInStore) -> None:
         batch = self._batch()
         store.import_events(batch)
