@@ -48,12 +48,18 @@ def _reject_constant(name: str) -> Any:
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise _BadJSON(f"Duplicate key in JSON body: {key}")
-        obj[key] = value
+    obj = dict(pairs)
+    if len(obj) != len(pairs):  # a key came twice: name the first that did
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _BadJSON(f"Duplicate key in JSON body: {key}")
+            seen.add(key)
     return obj
+
+
+# Built once: json.loads with hooks builds a new decoder and scanner on every call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_reject_duplicates)
 
 
 def loads_object(text: str | bytes, what: str = "Request body") -> dict[str, Any]:
@@ -64,9 +70,9 @@ def loads_object(text: str | bytes, what: str = "Request body") -> dict[str, Any
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
-        value = json.loads(
-            text, parse_constant=_reject_constant, object_pairs_hook=_reject_duplicates
-        )
+        if text.startswith("\ufeff"):  # what json.loads refuses before decoding
+            raise ValueError("Unexpected UTF-8 BOM")
+        value = _DECODER.decode(text)
     except _BadJSON:
         raise
     except UnicodeDecodeError:

@@ -203,6 +203,8 @@ def test_limit_follows_config(monkeypatch):
             "Duplicate key in JSON body: LOYALTY_OPTIN",
         ),
         ('{"LOYALTY_OPTIN":"accepted","x":{"a":1,"a":2}}', "Duplicate key in JSON body: a"),
+        ('{"a":1,"b":1,"b":2,"a":3}', "Duplicate key in JSON body: b"),  # the first repeated
+        ('\ufeff{"LOYALTY_OPTIN":"accepted"}'.encode(), "Request body is not valid JSON"),
         ("[" * 5000 + "]" * 5000, "Request body is not valid JSON"),
     ],
 )
