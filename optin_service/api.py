@@ -9,7 +9,7 @@ import json
 import re
 from contextlib import AbstractContextManager, nullcontext
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Request, Response, current_app, request
 from werkzeug.exceptions import NotFound, RequestEntityTooLarge
 
 from .auth import check_request, client_name
@@ -63,14 +63,13 @@ def _checked_id(correlation_id: str) -> str:
     return correlation_id
 
 
-def _body() -> bytes:
-    """The request body, at most ``OPTIN_MAX_BODY_BYTES`` long (else 413)."""
-    limit = current_app.config["OPTIN_MAX_BODY_BYTES"]
+def _body(req: Request, limit: int) -> bytes:
+    """The request body, at most ``limit`` (``OPTIN_MAX_BODY_BYTES``) long (else 413)."""
     # Set per request (Flask >= 3.1) so a host app's own limit is left alone. One
     # byte of headroom: a body without Content-Length (chunked) is cut at the limit
     # silently, and that extra byte tells a body that fits from one that does not.
-    request.max_content_length = limit + 1
-    data = request.get_data(cache=False)
+    req.max_content_length = limit + 1
+    data = req.get_data(cache=False)
     if len(data) > limit:
         raise RequestEntityTooLarge()
     return data
@@ -88,21 +87,23 @@ def _header(name: str, pattern: re.Pattern[str], rule: str) -> str | None:
 def put_optin(correlation_id: str) -> Response:
     """Record the member's answer as a new event; the body is the seed's, byte for byte."""
     correlation_id = _checked_id(correlation_id)
+    # Flask's request and current_app are proxies resolved on every use: once here.
+    req = request._get_current_object()  # type: ignore[attr-defined]
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
     # Most PUTs carry neither optional header: look for each in the WSGI environ
     # (where request.headers reads it from) before the header lookup proper.
-    environ = request.environ
+    environ = req.environ
     source = key = None
     if "HTTP_X_CONSENT_SOURCE" in environ:
         source = _header("X-Consent-Source", SOURCE, "1 to 32 characters of A-Z a-z 0-9 _ -")
     if "HTTP_IDEMPOTENCY_KEY" in environ:
         key = _header("Idempotency-Key", IDEMPOTENCY_KEY, "1 to 255 printable ASCII characters")
-    if environ.get("CONTENT_TYPE") != "application/json" and request.mimetype != "application/json":
+    if environ.get("CONTENT_TYPE") != "application/json" and req.mimetype != "application/json":
         raise ApiError(415, "Content-Type must be application/json")
-    status = load_optin_status(_body())
+    status = load_optin_status(_body(req, app.config["OPTIN_MAX_BODY_BYTES"]))
     record = OptInRecord.now(
         correlation_id, status, request_id(), source or DEFAULT_SOURCE, client_name()
     )
-    app = current_app._get_current_object()  # type: ignore[attr-defined]
     state = app.extensions["optin"]
     metrics_on = app.config["OPTIN_METRICS"]
     try:

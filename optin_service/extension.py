@@ -176,9 +176,10 @@ def _finish(response: Response) -> Response:
     state = app.extensions["optin"]
     if not state.owns(req):
         return response
-    apply_headers(response)
+    ctx = g._get_current_object()  # type: ignore[attr-defined]
+    apply_headers(response, ctx)
     now = time.perf_counter()
-    seconds = now - g._get_current_object().get("optin_started", now)  # type: ignore[attr-defined]
+    seconds = now - ctx.get("optin_started", now)
     rule = req.url_rule
     route = rule.rule if rule is not None else "unmatched"
     method = req.method
@@ -198,7 +199,7 @@ def _finish(response: Response) -> Response:
             None,
             "_finish",
             {
-                "request_id": request_id(),
+                "request_id": request_id(ctx),
                 "method": method,
                 "route": route,
                 "status": status,

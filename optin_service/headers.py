@@ -100,19 +100,26 @@ def new_request_id() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-def request_id() -> str:
-    """This request's id (made on first use, so error paths have one too)."""
-    ctx = g._get_current_object()  # type: ignore[attr-defined]
+def request_id(ctx: Any = None) -> str:
+    """This request's id (made on first use, so error paths have one too).
+
+    ``ctx`` is this request's ``flask.g``, for a caller that holds it already.
+    """
+    if ctx is None:
+        ctx = g._get_current_object()  # type: ignore[attr-defined]
     rid = ctx.get("optin_request_id")
     if rid is None:
         rid = ctx.optin_request_id = new_request_id()
     return rid
 
 
-def apply_headers(response: Response) -> Response:
-    """Set the seed's headers and a request id on ``response``, replacing any already set."""
+def apply_headers(response: Response, ctx: Any = None) -> Response:
+    """Set the seed's headers and a request id on ``response``, replacing any already set.
+
+    ``ctx`` is this request's ``flask.g``, for a caller that holds it already.
+    """
     headers = response.headers
-    rid = request_id()
+    rid = request_id(ctx)
     items = getattr(headers, "_list", None)
     if type(items) is list and not any(k.lower() in _OWN_NAMES for k, _ in items):
         # The usual case (only Content-Type and Content-Length so far): append the
