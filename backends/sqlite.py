@@ -239,6 +239,9 @@ class SQLiteStore(OptInStore):
                         raise
                     time.sleep(0.01)
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            # A bulk import stages every row in TEMP tables: on disk (TMPDIR), not in
+            # memory, whatever this SQLite build's default, so memory stays constant.
+            conn.execute("PRAGMA temp_store = FILE")
         except sqlite3.Error as exc:
             conn.close()
             raise _wrap(exc) from exc
