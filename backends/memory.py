@@ -24,9 +24,9 @@ class MemoryStore(OptInStore):
 
     def __init__(self) -> None:
         self._current: dict[str, OptInRecord] = {}
-        # Per member: events sorted by position, and the positions alone for bisect.
+        # Per member: events sorted by position (searched with bisect's key=, not a
+        # parallel list of positions: a tuple, an int and a list entry less per event).
         self._history: dict[str, list[OptInRecord]] = {}
-        self._positions: dict[str, list[tuple[int, str]]] = {}
         self._keys: dict[tuple[str, str], tuple[str, datetime]] = {}
         self._lock = threading.Lock()
 
@@ -54,13 +54,16 @@ class MemoryStore(OptInStore):
 
     def _add(self, record: OptInRecord) -> bool:
         cid = record.correlation_id
-        positions = self._positions.setdefault(cid, [])
+        events = self._history.get(cid)
+        if events is None:  # a list of exactly one (append would reserve room for four)
+            self._history[cid] = [record]
+            self._current[cid] = record
+            return True
         position = record.position
-        at = bisect.bisect_left(positions, position)
-        if at < len(positions) and positions[at] == position:
+        at = bisect.bisect_left(events, position, key=_position)
+        if at < len(events) and events[at].position == position:
             return False
-        positions.insert(at, position)
-        self._history.setdefault(cid, []).insert(at, record)
+        events.insert(at, record)
         current = self._current.get(cid)
         if current is None or record.precedence > current.precedence:
             self._current[cid] = record
@@ -71,8 +74,9 @@ class MemoryStore(OptInStore):
     ) -> list[OptInRecord]:
         with self._lock:
             events = self._history.get(correlation_id, [])
-            positions = self._positions.get(correlation_id, [])
-            end = len(events) if before is None else bisect.bisect_left(positions, before)
+            end = (
+                len(events) if before is None else bisect.bisect_left(events, before, key=_position)
+            )
             return events[max(0, end - limit) : end][::-1]
 
     def import_events(self, records: Iterable[OptInRecord]) -> int:
@@ -95,3 +99,7 @@ class MemoryStore(OptInStore):
 
     def close(self) -> None:
         return None
+
+
+def _position(record: OptInRecord) -> tuple[int, str]:
+    return record.position
