@@ -594,6 +594,29 @@ def test_migrate_keeps_the_current_state_when_events_tie_in_time_and_status(make
     assert target.store.get("m") == source.store.get("m")
 
 
+def test_migrate_reading_an_event_twice_is_no_mismatch(make_backend, monkeypatch):
+    """A Redis SCAN may return a key twice: the repeat is skipped, the copy is whole."""
+    source, target = make_backend("sqlite"), make_backend("sqlite")
+    events = sample(20)
+    source.store.import_events(events)
+    rows = list(source.store.rows())
+    monkeypatch.setattr(source.store, "rows", lambda since=None: iter([*rows, rows[3]]))
+    result = check(source.optin("migrate", "--to", target.url))
+    copied, added, _, holds = summary(result, COPIED)
+    assert (int(copied), int(added), int(holds)) == (len(events) + 1, len(events), len(events))
+    assert set(target.store.events()) == set(events)
+
+
+def test_migrate_reading_fewer_events_than_the_source_holds_fails(make_backend, monkeypatch):
+    source, target = make_backend("sqlite"), make_backend("sqlite")
+    source.store.import_events(sample(20))
+    rows = list(source.store.rows())
+    monkeypatch.setattr(source.store, "rows", lambda since=None: iter(rows[1:]))
+    result = source.optin("migrate", "--to", target.url)
+    assert result.exit_code == 1
+    assert f"count mismatch: source had {len(rows)} events, {len(rows) - 1} copied" in result.stderr
+
+
 def test_migrate_to_an_unknown_scheme_fails_with_a_clear_message(make_backend):
     source = make_backend("memory")
     source.store.import_events(sample(1))
