@@ -152,13 +152,23 @@ local function state(key)
   return current, us, declined
 end
 
+-- a > b byte by byte, as Python compares the ids: Lua's > uses strcoll, which
+-- follows redis-server's locale (under en_US, 'B' sorts after 'a')
+local function after(a, b)
+  for i = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x > y end
+  end
+  return #a > #b
+end
+
 -- a > b, for integers written in decimal without leading zeros
 local function greater(a, b)
   local a_negative, b_negative = string.sub(a, 1, 1) == '-', string.sub(b, 1, 1) == '-'
   if a_negative ~= b_negative then return b_negative end
   if #a ~= #b then return (#a > #b) ~= a_negative end
   if a == b then return false end
-  return (a > b) ~= a_negative
+  return after(a, b) ~= a_negative
 end
 
 -- The request id and member of the current event among the members at its µs:
@@ -168,7 +178,7 @@ local function newest(members, declined)
   local best_rid, best
   for _, member in ipairs(members) do
     local rid, their_status = string.match(member, '^([^\\n]*) (%a+) [^ \\n]+')
-    if their_status == status and (not best_rid or rid > best_rid) then
+    if their_status == status and (not best_rid or after(rid, best_rid)) then
       best_rid, best = rid, member
     end
   end
@@ -193,7 +203,7 @@ local function apply(key, history, us, member, value, declined, rid, current, cu
     elseif declined ~= cur_declined then
       replace = declined == '1'
     else  -- the current event is among same_time
-      replace = rid > (newest(same_time, cur_declined) or '')
+      replace = after(rid, newest(same_time, cur_declined) or '')
     end
   end
   if redis.call('ZSCORE', history, member) then

@@ -88,10 +88,17 @@ def client(port: int, **kwargs: object) -> redis.Redis:
 class RedisProcess:
     """One redis-server (a data node or a Sentinel) in its own directory."""
 
-    def __init__(self, workdir: Path, args: list[str], port: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        args: list[str],
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.port = port or free_port()
         self.args = args
+        self.env = env  # added to this process's environment
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -115,7 +122,10 @@ class RedisProcess:
             "--logfile", str(self.workdir / "redis.log"),
             *extra,
         ]  # fmt: skip
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env = {**os.environ, **self.env} if self.env else None
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+        )
         wait_for_port(self.port, proc=self.proc)
         return self
 

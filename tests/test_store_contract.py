@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -24,7 +25,7 @@ from optin_service.storage import (
     StorageUnavailable,
 )
 from optin_service.testing import StoreContract
-from tests.servers import free_port
+from tests.servers import RedisProcess, free_port
 
 STAMP = datetime(2026, 11, 26, 12, 0, 0, 123456, tzinfo=timezone.utc)
 
@@ -532,3 +533,38 @@ def test_redis_close_closes_a_client_it_built(monkeypatch):
     monkeypatch.setattr(store.client, "close", lambda: closed.append(True))
     store.close()
     assert closed == [True]
+
+
+@pytest.mark.slow
+@pytest.mark.redis_server
+def test_redis_ties_follow_code_points_whatever_the_servers_locale(tmp_path):
+    """redis-server collates Lua strings by its locale (strcoll): under en_US "B" sorts
+    after "a". Equal times and statuses must still go to the greater request id by
+    code point, as on every backend, or a migration would change the current state."""
+    locales = tmp_path / "locales"
+    locales.mkdir()
+    built = subprocess.run(
+        ["localedef", "-i", "en_US", "-f", "UTF-8", str(locales / "en_US.UTF-8")],
+        capture_output=True,
+        text=True,
+    )
+    if not (locales / "en_US.UTF-8" / "LC_COLLATE").exists():
+        pytest.skip(f"localedef cannot build en_US.UTF-8 here: {built.stderr.strip()}")
+    server = RedisProcess(
+        tmp_path / "redis",
+        ["--save", "", "--appendonly", "no"],
+        env={"LOCPATH": str(locales), "LC_ALL": "en_US.UTF-8"},
+    ).start()
+    store = RedisStore.from_url(f"redis://127.0.0.1:{server.port}/0")
+    try:
+        for cid, order in (("upper-first", ("B", "a")), ("lower-first", ("a", "B"))):
+            records = {rid: OptInRecord(cid, "accepted", STAMP, rid, f"S{rid}") for rid in order}
+            for rid in order:
+                store.set(records[rid])
+            assert store.get(cid) == records["a"], cid  # "a" (0x61) > "B" (0x42)
+            reference = MemoryStore()
+            reference.import_events(records.values())
+            assert store.get(cid) == reference.get(cid)
+    finally:
+        store.close()
+        server.stop()
