@@ -320,11 +320,13 @@ class SQLiteStore(OptInStore):
                         added += new
             return added
         except sqlite3.Error as exc:
+            raise _wrap(exc) from exc
+        finally:
+            # Whatever stopped it (a driver error, a row SQLite cannot take, an
+            # interrupt), no transaction stays open on this thread's connection.
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-            raise _wrap(exc) from exc
-        finally:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("DROP TABLE IF EXISTS temp.optin_staged")
                 conn.execute("DROP TABLE IF EXISTS temp.optin_chunk")

@@ -304,6 +304,19 @@ def test_sqlite_a_write_failing_halfway_stores_no_event(
     assert store.count_events() == 2
 
 
+def test_sqlite_an_import_stopped_halfway_leaves_no_transaction_open(sqlite_store):
+    store = sqlite_store
+    good = OptInRecord("member-1", "accepted", STAMP, "r1").row
+    too_late = ("member-2", 2**63, "r2", "accepted", "API", "")  # no SQLite integer holds it
+    with pytest.raises(OverflowError):
+        store.import_rows([good, too_late])
+    assert not store._connection().in_transaction
+    later = OptInRecord("member-3", "declined", STAMP, "r3")
+    assert store.set(later) == later
+    assert store.import_rows([good]) == 1
+    assert sorted(store.rows()) == sorted([good, later.row])
+
+
 def test_sqlite_a_refused_or_replayed_key_writes_nothing(sqlite_store, tmp_path):
     store = sqlite_store
     first = OptInRecord("member-1", "accepted", STAMP, "r1")
