@@ -302,6 +302,7 @@ return total
 #: Events per call of the import script: about a millisecond of Redis's time.
 _SCRIPT_EVENTS = 100
 _KEY_TTL = int(IDEMPOTENCY_TTL.total_seconds())
+_EXACT = 2**53  # µs: beyond, a sorted-set score (a double) rounds (storage.EARLIEST/LATEST)
 _BATCH = 1000  # keys per SCAN step and commands per pipeline
 
 #: One write: the script's KEYS and ARGV.
@@ -1046,6 +1047,8 @@ def _event_args(row: EventRow) -> list[object]:
     """An event's ARGV for the write scripts: µs, history member, state value,
     1 if declined, request id."""
     _, us, request_id, status, source, client = row
+    if not -_EXACT <= us <= _EXACT:  # rows skip OptInRecord's own check
+        raise StorageError(f"redis: a time of {us} µs since the epoch cannot be scored exactly")
     # The caller (client) follows a newline, which no other part can hold (the
     # client's own newlines and backslashes are escaped); an event without one
     # is stored exactly as before clients were recorded.

@@ -17,7 +17,7 @@ from typing import Any
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate
 
 from .errors import ERROR_CODES, ApiError
-from .storage import DEFAULT_SOURCE, STATUSES, OptInRecord, Status
+from .storage import DEFAULT_SOURCE, EARLIEST, LATEST, STATUSES, OptInRecord, Status
 
 INVALID_OPTIN = "Invalid opt-in response provided"
 MISSING_OPTIN = "LOYALTY_OPTIN missing from body"
@@ -104,7 +104,12 @@ class Timestamp(fields.AwareDateTime):
         # events could then share one identity.
         if isinstance(value, str) and _SUBMICROSECOND.search(value):
             raise ValidationError("has more than six fractional digits (microseconds)")
-        return super()._deserialize(value, attr, data, **kwargs)
+        moment = super()._deserialize(value, attr, data, **kwargs)
+        if not EARLIEST <= moment <= LATEST:
+            raise ValidationError(
+                f"must be between {format_time(EARLIEST)} and {format_time(LATEST)}"
+            )
+        return moment
 
 
 def _status(**kwargs: Any) -> fields.String:

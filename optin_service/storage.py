@@ -34,6 +34,12 @@ class StorageUnavailable(StorageError):
     """The store cannot be reached right now (answered as a 503 with Retry-After)."""
 
 
+#: The times a store can keep exactly: whole µs since the epoch, within ±2**53 µs
+#: (a Redis sorted-set score is a double). No consent predates 1684 or follows 2255.
+EARLIEST = _EPOCH - timedelta(microseconds=2**53)
+LATEST = _EPOCH + timedelta(microseconds=2**53)
+_TIME_RANGE = f"between {EARLIEST.isoformat()} and {LATEST.isoformat()}"
+
 #: The ``source`` of an event recorded without an ``X-Consent-Source`` header.
 DEFAULT_SOURCE = "API"
 #: How long an ``Idempotency-Key`` is remembered.
@@ -68,6 +74,8 @@ class OptInRecord:
             raise ValueError(f"status must be one of {STATUSES}, not {self.status!r}")
         if self.updated_at.tzinfo is None:
             raise ValueError("updated_at must be timezone-aware")
+        if not EARLIEST <= self.updated_at <= LATEST:
+            raise ValueError(f"updated_at must be {_TIME_RANGE}, not {self.updated_at}")
 
     @classmethod
     def now(

@@ -25,7 +25,7 @@ def test_times_are_utc_with_four_digit_years_and_microseconds(moment, text):
     assert format_time(moment) == text
 
 
-@pytest.mark.parametrize("year", [1, 999, 1969, 2026, 9999])
+@pytest.mark.parametrize("year", [1685, 1969, 2026, 2255])
 def test_an_exported_event_imports_back_identically(year):
     record = OptInRecord(
         "m-1",
@@ -38,6 +38,37 @@ def test_an_exported_event_imports_back_identically(year):
     import json
 
     assert load_event(json.dumps(dump_event(record))) == record
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        "0001-01-01T00:00:00Z",
+        "1684-07-28T00:12:25.259007Z",
+        "2255-06-05T23:47:34.740993Z",
+        "9999-12-31T23:59:59.999999Z",
+    ],
+)
+def test_an_event_beyond_the_times_every_store_keeps_exactly_is_refused(when):
+    line = (
+        '{"correlationId":"a","LOYALTY_OPTIN":"accepted",'
+        f'"updatedAt":"{when}","requestId":"r","source":"API"}}'
+    )
+    with pytest.raises(
+        ValueError, match=r"^updatedAt: must be between 1684-07-28T00:12:25\.259008Z "
+    ):
+        load_event(line)
+    with pytest.raises(ValueError, match="updated_at must be between"):
+        OptInRecord("a", "accepted", datetime.fromisoformat(when.replace("Z", "+00:00")))
+
+
+def test_the_first_and_last_exact_times_are_kept():
+    for when in ("1684-07-28T00:12:25.259008Z", "2255-06-05T23:47:34.740992Z"):
+        line = (
+            '{"correlationId":"a","LOYALTY_OPTIN":"accepted",'
+            f'"updatedAt":"{when}","requestId":"r","source":"API"}}'
+        )
+        assert format_time(load_event(line).updated_at) == when
 
 
 def test_a_time_finer_than_microseconds_is_refused_not_cut():

@@ -581,3 +581,17 @@ def test_redis_ties_follow_code_points_whatever_the_servers_locale(tmp_path):
     finally:
         store.close()
         server.stop()
+
+
+def test_redis_refuses_a_row_whose_time_a_score_would_round(redis_store):
+    """Rows skip OptInRecord's range check; a time beyond 2**53 µs would come back
+    rounded from the sorted set, so it is refused, and the edge itself is exact."""
+    store = redis_store
+    edge = ("member-1", 2**53, "r1", "accepted", "API", "")
+    beyond = ("member-2", 2**53 + 1, "r2", "accepted", "API", "")
+    with pytest.raises(StorageError, match="cannot be scored exactly"):
+        store.import_rows([beyond])
+    assert store.count_events() == 0
+    assert store.import_rows([edge, (*edge[:2], "r0", *edge[3:])]) == 2
+    assert sorted(store.rows()) == sorted([edge, (*edge[:2], "r0", *edge[3:])])
+    assert store.get("member-1").request_id == "r1"
