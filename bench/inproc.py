@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,10 +38,10 @@ import load  # noqa: E402  (bench/load.py)
 BODIES = (b'{"LOYALTY_OPTIN": "accepted"}', b'{"LOYALTY_OPTIN": "declined"}')
 
 
-def child(app_spec: str, requests: int, repeats: int) -> dict:
-    sys.path.insert(0, str(ROOT))
-    module, _, name = app_spec.partition(":")
-    app = getattr(__import__(module, fromlist=[name]), name)
+def put_caller(app: Callable, statuses: dict[str, int] | None = None) -> Callable[[], None]:
+    """A function calling ``app`` with one PUT as ``bench/put.lua`` sends it (random member,
+    random answer), counting the statuses in ``statuses``. Werkzeug's test module is
+    imported here, after the app, so the app's own imports happen as in a worker."""
     from werkzeug.test import EnvironBuilder
 
     base = EnvironBuilder(
@@ -48,10 +49,10 @@ def child(app_spec: str, requests: int, repeats: int) -> dict:
     ).get_environ()
     base["REMOTE_ADDR"] = "127.0.0.1"
     rng = random.Random(1)
-    statuses: dict[str, int] = {}
+    counts = statuses if statuses is not None else {}
 
     def start_response(status: str, headers: list, exc_info: object = None) -> None:
-        statuses[status] = statuses.get(status, 0) + 1
+        counts[status] = counts.get(status, 0) + 1
 
     def one() -> None:
         environ = dict(base)
@@ -63,6 +64,16 @@ def child(app_spec: str, requests: int, repeats: int) -> dict:
         b"".join(result)
         if hasattr(result, "close"):
             result.close()
+
+    return one
+
+
+def child(app_spec: str, requests: int, repeats: int) -> dict:
+    sys.path.insert(0, str(ROOT))
+    module, _, name = app_spec.partition(":")
+    app = getattr(__import__(module, fromlist=[name]), name)
+    statuses: dict[str, int] = {}
+    one = put_caller(app, statuses)
 
     for _ in range(min(2000, requests)):  # warm-up
         one()
