@@ -61,7 +61,6 @@ On ``redis+sentinel`` and ``redis+cluster`` the only other options are
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 import os
 import re
@@ -96,6 +95,7 @@ from optin_service.storage import (
     OptInStore,
     StorageError,
     StorageUnavailable,
+    batched,
 )
 
 DEFAULT_PREFIX = "optin:"
@@ -468,7 +468,7 @@ class RedisStore(OptInStore):
         events per pipeline (ending with WAIT when replicas must acknowledge); the
         next pipeline is built while Redis runs the previous one."""
         touch = self.min_replicas_acked > 0
-        batches = _chunks(iter(rows), _BATCH * 5)
+        batches = batched(rows, _BATCH * 5)
         pipelines = (self._import_pipeline(batch, touch) for batch in batches)
         try:
             return sum(_overlapped(pipelines, functools.partial(self._run_import, touch=touch)))
@@ -858,7 +858,7 @@ class RedisClusterStore(RedisStore):
         touch = self.min_replicas_acked > 0
         added = 0
         try:
-            for batch in _chunks(iter(rows), _BATCH):
+            for batch in batched(rows, _BATCH):
                 calls = []
                 for row in batch:
                     key = self.key(row[0])
@@ -902,11 +902,6 @@ class RedisClusterStore(RedisStore):
             client, self._client = self._client, None
         if client is not None:
             client.close()
-
-
-def _chunks(items: Iterator[T], size: int) -> Iterator[list[T]]:
-    while batch := list(itertools.islice(items, size)):
-        yield batch
 
 
 def _overlapped(items: Iterator[T], run: Callable[[T], R]) -> Iterator[R]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import itertools
 import os
 import sqlite3
 import threading
@@ -39,6 +38,7 @@ from optin_service.storage import (
     OptInStore,
     StorageError,
     StorageUnavailable,
+    batched,
 )
 
 _SCHEMA = """
@@ -304,8 +304,7 @@ class SQLiteStore(OptInStore):
             for table, create in (("optin_staged", _STAGE), ("optin_chunk", _CHUNK)):
                 conn.execute(f"DROP TABLE IF EXISTS temp.{table}")
                 conn.execute(create)
-            iterator = iter(rows)
-            while batch := list(itertools.islice(iterator, _STAGE_BATCH)):
+            for batch in batched(rows, _STAGE_BATCH):
                 conn.execute("BEGIN")  # touches the temp database only: no lock on the file
                 conn.executemany(_STAGE_INSERT, batch)
                 conn.execute("COMMIT")

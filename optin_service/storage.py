@@ -13,9 +13,10 @@ import dataclasses
 import itertools
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta, timezone
-from typing import Literal
+from typing import Literal, TypeVar
 
 Status = Literal["accepted", "declined"]
+T = TypeVar("T")
 STATUSES: tuple[Status, ...] = ("accepted", "declined")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -24,6 +25,14 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 #: An event as stores move it in bulk, with no record built per event:
 #: ``(correlation_id, updated_at µs, request_id, status, source, client)``.
 EventRow = tuple[str, int, str, str, str, str]
+
+
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """``items`` in lists of ``size`` (the last one shorter), read lazily: the bulk
+    paths' batches (``itertools.batched`` from Python 3.12 on)."""
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
 
 
 class StorageError(Exception):
@@ -222,11 +231,10 @@ class OptInStore(abc.ABC):
         Backends may override it with a bulk path. Rows are trusted: they come
         from another store or from :func:`~optin_service.schemas.load_event`.
         """
-        added = 0
-        iterator = iter(rows)
-        while batch := [OptInRecord.from_row(row) for row in itertools.islice(iterator, 5000)]:
-            added += self.import_events(batch)
-        return added
+        return sum(
+            self.import_events([OptInRecord.from_row(row) for row in batch])
+            for batch in batched(rows, 5000)
+        )
 
     @abc.abstractmethod
     def count_events(self) -> int:
