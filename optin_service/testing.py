@@ -203,6 +203,20 @@ def _pages(store: OptInStore, correlation_id: str, limit: int) -> list[list[OptI
         assert len(pages) < 10_000, "history never ends"
 
 
+def _assert_clients_round_trip(store: OptInStore, clients: list[str]) -> list[OptInRecord]:
+    """One event per client for member-1, written with set(): each comes back whole."""
+    records = [
+        OptInRecord("member-1", "accepted", _BASE + n * _US, f"req-{n}", "sms", client)
+        for n, client in enumerate(clients)
+    ]
+    for record in records:
+        assert store.set(record) == record
+        assert store.get("member-1") == record
+    assert store.history("member-1", 100) == records[::-1]
+    assert _all_events(store) == sorted(records, key=_sort_key)
+    return records
+
+
 def _all_events(store: OptInStore) -> list[OptInRecord]:
     return sorted(store.events(), key=_sort_key)
 
@@ -429,15 +443,7 @@ class StoreContract:
             "~!#$%&'()*+,-./;<=>?@[\\]^_`|",
             "c" * 128,
         ]
-        records = [
-            OptInRecord("member-1", "accepted", _BASE + n * _US, f"req-{n}", "sms", client)
-            for n, client in enumerate(clients)
-        ]
-        for record in records:
-            assert store.set(record) == record
-            assert store.get("member-1") == record
-        assert store.history("member-1", 100) == records[::-1]
-        assert _all_events(store) == sorted(records, key=_sort_key)
+        records = _assert_clients_round_trip(store, clients)
         imported = [dataclasses.replace(r, correlation_id="member-2") for r in records]
         assert store.import_events(imported) == len(records)
         assert store.history("member-2", 100) == imported[::-1]
@@ -446,15 +452,7 @@ class StoreContract:
     def test_clients_of_any_characters_round_trip(self, store: OptInStore) -> None:
         # A JWT's client_id, azp or sub claim names the client: any text at all.
         clients = ["a\nb", "\n", "a\n\n5", "tab\there", "é", "名前", "a b\r\n"]
-        records = [
-            OptInRecord("member-1", "accepted", _BASE + n * _US, f"req-{n}", "sms", client)
-            for n, client in enumerate(clients)
-        ]
-        for record in records:
-            assert store.set(record) == record
-            assert store.get("member-1") == record
-        assert store.history("member-1", 100) == records[::-1]
-        assert _all_events(store) == sorted(records, key=_sort_key)
+        _assert_clients_round_trip(store, clients)
 
     def test_a_newer_set_wins(self, store: OptInStore) -> None:
         first = OptInRecord("member-1", "accepted", _BASE, "req-1")
