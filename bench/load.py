@@ -142,9 +142,41 @@ CONFIGS: dict[str, Config] = {
             env=(("OPTIN_METRICS", "false"),),
             note="no access log, OPTIN_METRICS=false",
         ),
+        # Not in the default run: the ceilings (bench/ceiling_app.py), the reference
+        # plus one write to the storage, with the contract's headers or without.
+        *(
+            Config(
+                f"ceiling{suffix}-{name}",
+                f"bench.ceiling_app:{factory}()",
+                2,
+                storage,
+                target=target,
+                note=f"reference + one {name} write{note}",
+            )
+            for name, storage, target in (
+                ("sqlite-full", "sqlite:///{dir}/full.db", 0.70),
+                ("sqlite-normal", "sqlite:///{dir}/normal.db?synchronous=NORMAL", 0.85),
+                ("redis", "redis://127.0.0.1:{redis_port}/0", 0.80),
+            )
+            for suffix, factory, note in (
+                ("", "headers", " + the 15 headers"),
+                ("-bare", "bare", ""),
+            )
+        ),
     )
 }
-DEFAULT_CONFIGS = ("memory", "sqlite-full", "sqlite-normal", "redis")
+# Each target's service, then its ceiling: what the reference does plus the least
+# the contract and the storage add (no implementation of the service can do better).
+DEFAULT_CONFIGS = (
+    "memory",
+    "reference-headers",
+    "sqlite-full",
+    "ceiling-sqlite-full",
+    "sqlite-normal",
+    "ceiling-sqlite-normal",
+    "redis",
+    "ceiling-redis",
+)
 P99_TARGET = 1.5
 RSS_TARGET = 1.25
 
