@@ -23,10 +23,11 @@ class MemoryStore(OptInStore):
     """Opt-in state and history in dicts. Every ``from_url`` call gives a new, empty store."""
 
     def __init__(self) -> None:
-        self._current: dict[str, OptInRecord] = {}
-        # Per member: events sorted by position (searched with bisect's key=, not a
-        # parallel list of positions: a tuple, an int and a list entry less per event).
-        self._history: dict[str, list[OptInRecord]] = {}
+        # Per member, in one dict: its only event (which is then its current state),
+        # or ``[current, events]`` once it has two, events sorted by position
+        # (searched with bisect's key=). Most members answer once: no list and no
+        # second dict entry for them.
+        self._members: dict[str, OptInRecord | list] = {}
         self._keys: dict[tuple[str, str], tuple[str, datetime]] = {}
         self._lock = threading.Lock()
 
@@ -36,7 +37,8 @@ class MemoryStore(OptInStore):
 
     def get(self, correlation_id: str) -> OptInRecord | None:
         with self._lock:
-            return self._current.get(correlation_id)
+            member = self._members.get(correlation_id)
+            return None if member is None else _current(member)
 
     def set(self, record: OptInRecord, *, idempotency_key: str | None = None) -> OptInRecord:
         cid = record.correlation_id
@@ -47,33 +49,39 @@ class MemoryStore(OptInStore):
                 if seen is not None and now - seen[1] < IDEMPOTENCY_TTL:
                     if seen[0] != record.fingerprint:
                         raise IdempotencyKeyReused(idempotency_key)
-                    return self._current[cid]
+                    return _current(self._members[cid])
                 self._keys[(cid, idempotency_key)] = (record.fingerprint, now)
             self._add(record)
-            return self._current[cid]
+            return _current(self._members[cid])
 
     def _add(self, record: OptInRecord) -> bool:
         cid = record.correlation_id
-        events = self._history.get(cid)
-        if events is None:  # a list of exactly one (append would reserve room for four)
-            self._history[cid] = [record]
-            self._current[cid] = record
+        member = self._members.get(cid)
+        if member is None:
+            self._members[cid] = record
             return True
+        if type(member) is not list:  # its second event: now a [current, events] pair
+            if member.position == record.position:
+                return False
+            events = sorted((member, record), key=_position)
+            current = record if record.precedence > member.precedence else member
+            self._members[cid] = [current, events]
+            return True
+        events = member[1]
         position = record.position
         at = bisect.bisect_left(events, position, key=_position)
         if at < len(events) and events[at].position == position:
             return False
         events.insert(at, record)
-        current = self._current.get(cid)
-        if current is None or record.precedence > current.precedence:
-            self._current[cid] = record
+        if record.precedence > member[0].precedence:
+            member[0] = record
         return True
 
     def history(
         self, correlation_id: str, limit: int, before: tuple[int, str] | None = None
     ) -> list[OptInRecord]:
         with self._lock:
-            events = self._history.get(correlation_id, [])
+            events = _events(self._members.get(correlation_id))
             end = (
                 len(events) if before is None else bisect.bisect_left(events, before, key=_position)
             )
@@ -85,14 +93,16 @@ class MemoryStore(OptInStore):
 
     def events(self, since: datetime | None = None) -> Iterator[OptInRecord]:
         with self._lock:
-            snapshot = [e for events in self._history.values() for e in events]
+            snapshot = [e for member in self._members.values() for e in _events(member)]
         for event in snapshot:
             if since is None or event.updated_at >= since:
                 yield event
 
     def count_events(self) -> int:
         with self._lock:
-            return sum(len(events) for events in self._history.values())
+            return sum(
+                len(member[1]) if type(member) is list else 1 for member in self._members.values()
+            )
 
     def check(self) -> None:
         return None
@@ -103,3 +113,13 @@ class MemoryStore(OptInStore):
 
 def _position(record: OptInRecord) -> tuple[int, str]:
     return record.position
+
+
+def _current(member: OptInRecord | list) -> OptInRecord:
+    return member[0] if type(member) is list else member
+
+
+def _events(member: OptInRecord | list | None) -> list[OptInRecord]:
+    if member is None:
+        return []
+    return member[1] if type(member) is list else [member]
