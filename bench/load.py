@@ -62,14 +62,28 @@ class Config:
     #: Targets: requests/s ratio to the paired reference (None for a reference).
     target: float | None = None
     note: str = ""
+    #: Given to gunicorn after the shipped config, for this server and its reference.
+    gunicorn_args: tuple[str, ...] = ()
 
     @property
     def is_reference(self) -> bool:
         return self.app == REFERENCE_APP
 
 
-def reference(workers: int) -> Config:
-    return Config(f"reference-{workers}w", REFERENCE_APP, workers, note="bench/reference_app.py")
+def reference(workers: int, gunicorn_args: tuple[str, ...] = ()) -> Config:
+    suffix = "-" + "".join(gunicorn_args[1:2]) if gunicorn_args else ""
+    return Config(
+        f"reference-{workers}w{suffix}",
+        REFERENCE_APP,
+        workers,
+        note="bench/reference_app.py",
+        gunicorn_args=gunicorn_args,
+    )
+
+
+# Threaded workers, which keep connections alive (wrk reuses its 16): not the shipped
+# default; run beside the sync rows to see what the choice of worker class costs.
+GTHREAD = ("--worker-class", "gthread", "--threads", "4")
 
 
 CONFIGS: dict[str, Config] = {
@@ -143,6 +157,23 @@ CONFIGS: dict[str, Config] = {
             "memory://",
             env=(("OPTIN_METRICS", "false"),),
             note="no access log, OPTIN_METRICS=false",
+        ),
+        # Not in the default run: the same with gthread workers and keep-alive.
+        *(
+            Config(
+                f"{name}-gthread",
+                SERVICE_APP,
+                workers,
+                storage,
+                note="gthread, 4 threads per worker, keep-alive",
+                gunicorn_args=GTHREAD,
+            )
+            for name, workers, storage in (
+                ("memory", 1, "memory://"),
+                ("sqlite-full", 2, "sqlite:///{dir}/full.db"),
+                ("sqlite-normal", 2, "sqlite:///{dir}/normal.db?synchronous=NORMAL"),
+                ("redis", 2, "redis://127.0.0.1:{redis_port}/0?prefix=bench:"),
+            )
         ),
         # Not in the default run: the ceilings (bench/ceiling_app.py), the reference
         # plus one write to the storage, with the contract's headers or without.
@@ -297,7 +328,7 @@ class Server:
         gunicorn = str(BIN / "gunicorn")
         self._log = open(self.log_path, "wb")  # closed in __exit__
         self.proc = subprocess.Popen(
-            [gunicorn, "-c", "gunicorn.conf.py", self.config.app],
+            [gunicorn, "-c", "gunicorn.conf.py", *self.config.gunicorn_args, self.config.app],
             cwd=ROOT,
             env=self.env,
             stdout=self._log,
@@ -387,13 +418,17 @@ def measure_pair(
         fsync = fsync_latency_us(workdir)
         slices: list[list[dict]] = [[], []]
         cpu = [0.0, 0.0]
+        cpu_each = [[0.0] * len(each) for each in pids]  # per worker: how evenly they share
         loads = [os.getloadavg()[0]]
         n_slices = max(1, round(args.duration / args.slice))
         for _ in range(n_slices):
             for i, server in enumerate(servers):
                 before = cpu_seconds(pids[i])
+                before_each = [cpu_seconds([pid]) for pid in pids[i]]
                 slices[i].append(run_wrk(server.port, args.threads, args.connections, args.slice))
                 cpu[i] += cpu_seconds(pids[i]) - before
+                for k, pid in enumerate(pids[i]):
+                    cpu_each[i][k] += cpu_seconds([pid]) - before_each[k]
             loads.append(os.getloadavg()[0])
         rss = [[rss_mib(pid) for pid in each] for each in pids]
     results = []
@@ -418,6 +453,8 @@ def measure_pair(
                     k: sum(x["errors"][k] for x in slices[i]) for k in slices[i][0]["errors"]
                 },
                 "cpu_us_per_request": cpu[i] / max(requests, 1) * 1e6,
+                # The busiest worker's share of the workers' CPU time (0.5 is even for 2).
+                "busiest_worker_cpu_share": max(cpu_each[i]) / cpu[i] if cpu[i] else float("nan"),
                 "rss_mib": statistics.mean(rss[i]),
                 "rss_mib_each": rss[i],
                 "load": statistics.mean(loads),
@@ -598,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
                 redis_port, redis_client = stack.enter_context(redis_server(workdir))
             for round_no in range(1, args.rounds + 1):
                 for config in chosen:
-                    ref_config = reference(config.workers)
+                    ref_config = reference(config.workers, config.gunicorn_args)
                     done = measure_pair(
                         (ref_config, config),
                         args,
@@ -617,6 +654,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"p99 {result['latency_us']['p99'] / 1000:6.2f} ms  "
                             f"RSS {result['rss_mib']:5.1f} MiB  "
                             f"CPU {result['cpu_us_per_request']:4.0f} µs/req  "
+                            f"busiest worker {result['busiest_worker_cpu_share']:.2f}  "
                             f"load {result['load']:.1f}  "
                             f"fsync p50 {result['fsync_us']['p50']} µs",
                             flush=True,
