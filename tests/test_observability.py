@@ -269,3 +269,183 @@ def test_sigterm_lets_an_in_flight_request_finish_and_closes_stores(tmp_path: Pa
     store = SQLiteStore.from_url(f"sqlite:///{tmp_path}/optin.db")
     assert store.get("slow-1").status == "declined"
     store.close()
+
+
+@pytest.fixture
+def sole_handler(monkeypatch):
+    """The standalone JSON handler writing to a StringIO, as the access line's only
+    destination. Call it in the test's body: pytest hangs its log capture on every
+    logger that does not propagate when each test phase starts."""
+    create_app({"OPTIN_STORAGE_URL": "memory://"})  # installs the handler
+    log = logging.getLogger("optin_service")
+    handler = next(h for h in log.handlers if getattr(h, "_optin", False))
+    stream = io.StringIO()
+    old = handler.setStream(stream)
+
+    def isolate() -> tuple[logging.StreamHandler, io.StringIO]:
+        monkeypatch.setattr(log, "handlers", [handler])
+        monkeypatch.setattr(log, "propagate", False)
+        return handler, stream
+
+    yield isolate
+    handler.setStream(old)
+
+
+_ACCESS_FIELDS = [
+    {"request_id": "r-1", "method": "PUT", "route": ROUTE, "status": 200, "duration_ms": 0.523,
+     "backend": "memory"},
+    {"request_id": 'caf\u00e9 "q"\n\u2603', "method": "GET", "route": "unmatched", "status": 404,
+     "duration_ms": 12.0, "backend": "redis+sentinel"},
+    {"request_id": "", "method": "PUT", "route": ROUTE, "status": 503, "duration_ms": 0.0,
+     "backend": "SomeStore"},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("fields", _ACCESS_FIELDS)
+def test_the_access_line_written_directly_is_the_logging_paths_to_the_byte(
+    sole_handler, monkeypatch, fields
+):
+    handler, stream = sole_handler()
+    args = (fields["method"], fields["route"], fields["status"])
+    monkeypatch.setattr(logs.time, "time", lambda: 1790000000.123456)
+    assert logs.write_access_line(args, dict(fields)) is True
+    record = logs.ACCESS.makeRecord(
+        logs.ACCESS.name, logging.INFO, __file__, 1, logs.ACCESS_MESSAGE, args, None, "f", fields
+    )
+    record.created = 1790000000.123456
+    assert stream.getvalue() == handler.format(record) + "\n"
+    assert stream.getvalue() == JsonFormatter.format(handler.formatter, record) + "\n"
+
+
+def test_a_value_json_has_no_type_for_goes_through_logging(sole_handler):
+    _handler, stream = sole_handler()
+    fields = dict(_ACCESS_FIELDS[0], status=HTTPStatus.OK)  # an int subclass: not plain
+    assert logs.write_access_line(("PUT", ROUTE, 200), fields) is False
+    assert stream.getvalue() == ""
+
+
+def _with_root_handler(monkeypatch):
+    monkeypatch.setattr(logging.getLogger("optin_service"), "propagate", True)
+    root = logging.getLogger()
+    seen = logging.Handler()
+    monkeypatch.setattr(root, "handlers", [*root.handlers, seen])
+
+
+def _with_access_filter(monkeypatch):
+    monkeypatch.setattr(logs.ACCESS, "filters", [lambda record: True])
+
+
+def _with_second_handler(monkeypatch):
+    log = logging.getLogger("optin_service")
+    monkeypatch.setattr(log, "handlers", [*log.handlers, logging.NullHandler()])
+
+
+def _with_access_handler(monkeypatch):
+    monkeypatch.setattr(logs.ACCESS, "handlers", [logging.NullHandler()])
+
+
+def _with_record_factory(monkeypatch):
+    monkeypatch.setattr(logging, "_logRecordFactory", lambda *a, **k: logging.LogRecord(*a, **k))
+
+
+def _with_patched_call_handlers(monkeypatch):
+    original = logging.Logger.callHandlers
+
+    def breadcrumbs(self, record):  # as an error tracker's logging integration does
+        return original(self, record)
+
+    monkeypatch.setattr(logging.Logger, "callHandlers", breadcrumbs)
+
+
+def _with_text_format(monkeypatch):
+    handler = next(h for h in logging.getLogger("optin_service").handlers if h._optin)
+    monkeypatch.setattr(handler, "formatter", logs.formatter("text"))
+
+
+def _with_access_disabled(monkeypatch):
+    monkeypatch.setattr(logs.ACCESS, "disabled", True)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        _with_root_handler,
+        _with_access_filter,
+        _with_second_handler,
+        _with_access_handler,
+        _with_record_factory,
+        _with_patched_call_handlers,
+        _with_text_format,
+        _with_access_disabled,
+    ],
+)
+def test_the_access_line_goes_through_logging_when_anything_else_would_see_it(
+    sole_handler, monkeypatch, change
+):
+    _handler, stream = sole_handler()
+    assert logs.write_access_line(("PUT", ROUTE, 200), dict(_ACCESS_FIELDS[0])) is True
+    stream.truncate(0)
+    stream.seek(0)
+    change(monkeypatch)
+    assert logs.write_access_line(("PUT", ROUTE, 200), dict(_ACCESS_FIELDS[0])) is False
+    assert stream.getvalue() == ""
+
+
+def test_a_request_writes_one_access_line_either_way(sole_handler, monkeypatch):
+    """The same request, once by the direct write and once through logging (a filter
+    on the access logger), gives lines that differ only in id, duration and time."""
+    handler, stream = sole_handler()
+    app = create_app({"OPTIN_STORAGE_URL": "memory://"})
+    handler.setStream(stream)  # create_app above re-made the formatter, not the handler
+    seen = []
+    lines = []
+    for filtered in (False, True):
+        if filtered:
+            monkeypatch.setattr(
+                logs.ACCESS, "filters", [lambda record: seen.append(record) or True]
+            )
+        stream.truncate(0)
+        stream.seek(0)
+        response = put(app.test_client(), {"LOYALTY_OPTIN": "accepted"})
+        [line] = [json.loads(x) for x in stream.getvalue().splitlines()]
+        assert line["request_id"] == response.headers["x-amzn-RequestId"]
+        lines.append(line)
+    assert len(seen) == 1  # the filtered request went through logging, the first did not
+    varying = ("request_id", "duration_ms", "time")
+    assert [list(line) for line in lines] == [list(lines[0])] * 2  # same keys, same order
+    assert [{k: v for k, v in x.items() if k not in varying} for x in lines] == [
+        {
+            "level": "INFO",
+            "logger": "optin_service.access",
+            "message": f"PUT {ROUTE} 200",
+            "method": "PUT",
+            "route": ROUTE,
+            "status": 200,
+            "backend": "memory",
+        }
+    ] * 2
+
+
+@pytest.mark.slow
+def test_gunicorn_workers_write_one_json_access_line_per_request(tmp_path: Path):
+    env = {"OPTIN_STORAGE_URL": f"sqlite:///{tmp_path}/optin.db"}
+    gunicorn = Gunicorn(env, workers=2).start(tmp_path / "g.log")
+    try:
+        ids = []
+        for n in range(6):
+            response = requests.put(
+                f"{gunicorn.base}/client/users/m-{n}/profile/optin",
+                json={"LOYALTY_OPTIN": "declined"},
+                timeout=10,
+            )
+            assert response.status_code == 200
+            ids.append(response.headers["x-amzn-RequestId"])
+    finally:
+        gunicorn.stop()
+    access = [
+        json.loads(line)
+        for line in gunicorn.log().splitlines()
+        if line.startswith("{") and '"optin_service.access"' in line
+    ]
+    assert [line["request_id"] for line in access if line["method"] == "PUT"] == ids
+    assert all(list(line)[-1] == "time" and line["status"] == 200 for line in access)
