@@ -25,7 +25,7 @@ from .auth import Authenticator, build_authenticator
 from .cli import optin as optin_cli
 from .errors import handle_http_exception, register_error_handlers
 from .headers import apply_headers, request_id
-from .logs import ACCESS, ACCESS_MESSAGE, write_access_line
+from .logs import ACCESS
 from .metrics import observe_request
 from .ratelimit import init_rate_limit
 from .registry import redact, store_from_url
@@ -187,30 +187,27 @@ def _finish(response: Response) -> Response:
     if app.config["OPTIN_METRICS"]:
         observe_request(route, method, status, seconds)
     if ACCESS.isEnabledFor(logging.INFO):
-        args = (method, route, status)
-        fields = {
-            "request_id": request_id(ctx),
-            "method": method,
-            "route": route,
-            "status": status,
-            "duration_ms": round(seconds * 1000, 3),
-            "backend": state.backend,
-        }
-        if not write_access_line(args, fields):
-            # What ACCESS.info() does, less its walk up the stack to find the
-            # caller, which is always this function.
-            record = ACCESS.makeRecord(
-                ACCESS.name,
-                logging.INFO,
-                __file__,
-                _FINISH_LINE,
-                ACCESS_MESSAGE,
-                args,
-                None,
-                "_finish",
-                fields,
-            )
-            ACCESS.handle(record)
+        # What ACCESS.info() does, less its walk up the stack to find the caller,
+        # which is always this function.
+        record = ACCESS.makeRecord(
+            ACCESS.name,
+            logging.INFO,
+            __file__,
+            _FINISH_LINE,
+            "%s %s %s",
+            (method, route, status),
+            None,
+            "_finish",
+            {
+                "request_id": request_id(ctx),
+                "method": method,
+                "route": route,
+                "status": status,
+                "duration_ms": round(seconds * 1000, 3),
+                "backend": state.backend,
+            },
+        )
+        ACCESS.handle(record)
     return response
 
 
