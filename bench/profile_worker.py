@@ -54,7 +54,9 @@ def top_frames(collapsed: str, n: int, below: str = "Flask.wsgi_app") -> tuple[i
     samples = 0
     for line in collapsed.splitlines():
         stack, _, count_text = line.rpartition(" ")
-        if not stack:
+        # py-spy can write a frame whose name holds newlines (an object's repr): its
+        # stack spans several lines, and only the last ends with the count. Skipped.
+        if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
         frames = [frame_name(f) for f in stack.split(";")]
