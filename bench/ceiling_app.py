@@ -34,9 +34,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from flask import Flask, Response, request
 
+from bench.reference_app import BODY
 from bench.reference_headers_app import RESPONSE_HEADERS
-
-BODY = b'{"message":"Opt-in updated."}'
 
 
 def _sqlite_writer(url: str) -> Callable[[str, str], None]:

@@ -417,19 +417,17 @@ def measure_pair(
                 run_wrk(server.port, args.threads, args.connections, args.warmup)
         fsync = fsync_latency_us(workdir)
         slices: list[list[dict]] = [[], []]
-        cpu = [0.0, 0.0]
         cpu_each = [[0.0] * len(each) for each in pids]  # per worker: how evenly they share
         loads = [os.getloadavg()[0]]
         n_slices = max(1, round(args.duration / args.slice))
         for _ in range(n_slices):
             for i, server in enumerate(servers):
-                before = cpu_seconds(pids[i])
-                before_each = [cpu_seconds([pid]) for pid in pids[i]]
+                before = [cpu_seconds([pid]) for pid in pids[i]]
                 slices[i].append(run_wrk(server.port, args.threads, args.connections, args.slice))
-                cpu[i] += cpu_seconds(pids[i]) - before
                 for k, pid in enumerate(pids[i]):
-                    cpu_each[i][k] += cpu_seconds([pid]) - before_each[k]
+                    cpu_each[i][k] += cpu_seconds([pid]) - before[k]
             loads.append(os.getloadavg()[0])
+        cpu = [sum(each) for each in cpu_each]
         rss = [[rss_mib(pid) for pid in each] for each in pids]
     results = []
     for i, (config, server) in enumerate(zip(configs, servers, strict=True)):
