@@ -175,8 +175,9 @@ CONFIGS: dict[str, Config] = {
                 ("redis", 2, "redis://127.0.0.1:{redis_port}/0?prefix=bench:"),
             )
         ),
-        # Not in the default run: the ceilings (bench/ceiling_app.py), the reference
-        # plus one write to the storage, with the contract's headers or without.
+        # The ceilings (bench/ceiling_app.py): the reference plus one write to the
+        # storage, with the contract's headers or without; with a history event in the
+        # same write; with DESIGN.md's libraries imported (RSS). Some run by default.
         *(
             Config(
                 f"ceiling{suffix}-{name}",
@@ -194,6 +195,8 @@ CONFIGS: dict[str, Config] = {
             for suffix, factory, note in (
                 ("", "headers", " + the 15 headers"),
                 ("-bare", "bare", ""),
+                ("-history", "history", " and its history event + the 15 headers"),
+                ("-libs", "libraries", " + the 15 headers + DESIGN.md's libraries"),
             )
         ),
     )
@@ -209,6 +212,8 @@ DEFAULT_CONFIGS = (
     "ceiling-sqlite-normal",
     "redis",
     "ceiling-redis",
+    "ceiling-history-redis",
+    "ceiling-libs-redis",
 )
 P99_TARGET = 1.5
 RSS_TARGET = 1.25
