@@ -497,7 +497,7 @@ class RedisStore(OptInStore):
         return sum(replies)
 
     def _history_keys(self) -> Iterator[list[bytes]]:
-        pattern = self.prefix.replace("*", "\\*") + "{*}:h"
+        pattern = _GLOB_CHARS.sub(r"\\\g<0>", self.prefix) + "{*}:h"  # the prefix literally
         batch: list[bytes] = []
         for key in self.client.scan_iter(match=pattern, count=_BATCH, _type="zset"):
             batch.append(key)
@@ -513,7 +513,7 @@ class RedisStore(OptInStore):
 
     def rows(self, since: datetime | None = None) -> Iterator[EventRow]:
         low = "-inf" if since is None else OptInRecord("-", "accepted", since).updated_at_us
-        start = len(self.prefix) + 1
+        start = len(self.prefix.encode()) + 1  # keys are bytes: the prefix may not be ASCII
         try:
             for keys in self._history_keys():
                 for key, pairs in zip(keys, self._ranges(keys, low), strict=True):
@@ -1099,6 +1099,8 @@ def _unescape_client(escaped: str) -> str:
     return _CLIENT_UNESCAPES.sub(lambda m: "\n" if m[1] == "n" else "\\", escaped)
 
 
+# What SCAN's MATCH reads as a pattern rather than a letter.
+_GLOB_CHARS = re.compile(r"[\\*?\[\]]")
 _ESCAPES = {"%": "%25", "}": "%7D"}
 _UNESCAPES = re.compile("%(25|7D)")
 

@@ -8,6 +8,7 @@ import subprocess
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
+from urllib.parse import urlencode
 
 import fakeredis
 import pytest
@@ -415,6 +416,37 @@ def test_redis_prefix_option_changes_the_key(redis_server, raw_redis):
     finally:
         raw_redis.delete(f"x:{{{cid}}}", f"x:{{{cid}}}:h", f"x:{{{cid}}}:i:k")
         store.close()
+
+
+@pytest.mark.redis_server
+@pytest.mark.parametrize(
+    ("prefix", "neighbour"),
+    [
+        ("opt-ïn:", "opt-in:"),  # not ASCII: more bytes in the key than letters
+        ("t?:", "tX:"),  # glob characters: read as a pattern they match the neighbour...
+        ("a*b:", "aXb:"),
+        ("t[1]:", "t1:"),  # ...and miss the store's own keys
+        ("b\\s:", "bs:"),
+    ],
+)
+def test_redis_export_reads_exactly_its_prefix(redis_server, prefix, neighbour):
+    """events() and count_events() (export, migrate) find every member under the
+    prefix, with its id whole, and none of a store whose prefix the first matches
+    as a glob pattern."""
+    tag = uuid.uuid4().hex[:8]
+    ours = RedisStore.from_url(f"{redis_server.url}?{urlencode({'prefix': tag + prefix})}")
+    other = RedisStore.from_url(f"{redis_server.url}?{urlencode({'prefix': tag + neighbour})}")
+    try:
+        assert ours.prefix == tag + prefix
+        ours.set(OptInRecord("member-1", "accepted", STAMP))
+        other.set(OptInRecord("member-2", "declined", STAMP))
+        assert [e.correlation_id for e in ours.events()] == ["member-1"]
+        assert ours.count_events() == 1
+        assert [e.correlation_id for e in other.events()] == ["member-2"]
+    finally:
+        for store, cid in ((ours, "member-1"), (other, "member-2")):
+            store.client.delete(store.key(cid), store.key(cid) + ":h")
+            store.close()
 
 
 def _spy_commands(monkeypatch, client):
