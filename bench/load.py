@@ -114,17 +114,6 @@ CONFIGS: dict[str, Config] = {
             target=0.80,
             note="local redis-server, AOF off",
         ),
-        # Not in the default run: redis-py with hiredis (the "hiredis" extra), from
-        # the folder --hiredis-dir (pip install --target DIR hiredis), so the
-        # shared environment stays as it is.
-        Config(
-            "redis-hiredis",
-            SERVICE_APP,
-            2,
-            "redis://127.0.0.1:{redis_port}/0?prefix=bench:",
-            target=0.80,
-            note="as redis, with hiredis",
-        ),
         # The reference answering with the contract's headers: the ceiling of memory://
         # (a dict store needs no more than the reference's).
         Config(
@@ -258,7 +247,6 @@ def rss_mib(pid: int) -> float:
 
 
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
-HIREDIS_DIR = ""  # --hiredis-dir
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -322,10 +310,6 @@ class Server:
         if config.storage:
             env["OPTIN_STORAGE_URL"] = config.storage.format(dir=workdir, redis_port=redis_port)
         env.update(config.env)
-        if config.name.endswith("-hiredis"):
-            if not HIREDIS_DIR:
-                raise SystemExit(f"{config.name} needs --hiredis-dir")
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [HIREDIS_DIR, env.get("PYTHONPATH")]))
         self.env = env
         self.proc: subprocess.Popen | None = None
 
@@ -595,12 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated, from: {', '.join(CONFIGS)}",
     )
     parser.add_argument("--out", default=str(RESULTS / "load.json"))
-    parser.add_argument(
-        "--hiredis-dir", default="", help="a folder holding hiredis, for redis-hiredis"
-    )
     args = parser.parse_args(argv)
-    global HIREDIS_DIR
-    HIREDIS_DIR = os.path.abspath(args.hiredis_dir) if args.hiredis_dir else ""
     if shutil.which("wrk") is None:
         parser.error("wrk is not installed (apt-get install wrk)")
     chosen = [CONFIGS[name.strip()] for name in args.configs.split(",") if name.strip()]
