@@ -302,11 +302,17 @@ def encode_cursor(position: tuple[int, str]) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
+# An event's time in µs (years 1 to 9999 need 18 digits at most): fits SQLite's INTEGER.
+_CURSOR_US = re.compile(r"-?[0-9]{1,18}")
+
+
 def decode_cursor(cursor: str) -> tuple[int, str]:
     """The position a cursor from :func:`encode_cursor` holds, or a 400."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         us, rid = raw.split(":", 1)
+        if not _CURSOR_US.fullmatch(us):
+            raise ValueError(us)
         return int(us), rid
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise ApiError(400, "cursor is not one this service gave out") from None

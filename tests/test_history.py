@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from optin_service import create_app
 from optin_service.storage import OptInRecord
 from tests.test_api import PATH, TIME, envelope, put
 
@@ -101,6 +103,22 @@ def test_bad_cursor_is_400(client, cursor):
     response = history(client, cursor=cursor)
     assert response.status_code == 400
     assert "cursor" in envelope(response)["errorMessage"]
+
+
+@pytest.mark.parametrize("url", ["memory://", "sqlite:///{tmp}/optin.db"])
+@pytest.mark.parametrize(
+    "us", ["9" * 30, "-" + "9" * 30, "9223372036854775808", " 1", "1_0", "\u0661"]
+)
+def test_cursor_with_a_time_no_cursor_can_hold_is_400(tmp_path, url, us):
+    """A made-up cursor is a 400 on every backend (a number past SQLite's INTEGER was a 500)."""
+    app = create_app({"TESTING": True, "OPTIN_STORAGE_URL": url.format(tmp=tmp_path)})
+    client = app.test_client()
+    put(client, {"LOYALTY_OPTIN": "accepted"})
+    cursor = base64.urlsafe_b64encode(f"{us}:x".encode()).rstrip(b"=").decode()
+    response = history(client, cursor=cursor)
+    assert response.status_code == 400
+    assert envelope(response)["errorMessage"] == "cursor is not one this service gave out"
+    app.extensions["optin"].store.close()
 
 
 def test_an_imported_older_event_goes_to_history_only(app, client):
