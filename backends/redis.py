@@ -70,7 +70,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -125,6 +125,10 @@ _TRANSIENT = (
     AskError,  # and MovedError
     RedisClusterException,  # no node reachable, a slot not covered
 )
+# Replies (plain ResponseErrors to redis-py) by which a server refuses for now:
+# fewer replicas than min-replicas-to-write, a script running past its time
+# limit, a failed save with stop-writes-on-bgsave-error, memory full (noeviction).
+_REFUSED_FOR_NOW = ("NOREPLICAS", "BUSY", "MISCONF", "OOM")
 # What redis-py raises: RedisClusterException is not a RedisError.
 _DRIVER_ERRORS = (redis.RedisError, RedisClusterException)
 T = TypeVar("T")
@@ -352,16 +356,22 @@ class RedisStore(OptInStore):
         if scheme == "redis+cluster":
             return RedisClusterStore.from_url(url)
         parts = urlsplit(url)
+        if parts.scheme != "unix" and not re.fullmatch(r"/?|/[0-9]+", parts.path):
+            # redis-py would read "/tenant2" as database 0: another tenant's, maybe.
+            raise ValueError(f"a {parts.scheme}:// URL's database is /<number>, not {parts.path}")
         options = parse_qsl(parts.query, keep_blank_values=True)
         prefix = next((v for k, v in options if k == "prefix"), DEFAULT_PREFIX)
         replicas, wait_ms = _waiting(options)
         rest = urlencode([(k, v) for k, v in options if k not in _OUR_OPTIONS])
+        # The URL as given with only our options taken out: urlunsplit() would turn
+        # unix:///path into unix:/path, which redis-py refuses.
         client = redis.Redis.from_url(
-            urlunsplit(parts._replace(query=rest)),
+            url.partition("?")[0] + (f"?{rest}" if rest else ""),
             socket_timeout=_socket_timeout(SOCKET_TIMEOUT, replicas, wait_ms),
             socket_connect_timeout=CONNECT_TIMEOUT,
             retry=_retry(),
         )
+        _refuse_unknown_driver_options(client.connection_pool, parts.scheme)
         return cls(
             client,
             prefix=prefix,
@@ -977,6 +987,15 @@ def _refuse_unknown(options: list[tuple[str, str]], known: Sequence[str], scheme
         )
 
 
+def _refuse_unknown_driver_options(pool: redis.ConnectionPool, scheme: str) -> None:
+    """Build one connection (without connecting) as the pool will: an option redis-py
+    does not know fails here, at start-up, instead of on every request."""
+    try:
+        pool.connection_class(**pool.connection_kwargs)
+    except TypeError as exc:
+        raise ValueError(f"a {scheme}:// option is unknown: {exc}") from None
+
+
 def _integer(name: str, raw: str, low: int, high: int | None = None) -> int:
     try:
         value = int(raw)
@@ -1120,5 +1139,8 @@ def _unescape(escaped: str) -> str:
 def _wrap(exc: Exception) -> StorageError:
     if isinstance(exc, StorageError):
         return exc
-    kind = StorageUnavailable if isinstance(exc, _TRANSIENT) else StorageError
+    transient = isinstance(exc, _TRANSIENT) or (
+        isinstance(exc, redis.ResponseError) and str(exc).startswith(_REFUSED_FOR_NOW)
+    )
+    kind = StorageUnavailable if transient else StorageError
     return kind(f"redis: {exc}")

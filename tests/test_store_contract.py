@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import subprocess
+import threading
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -26,7 +28,7 @@ from optin_service.storage import (
     StorageUnavailable,
 )
 from optin_service.testing import StoreContract
-from tests.servers import RedisProcess, free_port
+from tests.servers import RedisProcess, RedisServer, free_port
 
 STAMP = datetime(2026, 11, 26, 12, 0, 0, 123456, tzinfo=timezone.utc)
 
@@ -558,6 +560,67 @@ def test_redis_wrongtype_is_a_storage_error_not_unavailable(redis_server, raw_re
         assert not isinstance(info.value, StorageUnavailable)
     finally:
         raw_redis.delete(key)
+        store.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis://127.0.0.1:1/tenant2", "database is /<number>, not /tenant2"),  # was db 0
+        ("redis://127.0.0.1:1/1/2", "database is /<number>, not /1/2"),  # was db 12
+        ("rediss://127.0.0.1:1/x", "database is /<number>, not /x"),
+        ("redis://127.0.0.1:1/0?prefx=a:", "option is unknown"),  # was a 500 per request
+    ],
+)
+def test_redis_url_mistakes_refuse_to_start(url, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RedisStore.from_url(url)
+
+
+@pytest.mark.redis_server
+def test_redis_unix_socket_url_reaches_its_database(tmp_path):
+    socket_path = tmp_path / "r.sock"
+    server = RedisServer(tmp_path / "server").start("--unixsocket", str(socket_path))
+    store = RedisStore.from_url(f"unix://{socket_path}?db=2&prefix=u:")
+    try:
+        store.set(OptInRecord("member-1", "accepted", STAMP))
+        raw = redis.Redis(unix_socket_path=str(socket_path), db=2)
+        assert raw.exists("u:{member-1}") == 1
+        raw.close()
+    finally:
+        store.close()
+        server.stop()
+
+
+_SPIN_ONE_SECOND = """
+local stop = tonumber(redis.call('TIME')[1]) + 2
+while tonumber(redis.call('TIME')[1]) < stop do end
+"""
+
+
+@pytest.mark.redis_server
+@pytest.mark.parametrize("refusal", ["min-replicas", "busy-script"])
+def test_redis_refusing_for_now_is_unavailable(redis_server, raw_redis, refusal):
+    """NOREPLICAS and BUSY replies are a 503 (retry later), not a 500."""
+    store = RedisStore.from_url(f"{redis_server.url}?prefix=t-{uuid.uuid4().hex}:")
+    blocker = None
+    try:
+        if refusal == "min-replicas":
+            raw_redis.config_set("min-replicas-to-write", 1)
+        else:
+            raw_redis.config_set("busy-reply-threshold", 50)
+            blocker = threading.Thread(
+                target=redis.Redis.from_url(redis_server.url).eval, args=(_SPIN_ONE_SECOND, 0)
+            )
+            blocker.start()
+            time.sleep(0.3)
+        with pytest.raises(StorageUnavailable, match=r"NOREPLICAS|BUSY"):
+            store.set(OptInRecord("member-1", "accepted", STAMP))
+    finally:
+        if blocker is not None:
+            blocker.join()
+        raw_redis.config_set("min-replicas-to-write", 0)
+        raw_redis.config_set("busy-reply-threshold", 5000)
         store.close()
 
 
