@@ -8,6 +8,7 @@ hatch for tests and for apps that build a backend in code.
 
 from __future__ import annotations
 
+import re
 from importlib.metadata import entry_points
 from urllib.parse import urlsplit, urlunsplit
 
@@ -69,11 +70,15 @@ def store_from_url(url: str) -> OptInStore:
     return backend_for(scheme).from_url(url)
 
 
+# Query options holding a secret: redis-py's password, sentinel_password, ssl_password.
+_SECRET_OPTIONS = re.compile(r"(?<=[?&])([^=&#]*password)=[^&#]*", re.IGNORECASE)
+
+
 def redact(url: str) -> str:
     """``url`` with any password replaced by ``***``, for logs and error messages."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    if parts.password is not None:
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        user = parts.username or ""
+        url = urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    return _SECRET_OPTIONS.sub(r"\1=***", url)

@@ -78,6 +78,12 @@ def test_a_backend_missing_a_method_fails_at_construction():
         ("redis://:s3cret@host:6379/0", "redis://:***@host:6379/0"),
         ("redis://user:s3cret@host/0", "redis://user:***@host/0"),
         ("sqlite:////var/optin.db", "sqlite:////var/optin.db"),
+        ("redis://host/0?password=s3cret&prefix=a:", "redis://host/0?password=***&prefix=a:"),
+        (
+            "redis+sentinel://h:26379/m?prefix=p:&sentinel_password=s3&SSL_PASSWORD=s4",
+            "redis+sentinel://h:26379/m?prefix=p:&sentinel_password=***&SSL_PASSWORD=***",
+        ),
+        ("unix:///run/r.sock?db=0&password=s3cret", "unix:///run/r.sock?db=0&password=***"),
     ],
 )
 def test_redact_hides_passwords(url, shown):
