@@ -62,7 +62,8 @@ class OptInState:
         path = req.path
         if self.url_prefix:
             return path == self.url_prefix or path.startswith(self.url_prefix + "/")
-        return path.startswith(API_PATHS)
+        # An API path itself or below it: "/healthz-db" is the host's.
+        return any(path == p or path.startswith(p.rstrip("/") + "/") for p in API_PATHS)
 
 
 def default_storage_url(app: Flask) -> str:

@@ -124,6 +124,12 @@ def test_mounted_at_the_root_only_the_api_paths_are_the_apis():
     host_404 = client.get("/elsewhere")
     assert host_404.mimetype == "text/html"
     assert client.get("/healthz").get_json() == {"status": "ok"}
+    assert client.get("/healthz/").mimetype == "application/json"  # under the API's path
+    # Paths that only start like the API's are the host's: its 404 page, no API headers.
+    for path in ("/healthzzz", "/metricsdashboard", "/readyz-db", "/openapi.json5"):
+        response = client.get(path)
+        assert response.status_code == 404 and response.mimetype == "text/html", path
+        assert "x-amzn-RequestId" not in response.headers, path
 
 
 def test_two_apps_in_one_process_keep_their_own_data():
