@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 import uuid
@@ -23,7 +24,7 @@ from flask.cli import AppGroup
 
 from .registry import redact, store_from_url
 from .schemas import CORRELATION_ID, SOURCE, dump_event, load_event
-from .storage import STATUSES, EventRow, OptInRecord, OptInStore
+from .storage import EARLIEST, LATEST, STATUSES, EventRow, OptInRecord, OptInStore
 
 optin = AppGroup("optin", help="Read and write opt-in records; export, import, migrate.")
 
@@ -86,14 +87,24 @@ def set_command(correlation_id: str, status: str, source: str) -> None:
     click.echo(_line(_store().set(record)))
 
 
+_SUBMICROSECOND = re.compile(r"[.,][0-9]{7}")
+
+
 def _parse_since(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
     if value is None:
         return None
+    if _SUBMICROSECOND.search(value):  # it would be cut: earlier events would pass
+        raise click.BadParameter(f"{value!r} has more than six fractional digits")
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise click.BadParameter(f"{value!r} is not an ISO 8601 time") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    moment = moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    if not EARLIEST <= moment <= LATEST:
+        raise click.BadParameter(
+            f"must be between {EARLIEST.isoformat()} and {LATEST.isoformat()} (what stores keep)"
+        )
+    return moment
 
 
 @optin.command("export")
@@ -103,7 +114,11 @@ def _parse_since(ctx: click.Context, param: click.Parameter, value: str | None) 
     help="Only events at or after this ISO 8601 time (UTC if no zone).",
 )
 @click.option(
-    "-o", "--output", type=click.File("w"), default="-", help="File to write (default: stdout)."
+    "-o",
+    "--output",
+    type=click.File("w", lazy=False),  # made or emptied now, even if no event follows
+    default="-",
+    help="File to write (default: stdout).",
 )
 def export_command(since: datetime | None, output: IO[str]) -> None:
     """Write every event as JSON Lines, streamed in constant memory."""

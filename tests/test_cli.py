@@ -268,6 +268,10 @@ def test_get_of_an_unknown_member_fails_with_a_clear_message(make_backend):
         (["set", "m", "accepted", "--source", ""], "not a valid source"),
         (["export", "--since", "yesterday"], "not an ISO 8601 time"),
         (["export", "--since", "2026-13-01T00:00:00Z"], "not an ISO 8601 time"),
+        (["export", "--since", "0001-01-01"], "must be between 1684-07-28"),
+        (["export", "--since", "9999-01-01T00:00:00Z"], "must be between"),
+        (["export", "--since", "2026-01-01T00:00:00.0000015Z"], "more than six fractional"),
+        (["export", "-o", "/nonexistent-dir/out.jsonl"], "out.jsonl"),
     ],
     ids=lambda v: v if isinstance(v, str) else " ".join(v)[:40],
 )
@@ -280,6 +284,14 @@ def test_invalid_arguments_are_rejected_before_anything_is_stored(make_backend, 
 
 
 # --- export ------------------------------------------------------------------------
+
+
+def test_export_with_no_events_leaves_an_empty_file(make_backend, tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text("STALE LINE FROM AN EARLIER EXPORT\n")
+    result = check(make_backend("sqlite").optin("export", "-o", str(out)))
+    assert result.stderr == "exported 0 events\n"
+    assert out.read_text() == ""
 
 
 def test_export_to_stdout_and_to_a_file(make_backend, tmp_path):
