@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 from optin_service.storage import (
     IDEMPOTENCY_TTL,
@@ -186,17 +186,20 @@ class SQLiteStore(OptInStore):
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteStore:
-        parts = urlsplit(url)
-        if parts.netloc:
+        # Split by hand: a "#" in a folder's name is part of the path, not a fragment.
+        _scheme, slashes, rest = url.partition("://")
+        if not slashes or not rest.startswith("/"):
             raise ValueError(
-                f"sqlite URL {url!r} has a host part; use sqlite:///relative.db or sqlite:////abs.db"
+                f"sqlite URL {url!r} is not sqlite:///relative.db or sqlite:////abs.db"
+                + (" (it has a host part)" if rest else "")
             )
-        options = dict(parse_qsl(parts.query, keep_blank_values=True))
+        path, _, query = rest[1:].partition("?")
+        options = dict(parse_qsl(query, keep_blank_values=True))
         unknown = set(options) - {"synchronous", "timeout"}
         if unknown:
             raise ValueError(f"unknown sqlite URL option(s): {', '.join(sorted(unknown))}")
         return cls(
-            parts.path[1:],
+            path,
             synchronous=options.get("synchronous", "FULL"),
             timeout=float(options.get("timeout", 5.0)),
         )

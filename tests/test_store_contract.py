@@ -164,6 +164,17 @@ def test_sqlite_absolute_path(tmp_path):
         store.close()
 
 
+def test_sqlite_path_keeps_a_hash_sign(tmp_path):
+    path = tmp_path / "C#" / "optin.db"
+    store = SQLiteStore.from_url(f"sqlite:///{path}?synchronous=NORMAL")
+    try:
+        assert store.path == str(path)
+        store.set(OptInRecord("member-1", "accepted", STAMP))
+        assert path.is_file()
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize(
     "url",
     [
@@ -171,6 +182,8 @@ def test_sqlite_absolute_path(tmp_path):
         "sqlite://",
         "sqlite://host/optin.db",
         "sqlite://localhost/optin.db",
+        "sqlite:optin.db",  # was the file "ptin.db"
+        "sqlite:/tmp/optin.db",  # was "tmp/optin.db" under the working directory
         "sqlite:///optin.db?synchronous=bogus",
         "sqlite:///optin.db?synchronous=",
         "sqlite:///optin.db?journal_mode=delete",
