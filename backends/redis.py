@@ -1063,6 +1063,14 @@ def _event_args(row: EventRow) -> list[object]:
     _, us, request_id, status, source, client = row
     if not -_EXACT <= us <= _EXACT:  # rows skip OptInRecord's own check
         raise StorageError(f"redis: a time of {us} µs since the epoch cannot be scored exactly")
+    # The history member is "<request id> <status> <source>": a source that is empty
+    # or holds a space or newline, or a request id holding a newline, would be read
+    # back as another event (the API and import never make one; a caller may).
+    if not source or " " in source or "\n" in source or "\n" in request_id:
+        raise StorageError(
+            f"redis: cannot store source {source!r} with request id {request_id!r}: "
+            "a source must be one word, and neither may hold a newline"
+        )
     # The caller (client) follows a newline, which no other part can hold (the
     # client's own newlines and backslashes are escaped); an event without one
     # is stored exactly as before clients were recorded.

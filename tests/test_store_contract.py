@@ -637,6 +637,23 @@ def test_redis_refusing_for_now_is_unavailable(redis_server, raw_redis, refusal)
         store.close()
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [{"source": ""}, {"source": "call centre"}, {"source": "a\nb"}, {"request_id": "r\n1"}],
+)
+def test_redis_refuses_an_event_it_could_not_read_back(fields):
+    """Such an event was stored, then its member's state read as an error and a
+    second import duplicated it; now nothing is written."""
+    store = RedisStore(fakeredis.FakeRedis(server=fakeredis.FakeServer()))
+    record = OptInRecord("member-1", "accepted", STAMP, **({"request_id": "r1"} | fields))
+    with pytest.raises(StorageError, match="cannot store source"):
+        store.set(record)
+    with pytest.raises(StorageError, match="cannot store source"):
+        store.import_events([record])
+    assert store.get("member-1") is None
+    assert store.count_events() == 0
+
+
 def test_redis_close_leaves_a_callers_client_open(monkeypatch):
     client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
     closed = []
