@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import json
 import logging
 import re
 from collections.abc import Mapping
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from flask import Request, current_app, g, request
 
 from .errors import ApiError
+from .schemas import CLIENT
 
 if TYPE_CHECKING:  # PyJWT and cryptography weigh ~10 MiB per worker: loaded for OPTIN_AUTH=jwt only
     import jwt
@@ -183,8 +185,19 @@ class JwtBearer:
         scopes = claims.get("scope", claims.get("scp", ""))
         if isinstance(scopes, str):
             scopes = scopes.split()
-        name = claims.get("client_id") or claims.get("azp") or claims.get("sub") or "unknown"
-        return Principal(str(name)[:128], frozenset(s for s in scopes if isinstance(s, str)))
+        return Principal(_client_name(claims), frozenset(s for s in scopes if isinstance(s, str)))
+
+
+def _client_name(claims: Mapping[str, Any]) -> str:
+    """The token's client as the events record it: printable ASCII, as export and
+    import carry it. Other characters are written as JSON escapes ("Zoë" becomes
+    "Zo\\u00eb"), so the record still names the client."""
+    name = claims.get("client_id") or claims.get("azp") or claims.get("sub") or "unknown"
+    if not isinstance(name, str):
+        raise unauthorized("Invalid token: its client_id, azp or sub is not a string")
+    if not CLIENT.fullmatch(name[:128]):
+        name = json.dumps(name)[1:-1]  # ensure_ascii: \uXXXX, \n, \" and \\
+    return name[:128]
 
 
 def build_authenticator(config: Mapping[str, Any]) -> Authenticator | None:

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from optin_service import create_app
+from optin_service.schemas import dump_event, load_event
 from tests.servers import LOOPBACK, Gunicorn
 from tests.test_api import PATH, envelope, put
 
@@ -161,6 +162,33 @@ def test_jwt_with_both_scopes_reads_and_writes_and_is_recorded(jwt_client, rsa_k
     assert jwt_client.get(URL + "/history", headers=headers).get_json()["items"][0]["client"] == (
         "crm-sync"
     )
+
+
+@pytest.mark.parametrize(
+    ("client_id", "recorded"),
+    [
+        ("Zo\u00eb CRM", "Zo\\u00eb CRM"),
+        ('evil"name\n' * 20, ('evil\\"name\\n' * 20)[:128]),
+        ("x" * 200, "x" * 128),
+    ],
+)
+def test_jwt_client_is_recorded_as_export_and_import_carry_it(
+    jwt_client, rsa_key, client_id, recorded
+):
+    headers = bearer(token(rsa_key, client_id=client_id))
+    assert put(jwt_client, {"LOYALTY_OPTIN": "declined"}, headers=headers).status_code == 200
+    store = jwt_client.application.extensions["optin"].store
+    [event] = store.history("member-1", 10)
+    assert event.client == recorded
+    assert load_event(json.dumps(dump_event(event))) == event  # the export line imports
+
+
+def test_jwt_client_that_is_not_a_string_is_refused(jwt_client, rsa_key):
+    headers = bearer(token(rsa_key, client_id={"a": 1}))
+    response = put(jwt_client, {"LOYALTY_OPTIN": "declined"}, headers=headers)
+    assert response.status_code == 401
+    assert "not a string" in envelope(response)["errorMessage"]
+    assert jwt_client.application.extensions["optin"].store.get("member-1") is None
 
 
 def test_jwt_scopes_decide_between_read_and_write(jwt_client, rsa_key):
