@@ -31,7 +31,7 @@ from .storage import DEFAULT_SOURCE, IdempotencyKeyReused, OptInRecord, OptInSto
 
 bp = Blueprint("optin", __name__)
 # Errors raised by these views get the envelope even when a host app has its own
-# handlers: Flask consults a blueprint's handlers before the app's.
+# handlers: for the same status or class, Flask consults a blueprint's handlers first.
 register_error_handlers(bp)
 bp.before_request(check_request)
 

@@ -12,7 +12,7 @@ import logging
 from http import HTTPStatus
 
 from flask import Blueprint, Flask, Response, current_app, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, default_exceptions
 
 from .headers import ApiResponse, request_id
 from .storage import StorageError, StorageUnavailable
@@ -125,6 +125,10 @@ def handle_unexpected(exc: Exception) -> Response:
 def register_error_handlers(target: Flask | Blueprint) -> None:
     """Give every error raised in ``target`` (an app, or a blueprint's views) the envelope."""
     target.register_error_handler(HTTPException, handle_http_exception)
+    # By status too: Flask looks for a handler by status (the blueprint's, then the
+    # app's) before it looks by class, so a host's errorhandler(413) would answer them.
+    for code in default_exceptions:
+        target.register_error_handler(code, handle_http_exception)
     target.register_error_handler(StorageUnavailable, handle_storage_unavailable)
     target.register_error_handler(StorageError, handle_unexpected)
     target.register_error_handler(Exception, handle_unexpected)

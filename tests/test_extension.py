@@ -132,6 +132,33 @@ def test_mounted_at_the_root_only_the_api_paths_are_the_apis():
         assert "x-amzn-RequestId" not in response.headers, path
 
 
+def test_a_hosts_own_error_pages_and_https_redirect_leave_the_api_its_errors():
+    app = Flask(__name__)
+    Talisman(app)  # force_https: plain-HTTP requests to the host's pages are redirected
+
+    @app.errorhandler(400)
+    @app.errorhandler(404)
+    @app.errorhandler(405)
+    @app.errorhandler(413)
+    def host_page(error):
+        return f"<html>host {error.code}</html>", error.code
+
+    OptIn(app, store=MemoryStore(), url_prefix="/loyalty")
+    client = app.test_client()
+    too_big = client.put(
+        OPTIN, data=b'{"LOYALTY_OPTIN": "' + b"x" * 20_000 + b'"}', content_type="application/json"
+    )
+    wrong_method = client.post(OPTIN, json={"LOYALTY_OPTIN": "accepted"})
+    no_route = client.put(OPTIN + "/", json={"LOYALTY_OPTIN": "accepted"})
+    for response, status in ((too_big, 413), (wrong_method, 405), (no_route, 404)):
+        assert response.status_code == status and response.mimetype == "application/json"
+        assert "x-amzn-RequestId" in response.headers
+    assert client.get("/loyalty/client/users/m1/profile/optin").status_code == 404  # nothing set
+    # The host's own pages keep its handlers and its redirect.
+    assert client.get("/nowhere", base_url="https://localhost").data == b"<html>host 404</html>"
+    assert client.get("/nowhere").status_code == 302
+
+
 def test_two_apps_in_one_process_keep_their_own_data():
     shared = OptIn()
     first, second = Flask("first"), Flask("second")
