@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from flask import Flask, request
+from flask import Flask, Response, g, request
 
 from .auth import OPEN_ENDPOINTS, client_name
 
@@ -32,6 +32,10 @@ def init_rate_limit(app: Flask, blueprint_name: str) -> Limiter | None:
         return None
     from flask_limiter import Limiter
 
+    # Flask-Limiter puts its window's end in Retry-After on every limited route's
+    # response, over the API's own (a 503's OPTIN_RETRY_AFTER_SECONDS): only a 429
+    # keeps it. Hooks run last-registered first: this one after the limiter's...
+    app.after_request(_only_429_retries_after_the_window)
     limiter = Limiter(
         _key,
         app=app,
@@ -48,4 +52,21 @@ def init_rate_limit(app: Flask, blueprint_name: str) -> Limiter | None:
     for endpoint, view in list(app.view_functions.items()):
         if endpoint.startswith(blueprint_name + ".") and endpoint not in OPEN_ENDPOINTS:
             app.view_functions[endpoint] = shared(view)
+    app.after_request(_keep_own_retry_after)  # ...and this one before it.
     return limiter
+
+
+def _keep_own_retry_after(response: Response) -> Response:
+    g.optin_retry_after = response.headers.get("Retry-After")
+    return response
+
+
+def _only_429_retries_after_the_window(response: Response) -> Response:
+    if response.status_code == 429 or "optin_retry_after" not in g:
+        return response
+    own = g.pop("optin_retry_after")
+    if own is None:
+        response.headers.pop("Retry-After", None)
+    else:
+        response.headers["Retry-After"] = own
+    return response

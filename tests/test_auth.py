@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from optin_service import create_app
 from optin_service.schemas import dump_event, load_event
+from optin_service.storage import StorageUnavailable
 from tests.servers import LOOPBACK, Gunicorn
 from tests.test_api import PATH, envelope, put
 
@@ -318,6 +319,22 @@ def test_rate_limit_per_client_with_envelope_and_retry_after():
     assert limited.headers["x-amzn-RequestId"] and limited.headers["Referrer-Policy"]
     assert client.get(URL, headers=crm).status_code == 200  # another client has its own count
     assert client.get("/healthz").status_code == 200  # never limited
+
+
+def test_rate_limit_leaves_retry_after_to_429_and_to_the_apis_own_503():
+    app = app_with(OPTIN_RATE_LIMIT="100/minute", OPTIN_RETRY_AFTER_SECONDS=2)
+    client = app.test_client()
+    ok = put(client, {"LOYALTY_OPTIN": "accepted"})
+    assert ok.status_code == 200 and ok.headers["X-RateLimit-Limit"] == "100"
+    assert "Retry-After" not in ok.headers
+    store = app.extensions["optin"].store
+
+    def down(*args, **kwargs):
+        raise StorageUnavailable("down")
+
+    store.get = down
+    unavailable = client.get(URL)
+    assert unavailable.status_code == 503 and unavailable.headers["Retry-After"] == "2"
 
 
 def test_rate_limit_per_address_without_authentication_and_proxyfix():
