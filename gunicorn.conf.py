@@ -90,6 +90,20 @@ def _refuse_memory_with_several_workers(server) -> None:  # noqa: ANN001
         )
 
 
+def post_worker_init(worker) -> None:  # noqa: ANN001 - gunicorn's Worker
+    """Answer what gunicorn refuses itself (a request it cannot parse, a request line
+    over its limit) with the API's JSON envelope and the seed's headers, not gunicorn's
+    HTML page: gunicorn has no setting for that page, only this one function."""
+    from gunicorn import util
+
+    from optin_service.errors import http_error
+
+    def write_error(sock, status_int, reason, mesg) -> None:  # noqa: ANN001 - util's
+        util.write_nonblock(sock, http_error(status_int, reason, mesg))
+
+    util.write_error = write_error
+
+
 def worker_exit(server, worker) -> None:  # noqa: ANN001 - gunicorn's Arbiter and Worker
     """Close the store's connections when a worker stops."""
     app = getattr(worker, "wsgi", None)

@@ -14,7 +14,7 @@ from http import HTTPStatus
 from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException, default_exceptions
 
-from .headers import ApiResponse, request_id
+from .headers import RESPONSE_HEADERS, ApiResponse, new_request_id, request_id
 from .storage import StorageError, StorageUnavailable
 
 log = logging.getLogger(__name__)
@@ -56,14 +56,37 @@ def error_response(
     headers: dict[str, str] | None = None,
 ) -> Response:
     """The envelope as a response. Codes not in the table are derived from the reason."""
+    body = envelope(status, message, error_code)
+    return ApiResponse(body, status, headers=headers, mimetype="application/json")
+
+
+def envelope(status: int, message: str, error_code: str | None = None) -> str:
+    """The envelope's JSON text."""
     if error_code is None:
         error_code = ERROR_CODES.get(status) or _reason_code(status)
-    body = json.dumps(
+    return json.dumps(
         {"statusCode": status, "errorCode": error_code, "errorMessage": message},
         separators=(",", ":"),
         ensure_ascii=False,
     )
-    return ApiResponse(body, status, headers=headers, mimetype="application/json")
+
+
+def http_error(status: int, reason: str, message: str) -> bytes:
+    """A whole HTTP/1.1 error response: the envelope, the seed's headers and a request
+    id, for the errors gunicorn answers itself (a request it cannot parse, before any
+    app runs), which it would otherwise answer with an HTML page."""
+    body = envelope(status, message or ("Internal error" if status >= 500 else reason)).encode()
+    rid = new_request_id()
+    head = [
+        f"HTTP/1.1 {status} {reason}",
+        "Connection: close",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        *(f"{name}: {value}" for name, value in RESPONSE_HEADERS),
+        f"x-amzn-RequestId: {rid}",
+        f"X-Request-Id: {rid}",
+    ]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
 
 
 def _reason_code(status: int) -> str:

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from optin_service.headers import RESPONSE_HEADERS
 from tests.servers import LOOPBACK, Gunicorn
 
 pytestmark = pytest.mark.slow
@@ -43,6 +44,31 @@ def put_request(body: bytes, *, chunked: bool = False) -> bytes:
     chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i : i + 4096]), body[i : i + 4096])
                       for i in range(0, len(body), 4096))  # fmt: skip
     return (head + "Transfer-Encoding: chunked\r\n\r\n").encode() + chunks + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "phrase"),
+    [
+        (f"PUT {PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n".encode(), 400, "LENGTH"),
+        (f"put {PATH} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), 400, "'put'"),
+        (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "too large"),
+    ],
+    ids=["bad Content-Length", "lower-case method", "request line over 4094 bytes"],
+)
+def test_what_gunicorn_refuses_itself_gets_the_envelope_and_headers(
+    server, request_bytes, status, phrase
+):
+    """gunicorn answers these before any app runs: gunicorn.conf.py makes its answer
+    the envelope with the seed's headers (it was gunicorn's HTML page)."""
+    line, headers, body = raw(server, request_bytes)
+    assert line.startswith(f"HTTP/1.1 {status} ")
+    assert headers["Content-Type"] == "application/json"
+    error = json.loads(body)
+    assert error["statusCode"] == status and phrase in error["errorMessage"]
+    for name, value in RESPONSE_HEADERS:
+        assert headers[name] == value, name
+    assert len(headers["x-amzn-RequestId"]) == 36
+    assert headers["X-Request-Id"] == headers["x-amzn-RequestId"]
 
 
 def test_200_is_the_seeds_bytes_with_its_header_names(server):
