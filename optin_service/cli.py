@@ -24,9 +24,29 @@ from flask.cli import AppGroup
 
 from .registry import redact, store_from_url
 from .schemas import CORRELATION_ID, SOURCE, dump_event, load_event
-from .storage import EARLIEST, LATEST, STATUSES, EventRow, OptInRecord, OptInStore
+from .storage import (
+    EARLIEST,
+    LATEST,
+    STATUSES,
+    EventRow,
+    OptInRecord,
+    OptInStore,
+    StorageError,
+)
 
-optin = AppGroup("optin", help="Read and write opt-in records; export, import, migrate.")
+
+class _OptInGroup(AppGroup):
+    """Storage that fails (unreachable, read-only) ends a command with one
+    ``Error:`` line and exit code 1, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except StorageError as exc:
+            raise click.ClickException(f"storage: {exc}") from None
+
+
+optin = _OptInGroup("optin", help="Read and write opt-in records; export, import, migrate.")
 
 
 def _store() -> OptInStore:

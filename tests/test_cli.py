@@ -29,6 +29,7 @@ from backends.redis import RedisStore
 from optin_service import create_app
 from optin_service.registry import register, unregister
 from optin_service.storage import OptInRecord, OptInStore
+from tests.servers import free_port
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 BIN = Path(sys.executable).parent
@@ -281,6 +282,17 @@ def test_invalid_arguments_are_rejected_before_anything_is_stored(make_backend, 
     assert message in result.stderr
     assert result.stdout == ""
     assert backend.store.count_events() == 0
+
+
+@pytest.mark.parametrize(
+    "args", [["get", "m"], ["set", "m", "accepted"], ["export"], ["import", "-"]]
+)
+def test_storage_down_ends_a_command_with_one_error_line(args):
+    app = create_app({"TESTING": True, "OPTIN_STORAGE_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    runner = app.test_cli_runner()
+    result = check(runner.invoke(args=["optin", *args], input=line(sample()[0]) + "\n"), 1)
+    assert result.stderr.startswith("Error: storage: redis: "), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
 
 
 # --- export ------------------------------------------------------------------------
