@@ -359,7 +359,7 @@ class RedisStore(OptInStore):
         if parts.scheme != "unix" and not re.fullmatch(r"/?|/[0-9]+", parts.path):
             # redis-py would read "/tenant2" as database 0: another tenant's, maybe.
             raise ValueError(f"a {parts.scheme}:// URL's database is /<number>, not {parts.path}")
-        options = parse_qsl(parts.query, keep_blank_values=True)
+        options = _options(parts.query)
         prefix = next((v for k, v in options if k == "prefix"), DEFAULT_PREFIX)
         replicas, wait_ms = _waiting(options)
         rest = urlencode([(k, v) for k, v in options if k not in _OUR_OPTIONS])
@@ -508,8 +508,11 @@ class RedisStore(OptInStore):
 
     def _history_keys(self) -> Iterator[list[bytes]]:
         pattern = _GLOB_CHARS.sub(r"\\\g<0>", self.prefix) + "{*}:h"  # the prefix literally
+        start = len(self.prefix.encode()) + 1
         batch: list[bytes] = []
         for key in self.client.scan_iter(match=pattern, count=_BATCH, _type="zset"):
+            if b"}" in key[start:-3]:  # ids are escaped: another prefix's key ("" and "{x}:")
+                continue
             batch.append(key)
             if len(batch) == _BATCH:
                 yield batch
@@ -631,7 +634,7 @@ class RedisSentinelStore(RedisStore):
                 "redis+sentinel://host:26379[,host:26379...]/service_name[/db]"
             )
         db = _integer("db", path[1], low=0) if len(path) == 2 else 0
-        options = parse_qsl(parts.query, keep_blank_values=True)
+        options = _options(parts.query)
         known = (*_OUR_OPTIONS, *_TIMEOUT_OPTIONS, "sentinel_username", "sentinel_password")
         _refuse_unknown(options, known, "redis+sentinel")
         found = dict(options)
@@ -719,7 +722,7 @@ class RedisClusterStore(RedisStore):
                 "redis+cluster:// takes no path (a cluster has one database): "
                 "redis+cluster://host:6379[,host:6379...]"
             )
-        options = parse_qsl(parts.query, keep_blank_values=True)
+        options = _options(parts.query)
         _refuse_unknown(options, (*_OUR_OPTIONS, *_TIMEOUT_OPTIONS), "redis+cluster")
         found = dict(options)
         replicas, wait_ms = _waiting(options)
@@ -977,6 +980,16 @@ def _netloc(netloc: str, default_port: int) -> tuple[str | None, str | None, lis
         number = _integer("port", port, low=1, high=65535) if port else default_port
         addresses.append((unquote(host), number))
     return username, password, addresses
+
+
+def _options(query: str) -> list[tuple[str, str]]:
+    """A URL's query options; one given twice is refused (which should win is a guess)."""
+    options = parse_qsl(query, keep_blank_values=True)
+    names = [name for name, _ in options]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"option(s) given twice in the storage URL: {', '.join(repeated)}")
+    return options
 
 
 def _refuse_unknown(options: list[tuple[str, str]], known: Sequence[str], scheme: str) -> None:

@@ -576,6 +576,30 @@ def test_redis_wrongtype_is_a_storage_error_not_unavailable(redis_server, raw_re
         store.close()
 
 
+def test_redis_export_with_no_prefix_skips_a_braced_prefixs_keys():
+    server = fakeredis.FakeServer()
+    ours = RedisStore(fakeredis.FakeRedis(server=server), prefix="")
+    other = RedisStore(fakeredis.FakeRedis(server=server), prefix="{x}:")
+    ours.set(OptInRecord("member-1", "accepted", STAMP))
+    other.set(OptInRecord("member-2", "declined", STAMP))  # key "{x}:{member-2}:h"
+    assert [e.correlation_id for e in ours.events()] == ["member-1"]
+    assert ours.count_events() == 1
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:1/0?prefix=a:&prefix=b:",
+        "redis+sentinel://127.0.0.1:1/mymaster?prefix=a:&prefix=b:",
+        "redis+cluster://127.0.0.1:1?wait_timeout_ms=5&wait_timeout_ms=9",
+    ],
+)
+def test_redis_option_given_twice_refuses_to_start(url):
+    """Which one wins differed by scheme (first on redis://, last on the others)."""
+    with pytest.raises(ValueError, match="given twice"):
+        RedisStore.from_url(url)
+
+
 @pytest.mark.parametrize(
     ("url", "message"),
     [
