@@ -124,11 +124,13 @@ _TRANSIENT = (
     TryAgainError,
     AskError,  # and MovedError
     RedisClusterException,  # no node reachable, a slot not covered
+    redis.exceptions.OutOfMemoryError,  # maxmemory reached with noeviction: until memory frees
 )
 # Replies (plain ResponseErrors to redis-py) by which a server refuses for now:
 # fewer replicas than min-replicas-to-write, a script running past its time
-# limit, a failed save with stop-writes-on-bgsave-error, memory full (noeviction).
-_REFUSED_FOR_NOW = ("NOREPLICAS", "BUSY", "MISCONF", "OOM")
+# limit, a failed save with stop-writes-on-bgsave-error. In a pipeline, redis-py
+# puts "Command # N (...) of pipeline caused error: " before the reply.
+_REFUSED_FOR_NOW = re.compile(r"(?:^|caused error: )(?:NOREPLICAS|BUSY|MISCONF) ")
 # What redis-py raises: RedisClusterException is not a RedisError.
 _DRIVER_ERRORS = (redis.RedisError, RedisClusterException)
 T = TypeVar("T")
@@ -356,7 +358,7 @@ class RedisStore(OptInStore):
         if scheme == "redis+cluster":
             return RedisClusterStore.from_url(url)
         parts = urlsplit(url)
-        if parts.scheme != "unix" and not re.fullmatch(r"/?|/[0-9]+", parts.path):
+        if parts.scheme != "unix" and not re.fullmatch(r"/?|/[0-9]+/?", parts.path):
             # redis-py would read "/tenant2" as database 0: another tenant's, maybe.
             raise ValueError(f"a {parts.scheme}:// URL's database is /<number>, not {parts.path}")
         options = _options(parts.query)
@@ -1161,7 +1163,7 @@ def _wrap(exc: Exception) -> StorageError:
     if isinstance(exc, StorageError):
         return exc
     transient = isinstance(exc, _TRANSIENT) or (
-        isinstance(exc, redis.ResponseError) and str(exc).startswith(_REFUSED_FOR_NOW)
+        isinstance(exc, redis.ResponseError) and _REFUSED_FOR_NOW.search(str(exc)) is not None
     )
     kind = StorageUnavailable if transient else StorageError
     return kind(f"redis: {exc}")

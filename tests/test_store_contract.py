@@ -614,6 +614,13 @@ def test_redis_url_mistakes_refuse_to_start(url, message):
         RedisStore.from_url(url)
 
 
+@pytest.mark.parametrize(("path", "db"), [("", None), ("/", None), ("/3", 3), ("/3/", 3)])
+def test_redis_url_database_forms_that_start(path, db):
+    store = RedisStore.from_url(f"redis://127.0.0.1:1{path}")
+    assert store.client.connection_pool.connection_kwargs.get("db") == db
+    store.close()
+
+
 @pytest.mark.redis_server
 def test_redis_unix_socket_url_reaches_its_database(tmp_path):
     socket_path = tmp_path / "r.sock"
@@ -629,36 +636,49 @@ def test_redis_unix_socket_url_reaches_its_database(tmp_path):
         server.stop()
 
 
-_SPIN_ONE_SECOND = """
+_SPIN_2_SECONDS = """
 local stop = tonumber(redis.call('TIME')[1]) + 2
 while tonumber(redis.call('TIME')[1]) < stop do end
 """
 
 
 @pytest.mark.redis_server
-@pytest.mark.parametrize("refusal", ["min-replicas", "busy-script"])
-def test_redis_refusing_for_now_is_unavailable(redis_server, raw_redis, refusal):
-    """NOREPLICAS and BUSY replies are a 503 (retry later), not a 500."""
-    store = RedisStore.from_url(f"{redis_server.url}?prefix=t-{uuid.uuid4().hex}:")
+@pytest.mark.parametrize("refusal", ["min-replicas", "busy-script", "out-of-memory"])
+def test_redis_refusing_for_now_is_unavailable(tmp_path, refusal):
+    """NOREPLICAS, BUSY and OOM replies are a 503 (retry later), not a 500, in a single
+    write and in a bulk import (a pipeline, whose errors redis-py words differently)."""
+    server = RedisServer(tmp_path / "server").start()  # its own: the test changes its config
+    raw = redis.Redis.from_url(server.url)
+    store = RedisStore.from_url(server.url)
     blocker = None
     try:
         if refusal == "min-replicas":
-            raw_redis.config_set("min-replicas-to-write", 1)
+            raw.config_set("min-replicas-to-write", 1)
+        elif refusal == "out-of-memory":
+            raw.config_set("maxmemory-policy", "noeviction")
+            raw.config_set("maxmemory", 1)
         else:
-            raw_redis.config_set("busy-reply-threshold", 50)
-            blocker = threading.Thread(
-                target=redis.Redis.from_url(redis_server.url).eval, args=(_SPIN_ONE_SECOND, 0)
-            )
+            raw.config_set("busy-reply-threshold", 50)
+            spinner = redis.Redis.from_url(server.url)
+            blocker = threading.Thread(target=spinner.eval, args=(_SPIN_2_SECONDS, 0))
             blocker.start()
-            time.sleep(0.3)
-        with pytest.raises(StorageUnavailable, match=r"NOREPLICAS|BUSY"):
-            store.set(OptInRecord("member-1", "accepted", STAMP))
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline:  # until the script holds the server
+                try:
+                    raw.ping()
+                except redis.ResponseError:
+                    break
+        events = [OptInRecord("member-1", "accepted", STAMP, request_id="r1")]
+        with pytest.raises(StorageUnavailable):
+            store.set(events[0])
+        with pytest.raises(StorageUnavailable):
+            store.import_events(events)
     finally:
         if blocker is not None:
             blocker.join()
-        raw_redis.config_set("min-replicas-to-write", 0)
-        raw_redis.config_set("busy-reply-threshold", 5000)
         store.close()
+        raw.close()
+        server.stop()
 
 
 @pytest.mark.parametrize(
