@@ -128,9 +128,9 @@ class OptIn:
         else:
             # Routing errors happen before any blueprint is chosen, so only an
             # app-level hook sees a 404 or 405 under the mount point. It answers
-            # those and leaves every other path to the host's own handlers. First
-            # in line: a host's hooks (Talisman's HTTPS redirect) must not answer them.
-            app.before_request_funcs.setdefault(None, []).insert(0, _routing_errors)
+            # those and leaves every other path to the host's own handlers. Last in
+            # line: the host's own hooks run first, as its after_request hooks expect.
+            app.before_request(_routing_errors)
         app.before_request_funcs.setdefault(None, []).insert(0, _start)
         # Flask runs app-level after_request functions last-registered first:
         # first in the list runs last, after a host's own Talisman or header

@@ -7,7 +7,7 @@ import json
 from typing import ClassVar
 
 import pytest
-from flask import Flask
+from flask import Flask, g
 from flask_talisman import Talisman
 
 from backends.memory import MemoryStore
@@ -132,9 +132,17 @@ def test_mounted_at_the_root_only_the_api_paths_are_the_apis():
         assert "x-amzn-RequestId" not in response.headers, path
 
 
-def test_a_hosts_own_error_pages_and_https_redirect_leave_the_api_its_errors():
+def test_a_hosts_own_error_pages_and_hooks_leave_the_api_its_errors():
     app = Flask(__name__)
-    Talisman(app)  # force_https: plain-HTTP requests to the host's pages are redirected
+
+    @app.before_request
+    def start_timer():
+        g.host_started = 1.0
+
+    @app.after_request
+    def read_timer(response):
+        response.headers["X-Host-Timer"] = str(g.host_started)  # needs its before_request
+        return response
 
     @app.errorhandler(400)
     @app.errorhandler(404)
@@ -153,10 +161,9 @@ def test_a_hosts_own_error_pages_and_https_redirect_leave_the_api_its_errors():
     for response, status in ((too_big, 413), (wrong_method, 405), (no_route, 404)):
         assert response.status_code == status and response.mimetype == "application/json"
         assert "x-amzn-RequestId" in response.headers
+        assert response.headers["X-Host-Timer"] == "1.0"
     assert client.get("/loyalty/client/users/m1/profile/optin").status_code == 404  # nothing set
-    # The host's own pages keep its handlers and its redirect.
-    assert client.get("/nowhere", base_url="https://localhost").data == b"<html>host 404</html>"
-    assert client.get("/nowhere").status_code == 302
+    assert client.get("/nowhere").data == b"<html>host 404</html>"  # the host's own page
 
 
 def test_two_apps_in_one_process_keep_their_own_data():
