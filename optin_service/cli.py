@@ -8,9 +8,12 @@ Progress bars show on a terminal and stay quiet when output is piped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import re
+import shutil
 import sys
 import time
 import uuid
@@ -127,6 +130,33 @@ def _parse_since(ctx: click.Context, param: click.Parameter, value: str | None) 
     return moment
 
 
+@contextlib.contextmanager
+def _replaced_when_done(path: str) -> Iterator[IO[str]]:
+    """``path`` ("-": stdout) to write, through a file beside it that is moved over it
+    only if the block ends without error: a failed export (storage down halfway)
+    leaves the previous file as it was. (click's atomic files replace it anyway.)"""
+    if path == "-":
+        with click.open_file("-", "w") as out:
+            yield out
+        return
+    folder, name = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as exc:
+        raise click.BadParameter(f"{path!r}: {exc.strerror}", param_hint="'-o'") from None
+    try:
+        with open(fd, "w", encoding="utf-8") as out:
+            yield out
+        if os.path.exists(path):
+            shutil.copymode(path, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
 @optin.command("export")
 @click.option(
     "--since",
@@ -136,17 +166,17 @@ def _parse_since(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.option(
     "-o",
     "--output",
-    type=click.File("w", lazy=False),  # made or emptied now, even if no event follows
+    type=click.Path(dir_okay=False, allow_dash=True),
     default="-",
-    help="File to write (default: stdout).",
+    help="File to write (default: stdout); replaced only once the export is complete.",
 )
-def export_command(since: datetime | None, output: IO[str]) -> None:
+def export_command(since: datetime | None, output: str) -> None:
     """Write every event as JSON Lines, streamed in constant memory."""
     store = _store()
     count = 0
-    with _progress("exporting", store.count_events) as bar:
+    with _replaced_when_done(output) as out, _progress("exporting", store.count_events) as bar:
         for record in store.events(since):
-            output.write(_line(record) + "\n")
+            out.write(_line(record) + "\n")
             count += 1
             if count % 1000 == 0:
                 bar.update(1000)

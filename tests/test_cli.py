@@ -298,6 +298,15 @@ def test_storage_down_ends_a_command_with_one_error_line(args):
 # --- export ------------------------------------------------------------------------
 
 
+def test_export_that_fails_leaves_the_previous_file_as_it_was(tmp_path):
+    out = tmp_path / "backup.jsonl"
+    out.write_text("THE LAST GOOD EXPORT\n")
+    app = create_app({"TESTING": True, "OPTIN_STORAGE_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    check(app.test_cli_runner().invoke(args=["optin", "export", "-o", str(out)]), 1)
+    assert out.read_text() == "THE LAST GOOD EXPORT\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["backup.jsonl"]  # no temporary file left
+
+
 def test_export_with_no_events_leaves_an_empty_file(make_backend, tmp_path):
     out = tmp_path / "out.jsonl"
     out.write_text("STALE LINE FROM AN EARLIER EXPORT\n")
