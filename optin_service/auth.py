@@ -192,12 +192,25 @@ def _client_name(claims: Mapping[str, Any]) -> str:
     """The token's client as the events record it: printable ASCII, as export and
     import carry it. Other characters are written as JSON escapes ("Zoë" becomes
     "Zo\\u00eb"), so the record still names the client."""
-    name = claims.get("client_id") or claims.get("azp") or claims.get("sub") or "unknown"
-    if not isinstance(name, str):
-        raise unauthorized("Invalid token: its client_id, azp or sub is not a string")
-    if not CLIENT.fullmatch(name[:128]):
-        name = json.dumps(name)[1:-1]  # ensure_ascii: \uXXXX, \n, \" and \\
-    return name[:128]
+    for claim in ("client_id", "azp", "sub"):
+        name = claims.get(claim)
+        if isinstance(name, int) and not isinstance(name, bool):
+            name = str(name)  # some issuers send numeric client ids
+        if isinstance(name, str) and name:
+            break
+    else:
+        if any(claims.get(claim) for claim in ("client_id", "azp", "sub")):
+            raise unauthorized("Invalid token: its client_id, azp or sub is not a string")
+        return "unknown"
+    if CLIENT.fullmatch(name[:128]):
+        return name[:128]
+    recorded = ""
+    for char in name:  # whole escapes only, up to 128 characters
+        piece = char if CLIENT.fullmatch(char) else json.dumps(char)[1:-1]
+        if len(recorded) + len(piece) > 128:
+            break
+        recorded += piece
+    return recorded
 
 
 def build_authenticator(config: Mapping[str, Any]) -> Authenticator | None:

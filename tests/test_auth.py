@@ -169,8 +169,10 @@ def test_jwt_with_both_scopes_reads_and_writes_and_is_recorded(jwt_client, rsa_k
     ("client_id", "recorded"),
     [
         ("Zo\u00eb CRM", "Zo\\u00eb CRM"),
-        ('evil"name\n' * 20, ('evil\\"name\\n' * 20)[:128]),
+        ('evil"name\n' * 20, ('evil"name\\n' * 20)[:128]),
         ("x" * 200, "x" * 128),
+        ("x" * 127 + "\u00e9", "x" * 127),  # no half escape at the cut
+        (12345, "12345"),
     ],
 )
 def test_jwt_client_is_recorded_as_export_and_import_carry_it(
@@ -182,6 +184,13 @@ def test_jwt_client_is_recorded_as_export_and_import_carry_it(
     [event] = store.history("member-1", 10)
     assert event.client == recorded
     assert load_event(json.dumps(dump_event(event))) == event  # the export line imports
+
+
+def test_jwt_client_falls_back_to_azp_when_client_id_is_not_a_string(jwt_client, rsa_key):
+    headers = bearer(token(rsa_key, client_id={"a": 1}, azp="crm-sync"))
+    assert put(jwt_client, {"LOYALTY_OPTIN": "declined"}, headers=headers).status_code == 200
+    [event] = jwt_client.application.extensions["optin"].store.history("member-1", 10)
+    assert event.client == "crm-sync"
 
 
 def test_jwt_client_that_is_not_a_string_is_refused(jwt_client, rsa_key):
