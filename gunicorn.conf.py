@@ -28,11 +28,15 @@ control_socket_disable = True
 accesslog = None
 
 
-_made: list[str] = []  # metrics folders made here, removed on exit
+# The metrics folder this config made, removed on exit. Kept in the master's
+# environment: a SIGHUP reloads this file, and a module global would be lost.
+_MADE = "OPTIN_METRICS_FOLDER_MADE"
 
 
 def _metrics_enabled() -> bool:
-    return os.environ.get("OPTIN_METRICS", "1").strip().lower() not in ("0", "false", "no", "off")
+    from optin_service.defaults import flag
+
+    return flag("OPTIN_METRICS", os.environ.get("OPTIN_METRICS"), default=True)
 
 
 def on_starting(server) -> None:  # noqa: ANN001 - gunicorn's Arbiter
@@ -47,8 +51,7 @@ def on_starting(server) -> None:  # noqa: ANN001 - gunicorn's Arbiter
             os.makedirs(path)
         else:
             path = tempfile.mkdtemp(prefix="optin-metrics-")
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
-            _made.append(path)
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ[_MADE] = path
         server.log.info("metrics of all workers collected in %s", path)
 
 
@@ -75,7 +78,8 @@ def child_exit(server, worker) -> None:  # noqa: ANN001 - gunicorn's Arbiter and
 
 def on_exit(server) -> None:  # noqa: ANN001 - gunicorn's Arbiter
     """Remove the metrics folder this config made (one given by the operator stays)."""
-    for path in _made:
+    path = os.environ.get(_MADE)
+    if path:
         shutil.rmtree(path, ignore_errors=True)
 
 

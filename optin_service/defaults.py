@@ -60,10 +60,23 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+def flag(name: str, raw: str | None, default: bool) -> bool:
+    """An on/off setting's value (the app and gunicorn.conf.py read it alike).
+    Unset or empty: ``default``; a word that is neither is refused, not guessed."""
+    word = (raw or "").strip().lower()
+    if not word:
+        return default
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be one of 1 true yes on / 0 false no off, not {raw!r}")
+
+
 def _from_env(name: str, default: Any, environ: Mapping[str, str]) -> Any:
     raw = environ[name]
     if isinstance(default, bool):
-        return raw.strip().lower() in ("1", "true", "yes", "on")
+        return flag(name, raw, default)
     if isinstance(default, int):
         try:
             return int(raw)

@@ -88,8 +88,15 @@ _request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 _consent_children: dict[str, Any] = {}
 
 
+#: Methods counted by name; any other (gunicorn accepts any token) is "other", so a
+#: client cannot add time series by inventing methods.
+_METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "DELETE", "PATCH", "OPTIONS"})
+
+
 def observe_request(route: str, method: str, status: int, seconds: float) -> None:
     """Count one answered request and its duration."""
+    if method not in _METHODS:
+        method = "other"
     key = (route, method, status)
     children = _request_children.get(key)
     if children is None:

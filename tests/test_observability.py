@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import signal
 import threading
 import time
@@ -53,6 +54,29 @@ def test_requests_are_counted_by_route_template_method_and_status(client):
         sample("optin_http_request_duration_seconds_count", route=ROUTE, method="PUT")
         == before_hist + 4
     )
+
+
+def test_invented_methods_are_counted_as_other(client):
+    """gunicorn accepts any method: each invented one would be new time series."""
+    before = sample("optin_http_requests_total", route="unmatched", method="other", status="405")
+    for method in ("XYZZY", "FOOBAR"):
+        assert client.open("/healthz", method=method).status_code == 405
+    after = sample("optin_http_requests_total", route="unmatched", method="other", status="405")
+    assert after == before + 2
+    assert sample("optin_http_requests_total", route="unmatched", method="XYZZY", status="405") == 0
+
+
+@pytest.mark.parametrize(("raw", "on"), [("", True), (" ON ", True), ("0", False), ("no", False)])
+def test_metrics_switch_words(monkeypatch, raw, on):
+    monkeypatch.setenv("OPTIN_METRICS", raw)
+    app = create_app({"OPTIN_STORAGE_URL": "memory://"})
+    assert app.config["OPTIN_METRICS"] is on
+
+
+def test_metrics_switch_refuses_a_word_it_does_not_know(monkeypatch):
+    monkeypatch.setenv("OPTIN_METRICS", "enabled")  # was silently off (and on in gunicorn.conf.py)
+    with pytest.raises(ValueError, match="OPTIN_METRICS must be one of"):
+        create_app({"OPTIN_STORAGE_URL": "memory://"})
 
 
 def test_storage_latency_errors_and_consent_changes(client, app):
@@ -196,6 +220,30 @@ def _metric_total(text: str, name: str, **labels) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_the_metrics_folder_gunicorn_made_is_removed_on_exit_even_after_a_reload(tmp_path):
+    env = {"OPTIN_STORAGE_URL": f"sqlite:///{tmp_path}/optin.db", "PROMETHEUS_MULTIPROC_DIR": ""}
+    gunicorn = Gunicorn(env, workers=1)
+    gunicorn.env.pop("PROMETHEUS_MULTIPROC_DIR")  # so the config makes its own folder
+    gunicorn.start(tmp_path / "gunicorn.log")
+    try:
+        found = re.search(r"metrics of all workers collected in (\S+)", gunicorn.log())
+        assert found, gunicorn.log()
+        folder = Path(found.group(1))
+        old_workers = set(gunicorn.worker_pids())
+        gunicorn.proc.send_signal(signal.SIGHUP)  # reloads gunicorn.conf.py, new workers
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if (workers := set(gunicorn.worker_pids())) and not workers & old_workers:
+                break
+            time.sleep(0.1)
+        assert not set(gunicorn.worker_pids()) & old_workers, gunicorn.log()
+        assert folder.is_dir()
+    finally:
+        gunicorn.stop()
+    assert not folder.exists(), gunicorn.log()
+
+
 def test_metrics_are_summed_over_two_gunicorn_workers(tmp_path: Path):
     metrics_dir = tmp_path / "metrics"
     env = {
