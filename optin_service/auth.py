@@ -177,8 +177,9 @@ class JwtBearer:
             )
         except jwt.PyJWKClientConnectionError as exc:
             log.warning("cannot fetch the JWKS: %s", exc)
+            retry_after = str(current_app.config["OPTIN_RETRY_AFTER_SECONDS"])
             raise ApiError(
-                503, "Cannot verify tokens right now", headers={"Retry-After": "5"}
+                503, "Cannot verify tokens right now", headers={"Retry-After": retry_after}
             ) from None
         except (jwt.PyJWTError, ValueError) as exc:
             raise unauthorized(f"Invalid token: {exc}") from None

@@ -283,10 +283,11 @@ def test_unreachable_jwks_is_503_not_401(rsa_key):
         OPTIN_JWT_JWKS_URL=f"http://{LOOPBACK}:{free_port()}/jwks.json",
         OPTIN_JWT_ISSUER=ISSUER,
         OPTIN_JWT_AUDIENCE=AUDIENCE,
+        OPTIN_RETRY_AFTER_SECONDS=3,
     ).test_client()
     response = client.get(URL, headers=bearer(token(rsa_key)))
     assert response.status_code == 503
-    assert response.headers["Retry-After"]
+    assert response.headers["Retry-After"] == "3"  # the setting, as for storage (was 5 always)
 
 
 @pytest.mark.parametrize(
