@@ -44,15 +44,26 @@ class MemoryStore(OptInStore):
         cid = record.correlation_id
         with self._lock:
             if idempotency_key is not None:
-                seen = self._keys.get((cid, idempotency_key))
                 now = datetime.now(timezone.utc)
-                if seen is not None and now - seen[1] < IDEMPOTENCY_TTL:
+                self._forget_expired_keys(now)
+                seen = self._keys.get((cid, idempotency_key))
+                if seen is not None:
                     if seen[0] != record.fingerprint:
                         raise IdempotencyKeyReused(idempotency_key)
                     return _current(self._members[cid])
                 self._keys[(cid, idempotency_key)] = (record.fingerprint, now)
             self._add(record)
             return _current(self._members[cid])
+
+    def _forget_expired_keys(self, now: datetime) -> None:
+        """Drop idempotency keys past their TTL (as SQLite prunes and Redis expires them).
+        Keys are only ever added at the end, with the time then: the oldest come first."""
+        keys = self._keys
+        while keys:
+            oldest = next(iter(keys))
+            if now - keys[oldest][1] < IDEMPOTENCY_TTL:
+                return
+            del keys[oldest]
 
     def _add(self, record: OptInRecord) -> bool:
         cid = record.correlation_id

@@ -16,12 +16,14 @@ import fakeredis
 import pytest
 import redis
 
+import backends.memory
 import backends.redis
 import backends.sqlite
 from backends.memory import MemoryStore
 from backends.redis import RedisStore
 from backends.sqlite import SQLiteStore
 from optin_service.storage import (
+    IDEMPOTENCY_TTL,
     IdempotencyKeyReused,
     OptInRecord,
     StorageError,
@@ -104,6 +106,28 @@ def test_memory_from_url_gives_independent_stores():
     one.set(OptInRecord("member-1", "accepted", STAMP))
     assert two.get("member-1") is None
     assert one.get("member-1") is not None
+
+
+def test_memory_forgets_idempotency_keys_past_their_ttl(monkeypatch):
+    """They were kept forever: memory grew with every distinct key."""
+    store = MemoryStore()
+    clock = [datetime(2026, 11, 26, tzinfo=timezone.utc)]
+
+    class Clock(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return clock[0]
+
+    monkeypatch.setattr(backends.memory, "datetime", Clock)
+    for i in range(3):
+        record = OptInRecord(f"member-{i}", "accepted", STAMP, request_id=f"r{i}")
+        store.set(record, idempotency_key=f"k{i}")
+    clock[0] += IDEMPOTENCY_TTL + timedelta(seconds=1)
+    store.set(OptInRecord("member-9", "declined", STAMP, request_id="r9"), idempotency_key="k9")
+    assert list(store._keys) == [("member-9", "k9")]
+    # An expired key is a new request: it records again, under the same key.
+    store.set(OptInRecord("member-0", "declined", STAMP, request_id="r10"), idempotency_key="k0")
+    assert store.get("member-0").request_id == "r10"
 
 
 # --- sqlite ----------------------------------------------------------------------
