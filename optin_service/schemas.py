@@ -84,7 +84,8 @@ def loads_object(text: str | bytes, what: str = "Request body") -> dict[str, Any
     return value
 
 
-_SUBMICROSECOND = re.compile(r"[.,]\d{7,}")
+#: More than six fractional digits: a time finer than the µs stores keep.
+SUBMICROSECOND = re.compile(r"[.,]\d{7,}")
 
 
 def format_time(moment: datetime) -> str:
@@ -102,7 +103,7 @@ class Timestamp(fields.AwareDateTime):
     def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> datetime:
         # Stores keep microseconds: a finer time would be cut silently, and two
         # events could then share one identity.
-        if isinstance(value, str) and _SUBMICROSECOND.search(value):
+        if isinstance(value, str) and SUBMICROSECOND.search(value):
             raise ValidationError("has more than six fractional digits (microseconds)")
         moment = super()._deserialize(value, attr, data, **kwargs)
         if not EARLIEST <= moment <= LATEST:
