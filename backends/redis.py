@@ -508,12 +508,16 @@ class RedisStore(OptInStore):
             self._check_acked(replies.pop())
         return sum(replies)
 
+    def _escaped_id(self, history_key: bytes) -> bytes:
+        """The id part of ``<prefix>{<id>}:h``, cut after the prefix's bytes (not its
+        letters: the prefix may not be ASCII)."""
+        return history_key[len(self.prefix.encode()) + 1 : -3]
+
     def _history_keys(self) -> Iterator[list[bytes]]:
         pattern = _GLOB_CHARS.sub(r"\\\g<0>", self.prefix) + "{*}:h"  # the prefix literally
-        start = len(self.prefix.encode()) + 1
         batch: list[bytes] = []
         for key in self.client.scan_iter(match=pattern, count=_BATCH, _type="zset"):
-            if b"}" in key[start:-3]:  # ids are escaped: another prefix's key ("" and "{x}:")
+            if b"}" in self._escaped_id(key):  # ids are escaped: another prefix's ("" and "{x}:")
                 continue
             batch.append(key)
             if len(batch) == _BATCH:
@@ -528,11 +532,10 @@ class RedisStore(OptInStore):
 
     def rows(self, since: datetime | None = None) -> Iterator[EventRow]:
         low = "-inf" if since is None else OptInRecord("-", "accepted", since).updated_at_us
-        start = len(self.prefix.encode()) + 1  # keys are bytes: the prefix may not be ASCII
         try:
             for keys in self._history_keys():
                 for key, pairs in zip(keys, self._ranges(keys, low), strict=True):
-                    cid = _unescape(key[start:-3].decode())
+                    cid = _unescape(self._escaped_id(key).decode())
                     for member, score in pairs:
                         yield _event_row(cid, member, score)
         except _DRIVER_ERRORS as exc:
