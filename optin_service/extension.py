@@ -62,8 +62,11 @@ class OptInState:
         path = req.path
         if self.url_prefix:
             return path == self.url_prefix or path.startswith(self.url_prefix + "/")
-        # An API path itself or below it: "/healthz-db" is the host's.
-        return any(path == p or path.startswith(p.rstrip("/") + "/") for p in API_PATHS)
+        return path in API_PATHS or path.startswith(_BELOW_API_PATHS)
+
+
+#: What lies below an API path ("/healthz/..."): "/healthz-db" is the host's.
+_BELOW_API_PATHS = tuple(p.rstrip("/") + "/" for p in API_PATHS)
 
 
 def default_storage_url(app: Flask) -> str:
