@@ -189,18 +189,22 @@ class JwtBearer:
         return Principal(_client_name(claims), frozenset(s for s in scopes if isinstance(s, str)))
 
 
+#: The claims that may name a token's client, in the order they are tried.
+_CLIENT_CLAIMS = ("client_id", "azp", "sub")
+
+
 def _client_name(claims: Mapping[str, Any]) -> str:
     """The token's client as the events record it: printable ASCII, as export and
     import carry it. Other characters are written as JSON escapes ("Zoë" becomes
     "Zo\\u00eb"), so the record still names the client."""
-    for claim in ("client_id", "azp", "sub"):
+    for claim in _CLIENT_CLAIMS:
         name = claims.get(claim)
         if isinstance(name, int) and not isinstance(name, bool):
             name = str(name)  # some issuers send numeric client ids
         if isinstance(name, str) and name:
             break
     else:
-        if any(claims.get(claim) for claim in ("client_id", "azp", "sub")):
+        if any(claims.get(claim) for claim in _CLIENT_CLAIMS):
             raise unauthorized("Invalid token: its client_id, azp or sub is not a string")
         return "unknown"
     if CLIENT.fullmatch(name[:128]):
