@@ -10,10 +10,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask
+from flask_talisman import Talisman
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import defaults, logs
 from .extension import OptIn
+from .headers import TALISMAN_OPTIONS
 
 __all__ = ["OptIn", "create_app"]
 
@@ -34,5 +36,6 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     if hops:
         # Only these proxies' X-Forwarded-For/-Proto are believed (rate limits, HTTPS).
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]
+    Talisman(app, **TALISMAN_OPTIONS)
     OptIn(app, standalone=True)
     return app
