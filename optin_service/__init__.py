@@ -16,8 +16,9 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from . import defaults, logs
 from .extension import OptIn
 from .headers import TALISMAN_OPTIONS
+from .version import __version__
 
-__all__ = ["OptIn", "create_app"]
+__all__ = ["OptIn", "__version__", "create_app"]
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
