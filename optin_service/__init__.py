@@ -10,12 +10,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask
+from flask_talisman import Talisman
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import defaults, logs
 from .extension import OptIn
+from .headers import TALISMAN_OPTIONS
+from .version import __version__
 
-__all__ = ["OptIn", "create_app"]
+__all__ = ["OptIn", "__version__", "create_app"]
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -34,5 +37,6 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     if hops:
         # Only these proxies' X-Forwarded-For/-Proto are believed (rate limits, HTTPS).
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]
+    Talisman(app, **TALISMAN_OPTIONS)
     OptIn(app, standalone=True)
     return app

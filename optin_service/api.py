@@ -15,7 +15,7 @@ from werkzeug.exceptions import ClientDisconnected, NotFound, RequestEntityTooLa
 
 from .auth import check_request, client_name
 from .errors import ApiError, register_error_handlers
-from .headers import ApiResponse, no_https_redirect, request_id
+from .headers import no_https_redirect, request_id
 from .metrics import consent_changed, exposition, storage_operation
 from .schemas import (
     CORRELATION_ID,
@@ -55,7 +55,7 @@ def _timed(operation: str) -> AbstractContextManager[None]:
 
 
 def _json(body: object, status: int = 200) -> Response:
-    return ApiResponse(json.dumps(body, separators=(",", ":")), status, mimetype="application/json")
+    return Response(json.dumps(body, separators=(",", ":")), status, mimetype="application/json")
 
 
 def _checked_id(correlation_id: str) -> str:
@@ -152,7 +152,7 @@ def put_optin(correlation_id: str) -> Response:
         ) from None
     if metrics_on and current.request_id == record.request_id:
         consent_changed(status)
-    return ApiResponse(UPDATED_BODY, 200, mimetype="application/json")
+    return Response(UPDATED_BODY, 200, mimetype="application/json")
 
 
 @bp.get(OPTIN_PATH)
@@ -204,7 +204,7 @@ def metrics() -> Response:
     if not current_app.config["OPTIN_METRICS"]:
         raise NotFound()
     body, content_type = exposition()
-    return ApiResponse(body, 200, content_type=content_type)
+    return Response(body, 200, content_type=content_type)
 
 
 @bp.get("/openapi.json", endpoint="openapi")
@@ -214,4 +214,4 @@ def openapi_document() -> Response:
     from .openapi import document  # imports this module: loaded on first use
 
     app = current_app._get_current_object()  # type: ignore[attr-defined]
-    return ApiResponse(document(app), 200, mimetype="application/json")
+    return Response(document(app), 200, mimetype="application/json")

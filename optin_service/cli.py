@@ -35,6 +35,7 @@ from .storage import (
     OptInStore,
     StorageError,
 )
+from .version import __version__
 
 
 class _OptInGroup(AppGroup):
@@ -49,6 +50,7 @@ class _OptInGroup(AppGroup):
 
 
 optin = _OptInGroup("optin", help="Read and write opt-in records; export, import, migrate.")
+optin = click.version_option(__version__, prog_name="optin-service")(optin)
 
 
 def _store() -> OptInStore:

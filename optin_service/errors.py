@@ -14,7 +14,7 @@ from http import HTTPStatus
 from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException, default_exceptions
 
-from .headers import RESPONSE_HEADERS, ApiResponse, new_request_id, request_id
+from .headers import REQUEST_ID_HEADERS, RESPONSE_HEADERS, new_request_id, request_id
 from .storage import StorageError, StorageUnavailable
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def error_response(
 ) -> Response:
     """The envelope as a response. Codes not in the table are derived from the reason."""
     body = envelope(status, message, error_code)
-    return ApiResponse(body, status, headers=headers, mimetype="application/json")
+    return Response(body, status, headers=headers, mimetype="application/json")
 
 
 def envelope(status: int, message: str, error_code: str | None = None) -> str:
@@ -83,8 +83,7 @@ def http_error(status: int, reason: str, message: str) -> bytes:
         "Content-Type: application/json",
         f"Content-Length: {len(body)}",
         *(f"{name}: {value}" for name, value in RESPONSE_HEADERS),
-        f"x-amzn-RequestId: {rid}",
-        f"X-Request-Id: {rid}",
+        *(f"{name}: {rid}" for name in REQUEST_ID_HEADERS),
     ]
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
 

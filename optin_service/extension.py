@@ -24,7 +24,7 @@ from .api import API_PATHS, bp
 from .auth import Authenticator, build_authenticator
 from .cli import optin as optin_cli
 from .errors import handle_http_exception, register_error_handlers
-from .headers import apply_headers, request_id
+from .headers import RESPONSE_HEADERS, SEED_HEADERS, apply_headers, request_id
 from .logs import ACCESS
 from .metrics import observe_request
 from .ratelimit import init_rate_limit
@@ -174,46 +174,29 @@ def _start() -> None:
 
 def _finish(response: Response) -> Response:
     """The API's last word on each of its responses: headers, metrics, the access log."""
-    # Each name of flask's (request, current_app, g) is a proxy resolved on every
-    # use: resolve each once.
-    app = current_app._get_current_object()  # type: ignore[attr-defined]
-    req = request._get_current_object()  # type: ignore[attr-defined]
-    state = app.extensions["optin"]
-    if not state.owns(req):
+    state = current_app.extensions["optin"]
+    if not state.owns(request):
         return response
-    ctx = g._get_current_object()  # type: ignore[attr-defined]
-    apply_headers(response, ctx)
-    now = time.perf_counter()
-    seconds = now - ctx.get("optin_started", now)
-    rule = req.url_rule
+    # Standalone, Talisman has set its own headers already (see headers.py).
+    apply_headers(response, SEED_HEADERS if state.standalone else RESPONSE_HEADERS)
+    seconds = time.perf_counter() - g.get("optin_started", time.perf_counter())
+    rule = request.url_rule
     route = rule.rule if rule is not None else "unmatched"
-    method = req.method
     status = response.status_code
-    if app.config["OPTIN_METRICS"]:
-        observe_request(route, method, status, seconds)
-    if ACCESS.isEnabledFor(logging.INFO):
-        # What ACCESS.info() does, less its walk up the stack to find the caller,
-        # which is always this function.
-        record = ACCESS.makeRecord(
-            ACCESS.name,
-            logging.INFO,
-            __file__,
-            _FINISH_LINE,
-            "%s %s %s",
-            (method, route, status),
-            None,
-            "_finish",
-            {
-                "request_id": request_id(ctx),
-                "method": method,
-                "route": route,
-                "status": status,
-                "duration_ms": round(seconds * 1000, 3),
-                "backend": state.backend,
-            },
-        )
-        ACCESS.handle(record)
+    if current_app.config["OPTIN_METRICS"]:
+        observe_request(route, request.method, status, seconds)
+    ACCESS.info(
+        "%s %s %s",
+        request.method,
+        route,
+        status,
+        extra={
+            "request_id": request_id(),
+            "method": request.method,
+            "route": route,
+            "status": status,
+            "duration_ms": round(seconds * 1000, 3),
+            "backend": state.backend,
+        },
+    )
     return response
-
-
-_FINISH_LINE = _finish.__code__.co_firstlineno

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import re
 import weakref
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from apispec import APISpec
@@ -35,6 +34,7 @@ from .schemas import (
     OptInRequestSchema,
     OptInStateSchema,
 )
+from .version import __version__
 
 OPENAPI_VERSION = "3.1.0"
 #: ``OPTIN_AUTH=jwt``: the scope each method needs (see ``auth.py``).
@@ -73,13 +73,6 @@ def _ref(kind: str, name: str) -> dict[str, str]:
     return {"$ref": f"#/components/{kind}/{name}"}
 
 
-def _package_version() -> str:
-    try:
-        return version("optin-service")
-    except PackageNotFoundError:  # run from a checkout that was never installed
-        return "0.0.0"
-
-
 class _Builder:
     """Builds one app's document."""
 
@@ -91,7 +84,7 @@ class _Builder:
         self.plugin = MarshmallowPlugin()
         self.spec = APISpec(
             title="optin-service",
-            version=_package_version(),
+            version=__version__,
             openapi_version=OPENAPI_VERSION,
             plugins=[self.plugin],
             info={"description": self._description()},

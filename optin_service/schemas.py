@@ -235,45 +235,15 @@ _query_schema = HistoryQuerySchema()
 _event_schema = EventSchema()
 
 
-def _schema_is_just_the_status() -> bool:
-    """Whether the request schema still returns a valid status as it is, and nothing else."""
-    if set(_request_schema.fields) != {"LOYALTY_OPTIN"}:
-        return False
-    try:
-        return all(
-            _request_schema.load({"LOYALTY_OPTIN": s}) == {"LOYALTY_OPTIN": s} for s in STATUSES
-        )
-    except ValidationError:
-        return False
-
-
-#: Checked once: the shortcut in :func:`load_optin_status` holds only while this is true.
-_STATUS_SHORTCUT = _schema_is_just_the_status()
-
-
 def load_optin_status(data: bytes) -> Status:
-    """The status a PUT body asks for, or an :class:`ApiError` with the seed's message.
-
-    ``OptInRequestSchema`` is the rule. When the body's ``LOYALTY_OPTIN`` is
-    already one of the two exact strings, the schema can only return it
-    (unknown keys are excluded, a string field keeps a string, and ``OneOf``
-    passes), so that answer is given without a trip through marshmallow; any
-    other body goes through the schema, which words the error.
-    """
+    """The status a PUT body asks for, or an :class:`ApiError` with the seed's message."""
     try:
-        obj = loads_object(data)
-    except ValueError as exc:
-        raise ApiError(400, str(exc)) from None
-    status = obj.get("LOYALTY_OPTIN")
-    if _STATUS_SHORTCUT and type(status) is str and status in STATUSES:
-        return status  # type: ignore[return-value]
-    try:
-        loaded = _request_schema.load(obj)
-    except ValueError as exc:
-        raise ApiError(400, str(exc)) from None
+        loaded = _request_schema.load(loads_object(data))
     except ValidationError as exc:
         messages = exc.messages_dict.get("LOYALTY_OPTIN") or [INVALID_OPTIN]
         raise ApiError(400, messages[0]) from None
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
     return loaded["LOYALTY_OPTIN"]
 
 

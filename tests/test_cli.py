@@ -794,3 +794,17 @@ def test_a_progress_bar_shows_on_a_terminal(cli_env, tmp_path):
     # A complete export ends at 100%, not at the last whole thousand.
     assert "100%" in seen, seen
     assert f"exported {len(events)} events" in seen
+
+
+def test_version_is_the_one_the_package_declares(cli_env):
+    from importlib.metadata import version
+
+    from click.testing import CliRunner
+
+    from optin_service import __version__
+    from optin_service.cli import optin
+
+    result = CliRunner().invoke(optin, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"optin-service, version {__version__}"
+    assert version("optin-service") == __version__  # setup.cfg reads the same number

@@ -243,3 +243,36 @@ def test_a_store_passed_in_stays_the_hosts():
 def test_min_replicas_setting_reaches_a_redis_store(url, setting, expected):
     app = create_app({"OPTIN_STORAGE_URL": url, "OPTIN_REDIS_MIN_REPLICAS_ACKED": setting})
     assert app.extensions["optin"].store.min_replicas_acked == expected
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_standalone_talisman_and_embedded_constants_send_the_same_headers(scheme):
+    """Standalone, Talisman sets part of the seed's headers; embedded, every one is a
+    constant in headers.py. Both must send the same names, values and casing."""
+    from optin_service.headers import RESPONSE_HEADERS, TALISMAN_HEADERS
+
+    standalone = create_app({"OPTIN_STORAGE_URL": "memory://"}).test_client()
+    host = Flask(__name__)
+    OptIn(host, store=MemoryStore(), url_prefix="/loyalty")
+    embedded = host.test_client()
+    env = {"wsgi.url_scheme": scheme}
+    body = {"LOYALTY_OPTIN": "accepted"}
+    for path in ("/client/users/m1/profile/optin", "/client/users/%20/profile/optin"):
+        got = [
+            client.put(prefix + path, json=body, environ_overrides=env)
+            for client, prefix in ((standalone, ""), (embedded, "/loyalty"))
+        ]
+        assert got[0].status_code == got[1].status_code
+        fixed = [
+            sorted((k, v) for k, v in r.headers.to_wsgi_list() if k in dict(RESPONSE_HEADERS))
+            for r in got
+        ]
+        assert fixed[0] == fixed[1] == sorted(RESPONSE_HEADERS)
+    # Talisman really is what sets its headers in the standalone app.
+    bare = Flask(__name__)
+    from optin_service.headers import TALISMAN_OPTIONS
+
+    Talisman(bare, **TALISMAN_OPTIONS)
+    bare.add_url_rule("/", "home", lambda: "")
+    sent = bare.test_client().get("/", environ_overrides=env).headers
+    assert sorted((k, sent[k]) for k, _ in TALISMAN_HEADERS) == sorted(TALISMAN_HEADERS)
