@@ -123,30 +123,6 @@ CONFIGS: dict[str, Config] = {
             target=0.92,
             note="reference + the 15 response headers",
         ),
-        # Not in the default run: what the metrics and the access log cost.
-        Config(
-            "memory-nometrics",
-            SERVICE_APP,
-            1,
-            "memory://",
-            env=(("OPTIN_METRICS", "false"),),
-            note="OPTIN_METRICS=false",
-        ),
-        Config(
-            "memory-nolog",
-            "bench.service_variants:nolog",
-            1,
-            "memory://",
-            note="no access log line",
-        ),
-        Config(
-            "memory-bare",
-            "bench.service_variants:nolog",
-            1,
-            "memory://",
-            env=(("OPTIN_METRICS", "false"),),
-            note="no access log, OPTIN_METRICS=false",
-        ),
         # Not in the default run: the same with gthread workers and keep-alive.
         *(
             Config(
