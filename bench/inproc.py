@@ -101,7 +101,6 @@ def run(config: load.Config, requests: int, repeats: int, workdir: Path) -> dict
         env["OPTIN_STORAGE_URL"] = config.storage.format(
             dir=workdir, redis_port=os.environ.get("BENCH_REDIS_PORT")
         )
-    env.update(config.env)
     with open(workdir / f"{config.name}.stderr", "wb") as err:
         out = subprocess.run(
             [sys.executable, __file__, "--child", config.app, str(requests), str(repeats)],
