@@ -18,7 +18,7 @@ the same PUTs) and reports, per PUT:
   machine's load far less than requests/s do, but it does move.
 - **wall µs**, the bytes of access log written per PUT, and the statuses answered.
 
-About 5 seconds per configuration with the defaults; results also go to
+About 4 seconds per configuration with the defaults; results also go to
 ``bench/results/inproc.json``. Not part of the test suite: speed is checked here.
 """
 
