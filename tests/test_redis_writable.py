@@ -1,0 +1,151 @@
+"""A Redis store writes only where a write will last.
+
+Under an ``allkeys-*`` eviction policy Redis may drop a member's state or history (keys
+without a TTL) to make room: the store refuses to write there, and reads the policy
+again at least once a second, since ``CONFIG SET`` changes it at runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import datetime, timezone
+
+import pytest
+
+from backends.redis import RedisStore
+from optin_service import create_app
+from optin_service.storage import OptInRecord, StorageUnavailable
+from tests.servers import RedisProcess
+from tests.topologies import slot_of, wait_until
+
+STAMP = datetime(2026, 11, 26, 12, 0, 0, 123456, tzinfo=timezone.utc)
+PATH = "/client/users/member-1/profile/optin"
+
+
+def _server(tmp_path, *args: str) -> RedisProcess:
+    """A redis-server of the test's own (the test changes its configuration)."""
+    return RedisProcess(tmp_path / "redis", ["--save", "", "--appendonly", "no", *args]).start()
+
+
+def _write(store: RedisStore, cid: str = "member-1") -> OptInRecord:
+    record = OptInRecord(cid, "accepted", STAMP, request_id=uuid.uuid4().hex)
+    return store.set(record)
+
+
+def _refused(store: RedisStore) -> bool:
+    try:
+        _write(store)
+    except StorageUnavailable:
+        return True
+    return False
+
+
+# --- eviction policy ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.redis_server
+def test_an_evicting_policy_refuses_every_write_until_it_is_changed(tmp_path):
+    server = _server(tmp_path, "--maxmemory-policy", "allkeys-lru")
+    raw = server.client()
+    store = RedisStore.from_url(f"redis://127.0.0.1:{server.port}/0")
+    try:
+        with pytest.raises(StorageUnavailable, match=r"allkeys-lru.*noeviction"):
+            _write(store)
+        with pytest.raises(StorageUnavailable, match="allkeys-lru"):
+            store.import_events([OptInRecord("member-2", "declined", STAMP)])
+        with pytest.raises(StorageUnavailable, match="allkeys-lru"):
+            store.check()
+        assert raw.dbsize() == 0  # nothing written, not even check()'s own key
+
+        # Changed at runtime: writes work again within about a second.
+        raw.config_set("maxmemory-policy", "noeviction")
+        wait_until("writes accepted under noeviction", lambda: not _refused(store), timeout=3)
+        store.check()
+        # A volatile-* policy evicts only keys with a TTL: a member's state has none.
+        raw.config_set("maxmemory-policy", "volatile-lru")
+        store.check()
+        assert store.import_events([OptInRecord("member-2", "declined", STAMP)]) == 1
+        # And back to evicting: refused again, once the cached answer is a second old.
+        for policy in ("allkeys-lfu", "allkeys-random"):
+            raw.config_set("maxmemory-policy", policy)
+            wait_until(f"writes refused under {policy}", lambda: _refused(store), timeout=3)
+            with pytest.raises(StorageUnavailable, match=policy):
+                store.check()
+    finally:
+        store.close()
+        raw.close()
+        server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.redis_server
+def test_an_evicting_policy_answers_503_in_the_envelope_and_readyz_503(tmp_path, caplog):
+    server = _server(tmp_path, "--maxmemory-policy", "allkeys-lru")
+    raw = server.client()
+    app = create_app({"TESTING": True, "OPTIN_STORAGE_URL": f"redis://127.0.0.1:{server.port}/0"})
+    client = app.test_client()
+    try:
+        with caplog.at_level(logging.WARNING, logger="optin_service"):
+            response = client.put(PATH, json={"LOYALTY_OPTIN": "accepted"})
+        assert response.status_code == 503
+        assert response.get_json() == {
+            "statusCode": 503,
+            "errorCode": "SERVICE_UNAVAILABLE",
+            "errorMessage": "Storage is unavailable, please retry later",
+        }
+        assert response.headers["Retry-After"]
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        # The operator's log says why and what to set.
+        assert any(
+            "allkeys-lru" in r.getMessage() and "noeviction" in r.getMessage()
+            for r in caplog.records
+        ), [r.getMessage() for r in caplog.records]
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.get_json()["errorCode"] == "SERVICE_UNAVAILABLE"
+        assert client.get(PATH).status_code == 404
+        assert raw.dbsize() == 0
+    finally:
+        app.extensions["optin"].store.close()
+        raw.close()
+        server.stop()
+
+
+def _cluster_store(cluster_topology) -> RedisStore:
+    return RedisStore.from_url(cluster_topology.url(prefix=f"t-{uuid.uuid4().hex[:12]}:"))
+
+
+def _another_master(cluster_topology, store: RedisStore) -> RedisProcess:
+    """A master that does not hold member-1's keys."""
+    owner = cluster_topology.slot_owner(slot_of(store.key("member-1")))
+    return cluster_topology.node_by_id(next(i for i in cluster_topology.master_ids() if i != owner))
+
+
+@pytest.mark.slow
+@pytest.mark.redis_server
+def test_cluster_refuses_writes_while_any_master_may_evict(cluster_topology):
+    store = _cluster_store(cluster_topology)
+    other = _another_master(cluster_topology, store)
+    try:
+        with other.client() as node:
+            node.config_set("maxmemory-policy", "allkeys-lru")
+        # member-1's keys are not on that master: refused all the same.
+        with pytest.raises(StorageUnavailable, match="allkeys-lru") as refused:
+            _write(store)
+        assert f":{other.port}" in str(refused.value)  # names the master
+        with pytest.raises(StorageUnavailable, match="allkeys-lru"):
+            store.import_events([OptInRecord("member-2", "declined", STAMP)])
+        with pytest.raises(StorageUnavailable, match="allkeys-lru"):
+            store.check()
+        assert store.get("member-1") is None and store.get("member-2") is None
+    finally:
+        with other.client() as node:
+            node.config_set("maxmemory-policy", "noeviction")
+    try:
+        wait_until("writes accepted again", lambda: not _refused(store), timeout=3)
+        store.check()
+    finally:
+        store.client.delete(store.key("member-1"), store.key("member-1") + ":h")
+        store.close()
