@@ -65,7 +65,9 @@ second while it is safe, and refuses to write (:class:`StorageUnavailable`) unde
 any policy but ``noeviction`` and ``volatile-*``; on a Cluster, every master's
 policy counts. A server that does not answer ``INFO`` (a proxy, an ACL without
 it) cannot be checked: writes go ahead, and a warning says so once per store.
-``check()`` reads the policy every time.
+``check()`` reads the policy every time and writes a short-lived key of its own
+on every master, so it fails whenever a write would (read-only replica,
+``NOREPLICAS``, ``OOM``, ``MISCONF``).
 """
 
 from __future__ import annotations
@@ -124,6 +126,11 @@ POLICY_RECHECK_SECONDS = 1.0
 #: The eviction policies that never evict a key without a TTL (a member's state and
 #: history have none); any other (``allkeys-*``, or one we do not know) may.
 _KEEPING_POLICIES = re.compile(r"noeviction|volatile-[a-z]+")
+#: How long check()'s own key lives: it proves a write, then goes.
+CHECK_KEY_SECONDS = 10
+#: Cluster: tags tried to find a check() key on every master. A master owning
+#: about a thousandth of the slots or less may get none (its policy is still read).
+_CHECK_TAGS = 8192
 #: How long a Cluster store keeps retrying a write that meets a slot in migration.
 CLUSTER_RETRY_SECONDS = 2.0
 _CLUSTER_ATTEMPTS = 40
@@ -421,6 +428,11 @@ class RedisStore(OptInStore):
             raise _wrap(exc) from exc
         return None if found is None else _current(correlation_id, *found)
 
+    def _check_key(self, tag: str = "") -> str:
+        """check()'s key. An escaped id holds ``%`` only as ``%25`` or ``%7D``, so the
+        hash tag ``{%check...}`` is no member's."""
+        return f"{self.prefix}{{%check{tag}}}"
+
     def _policies(self) -> list[tuple[str, str | None]]:
         """(server, ``maxmemory_policy``) of each server the store writes to."""
         return [("the server", _policy_of(self.client))]
@@ -613,11 +625,11 @@ class RedisStore(OptInStore):
         return self._count_script(keys)
 
     def check(self) -> None:
-        """Unavailable unless the server answers and its eviction policy (read afresh)
-        keeps keys without a TTL."""
+        """Unavailable unless a write would succeed now: the eviction policy (read
+        afresh) keeps keys, and a short-lived key of the store's own is written."""
         try:
             self._check_policy()
-            self.client.ping()
+            self.client.set(self._check_key(), 1, ex=CHECK_KEY_SECONDS)
         except _DRIVER_ERRORS as exc:
             raise StorageUnavailable(f"redis: {exc}") from exc
 
@@ -744,7 +756,7 @@ class RedisSentinelStore(RedisStore):
 
     def check(self) -> None:
         """Unavailable unless the Sentinels name a master, it answers as a master, and
-        its eviction policy keeps keys (:meth:`RedisStore.check`)."""
+        it takes a write (:meth:`RedisStore.check`)."""
         try:
             role = self.client.execute_command("ROLE")
         except _DRIVER_ERRORS as exc:
@@ -982,9 +994,20 @@ class RedisClusterStore(RedisStore):
             for node in client.get_primaries()
         ]
 
+    def _check_keys(self, client: RedisCluster, primaries: list[ClusterNode]) -> list[str]:
+        """One check() key on each master (as far as :data:`_CHECK_TAGS` tags reach)."""
+        wanted = {node.name for node in primaries}
+        found: dict[str, str] = {}
+        for n in range(_CHECK_TAGS):
+            key = self._check_key(f"-{n}")
+            found.setdefault(client.get_node_from_key(key).name, key)
+            if wanted <= found.keys():
+                break
+        return [key for name, key in found.items() if name in wanted]
+
     def check(self) -> None:
-        """Unavailable unless every master answers, says ``cluster_state:ok`` and keeps
-        keys without a TTL."""
+        """Unavailable unless every master answers, says ``cluster_state:ok``, keeps
+        keys without a TTL and takes a write."""
         client = self.client
         try:
             primaries = client.get_primaries()
@@ -996,6 +1019,8 @@ class RedisClusterStore(RedisStore):
                     _refresh(client)
                     raise StorageUnavailable(f"redis cluster: {node.name} says the cluster is down")
             self._check_policy()
+            for key in self._check_keys(client, primaries):
+                client.set(key, 1, ex=CHECK_KEY_SECONDS)
         except _DRIVER_ERRORS as exc:
             _refresh(client)
             raise StorageUnavailable(f"redis cluster: {exc}") from exc

@@ -1,22 +1,27 @@
-"""A Redis store writes only where a write will last.
+"""A Redis store writes only where a write will last, and ``check()`` proves it can write.
 
 Under an ``allkeys-*`` eviction policy Redis may drop a member's state or history (keys
 without a TTL) to make room: the store refuses to write there, and reads the policy
-again at least once a second, since ``CONFIG SET`` changes it at runtime.
+again at least once a second, since ``CONFIG SET`` changes it at runtime. ``check()``
+(``/readyz``) fails whenever a write would: a read-only replica, ``NOREPLICAS``,
+``OOM``, ``MISCONF``, or an evicting policy.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import uuid
 from datetime import datetime, timezone
 
+import fakeredis
 import pytest
+import redis
 
 from backends.redis import RedisStore
 from optin_service import create_app
 from optin_service.storage import OptInRecord, StorageUnavailable
-from tests.servers import RedisProcess
+from tests.servers import RedisProcess, free_port
 from tests.topologies import slot_of, wait_until
 
 STAMP = datetime(2026, 11, 26, 12, 0, 0, 123456, tzinfo=timezone.utc)
@@ -113,6 +118,107 @@ def test_an_evicting_policy_answers_503_in_the_envelope_and_readyz_503(tmp_path,
         server.stop()
 
 
+# --- check(): can the store write right now? -----------------------------------------
+
+
+def _read_only_replica(raw: redis.Redis, tmp_path) -> None:
+    raw.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))  # a master that never answers
+
+
+def _no_replicas(raw: redis.Redis, tmp_path) -> None:
+    raw.config_set("min-replicas-to-write", 1)
+
+
+def _out_of_memory(raw: redis.Redis, tmp_path) -> None:
+    raw.config_set("maxmemory-policy", "noeviction")
+    raw.config_set("maxmemory", 1)
+
+
+def _failed_save(raw: redis.Redis, tmp_path) -> None:
+    # The server's folder is gone: its snapshot fails, and stop-writes-on-bgsave-error
+    # (the default) then refuses writes with MISCONF.
+    shutil.rmtree(tmp_path / "redis")
+    raw.config_set("save", "3600 1")
+    raw.bgsave()
+    wait_until(
+        "a failed snapshot",
+        lambda: raw.info("persistence")["rdb_last_bgsave_status"] == "err",
+        timeout=5,
+    )
+
+
+_UNDO = {
+    _read_only_replica: lambda raw: raw.execute_command("REPLICAOF", "NO", "ONE"),
+    _no_replicas: lambda raw: raw.config_set("min-replicas-to-write", 0),
+    _out_of_memory: lambda raw: raw.config_set("maxmemory", 0),
+    _failed_save: lambda raw: raw.config_set("stop-writes-on-bgsave-error", "no"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.redis_server
+@pytest.mark.parametrize(
+    "refuse",
+    [
+        pytest.param(_read_only_replica, id="read-only-replica"),
+        pytest.param(_no_replicas, id="noreplicas"),
+        pytest.param(_out_of_memory, id="oom"),
+        pytest.param(_failed_save, id="misconf"),
+    ],
+)
+def test_check_fails_while_the_server_refuses_writes(tmp_path, refuse):
+    """The server answers PING in each case (but MISCONF, where Redis refuses PING
+    too): only a write shows the fault."""
+    server = _server(tmp_path)
+    raw = server.client()
+    store = RedisStore.from_url(f"redis://127.0.0.1:{server.port}/0")
+    try:
+        store.check()
+        refuse(raw, tmp_path)
+        with pytest.raises(StorageUnavailable):
+            _write(store)
+        with pytest.raises(StorageUnavailable):
+            store.check()
+        _UNDO[refuse](raw)
+        store.check()
+        _write(store)
+    finally:
+        store.close()
+        raw.close()
+        server.stop()
+
+
+def test_checks_key_is_short_lived_and_outside_every_member():
+    """check() writes one key under the store's prefix, with an expiry, that no member's
+    keys can be and that export and counting do not see."""
+    store = RedisStore(fakeredis.FakeRedis(server=fakeredis.FakeServer()), prefix="p:")
+    store.check()
+    keys = list(store.client.scan_iter(match="*"))
+    assert len(keys) == 1 and keys[0].startswith(b"p:{")
+    assert 0 < store.client.ttl(keys[0]) <= 60
+    assert store.count_events() == 0 and list(store.events()) == []
+    _write(store)
+    assert store.count_events() == 1
+    store.check()
+    assert len(list(store.client.scan_iter(match="*"))) == 3  # state, history, check's key
+
+
+@pytest.mark.slow
+@pytest.mark.redis_server
+def test_sentinel_check_fails_while_its_master_refuses_writes(sentinel_topology):
+    store = RedisStore.from_url(sentinel_topology.url(prefix=f"t-{uuid.uuid4().hex[:12]}:"))
+    with sentinel_topology.master().client() as master:
+        try:
+            store.check()
+            master.config_set("min-replicas-to-write", 2)  # it has one
+            with pytest.raises(StorageUnavailable):
+                store.check()
+        finally:
+            master.config_set("min-replicas-to-write", 0)
+            store.close()
+    # Test's own keys: only check()'s, which expire by themselves.
+
+
 def _cluster_store(cluster_topology) -> RedisStore:
     return RedisStore.from_url(cluster_topology.url(prefix=f"t-{uuid.uuid4().hex[:12]}:"))
 
@@ -148,4 +254,28 @@ def test_cluster_refuses_writes_while_any_master_may_evict(cluster_topology):
         store.check()
     finally:
         store.client.delete(store.key("member-1"), store.key("member-1") + ":h")
+        store.close()
+
+
+@pytest.mark.slow
+@pytest.mark.redis_server
+def test_cluster_check_writes_on_every_master(cluster_topology):
+    store = _cluster_store(cluster_topology)
+    other = _another_master(cluster_topology, store)
+    try:
+        store.check()
+        for port in cluster_topology.master_ids().values():
+            with cluster_topology.node_at(port).client() as node:
+                keys = list(node.scan_iter(match=f"{store.prefix}*"))
+                assert len(keys) == 1 and node.ttl(keys[0]) > 0, (port, keys)
+        with other.client() as node:
+            node.config_set("min-replicas-to-write", 1)  # it has none: NOREPLICAS
+        with pytest.raises(StorageUnavailable, match="NOREPLICAS"):
+            store.check()
+    finally:
+        with other.client() as node:
+            node.config_set("min-replicas-to-write", 0)
+    try:
+        store.check()
+    finally:
         store.close()
