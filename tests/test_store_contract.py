@@ -112,13 +112,7 @@ def test_memory_forgets_idempotency_keys_past_their_ttl(monkeypatch):
     """They were kept forever: memory grew with every distinct key."""
     store = MemoryStore()
     clock = [datetime(2026, 11, 26, tzinfo=timezone.utc)]
-
-    class Clock(datetime):
-        @classmethod
-        def now(cls, tz=None):
-            return clock[0]
-
-    monkeypatch.setattr(backends.memory, "datetime", Clock)
+    monkeypatch.setattr(backends.memory, "_now", lambda: clock[0])
     for i in range(3):
         record = OptInRecord(f"member-{i}", "accepted", STAMP, request_id=f"r{i}")
         store.set(record, idempotency_key=f"k{i}")
