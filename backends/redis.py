@@ -988,11 +988,16 @@ class RedisClusterStore(RedisStore):
         return sum(pipe.execute())
 
     def _policies(self) -> list[tuple[str, str | None]]:
+        """Every master's that answers: one that does not fails its own members'
+        writes (and check()), not the other masters'."""
         client = self.client
-        return [
-            (f"master {node.name}", _policy_of(client.get_redis_connection(node)))
-            for node in client.get_primaries()
-        ]
+        found = []
+        for node in client.get_primaries():
+            try:
+                found.append((f"master {node.name}", _policy_of(client.get_redis_connection(node))))
+            except (redis.ConnectionError, redis.TimeoutError):
+                continue
+        return found
 
     def _check_keys(self, client: RedisCluster, primaries: list[ClusterNode]) -> list[str]:
         """One check() key on each master (as far as :data:`_CHECK_TAGS` tags reach)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 import uuid
 from datetime import datetime, timezone
 
@@ -18,11 +19,11 @@ import fakeredis
 import pytest
 import redis
 
-from backends.redis import RedisStore
+from backends.redis import POLICY_RECHECK_SECONDS, RedisStore
 from optin_service import create_app
 from optin_service.storage import OptInRecord, StorageUnavailable
 from tests.servers import RedisProcess, free_port
-from tests.topologies import slot_of, wait_until
+from tests.topologies import ClusterTopology, slot_of, wait_until
 
 STAMP = datetime(2026, 11, 26, 12, 0, 0, 123456, tzinfo=timezone.utc)
 PATH = "/client/users/member-1/profile/optin"
@@ -279,3 +280,34 @@ def test_cluster_check_writes_on_every_master(cluster_topology):
         store.check()
     finally:
         store.close()
+
+
+@pytest.mark.slow
+@pytest.mark.redis_server
+def test_cluster_a_dead_master_does_not_stop_writes_to_the_others(tmp_path):
+    """With cluster-require-full-coverage no, the other masters keep serving: reading
+    eviction policies before a write skips a master that does not answer (its own
+    members' writes fail, and check() reports it)."""
+    topology = ClusterTopology(tmp_path / "cluster")
+    try:
+        topology.start()
+        for node in topology.nodes:
+            with node.client() as c:
+                c.config_set("cluster-require-full-coverage", "no")
+        store = RedisStore.from_url(topology.url(prefix="t:"))
+        victim = topology.nodes[0]
+        victim_id = next(i for i, p in topology.master_ids().items() if p == victim.port)
+        victim_slots = set(topology.slots_of(victim_id))
+        alive = [f"m-{i}" for i in range(50) if slot_of(store.key(f"m-{i}")) not in victim_slots]
+        for cid in alive[:5]:  # loads the script on every master while all answer
+            _write(store, cid)
+        store.check()
+        victim.kill()
+        with pytest.raises(StorageUnavailable):
+            store.check()
+        for cid in alive[:5]:
+            _write(store, cid)  # no master's policy is trusted any more after a second
+            time.sleep(POLICY_RECHECK_SECONDS / 2)
+        store.close()
+    finally:
+        topology.stop()
