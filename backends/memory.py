@@ -49,7 +49,7 @@ class MemoryStore(OptInStore):
         cid = record.correlation_id
         with self._lock:
             if idempotency_key is not None:
-                now = datetime.now(timezone.utc)
+                now = _now()
                 self._forget_expired_keys(now)
                 seen = self._keys.get((cid, idempotency_key))
                 if seen is not None:
@@ -128,6 +128,12 @@ class MemoryStore(OptInStore):
 
     def close(self) -> None:
         return None
+
+
+def _now() -> datetime:
+    """The clock idempotency keys are timed by: one function, so tests can move it
+    (as ``backends.sqlite._now_us``) without replacing ``datetime`` in this module."""
+    return datetime.now(timezone.utc)
 
 
 def _position(record: OptInRecord) -> tuple[int, str]:

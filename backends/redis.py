@@ -56,11 +56,24 @@ Query options of our own, on every scheme:
 
 On ``redis+sentinel`` and ``redis+cluster`` the only other options are
 ``socket_timeout`` and ``socket_connect_timeout`` (seconds).
+
+A member's keys have no TTL, so under an ``allkeys-*`` eviction policy Redis may
+drop them to free memory: consent acknowledged, then gone. The store reads
+``maxmemory_policy`` from ``INFO memory`` (``CONFIG`` is often disabled on managed
+Redis, and the policy can change at runtime) before writing, at most once a
+second while it is safe, and refuses to write (:class:`StorageUnavailable`) under
+any policy but ``noeviction`` and ``volatile-*``; on a Cluster, every master's
+policy counts. A server that does not answer ``INFO`` (a proxy, an ACL without
+it) cannot be checked: writes go ahead, and a warning says so once per store.
+``check()`` reads the policy every time and writes a short-lived key of its own
+on every master, so it fails whenever a write would (read-only replica,
+``NOREPLICAS``, ``OOM``, ``MISCONF``).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import re
@@ -108,6 +121,16 @@ MIN_REPLICAS_ENV = "OPTIN_REDIS_MIN_REPLICAS_ACKED"
 DEFAULT_WAIT_TIMEOUT_MS = 500
 #: How often a Sentinel store asks the Sentinels who the master is, at most.
 MASTER_RECHECK_SECONDS = 1.0
+#: How long a store trusts a safe eviction policy it read before reading it again.
+POLICY_RECHECK_SECONDS = 1.0
+#: The eviction policies that never evict a key without a TTL (a member's state and
+#: history have none); any other (``allkeys-*``, or one we do not know) may.
+_KEEPING_POLICIES = re.compile(r"noeviction|volatile-[a-z]+")
+#: How long check()'s own key lives: it proves a write, then goes.
+CHECK_KEY_SECONDS = 10
+#: Cluster: tags tried to find a check() key on every master. A master owning
+#: about a thousandth of the slots or less may get none (its policy is still read).
+_CHECK_TAGS = 8192
 #: How long a Cluster store keeps retrying a write that meets a slot in migration.
 CLUSTER_RETRY_SECONDS = 2.0
 _CLUSTER_ATTEMPTS = 40
@@ -137,6 +160,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 _OUR_OPTIONS = ("prefix", "min_replicas_acked", "wait_timeout_ms")
 _TIMEOUT_OPTIONS = ("socket_timeout", "socket_connect_timeout")
+log = logging.getLogger(__name__)
 
 
 # Shared by the scripts. A state value is ``<µs><0|1>``; µs are compared as
@@ -323,6 +347,11 @@ class RedisStore(OptInStore):
     :class:`StorageUnavailable` unless N replicas acknowledged it.
     """
 
+    #: Until when (``time.monotonic()``) the eviction policy last read is trusted.
+    _policy_ok_until = 0.0
+    #: Whether the warning that the policy cannot be read was given.
+    _warned_unread_policy = False
+
     def __init__(
         self,
         client: redis.Redis,
@@ -399,12 +428,50 @@ class RedisStore(OptInStore):
             raise _wrap(exc) from exc
         return None if found is None else _current(correlation_id, *found)
 
+    def _check_key(self, tag: str = "") -> str:
+        """check()'s key. An escaped id holds ``%`` only as ``%25`` or ``%7D``, so the
+        hash tag ``{%check...}`` is no member's."""
+        return f"{self.prefix}{{%check{tag}}}"
+
+    def _policies(self) -> list[tuple[str, str | None]]:
+        """(server, ``maxmemory_policy``) of each server the store writes to."""
+        return [("the server", _policy_of(self.client))]
+
+    def _check_policy(self) -> None:
+        """Raise :class:`StorageUnavailable` if a server may evict keys without a TTL."""
+        unread = []
+        for server, policy in self._policies():
+            if policy is None:
+                unread.append(server)
+            elif not _KEEPING_POLICIES.fullmatch(policy):
+                raise StorageUnavailable(
+                    f"redis: {server} has maxmemory-policy {policy}, under which Redis may "
+                    "evict a member's consent to free memory; refusing to write until it is "
+                    "noeviction (or a volatile-* policy)"
+                )
+        if unread and not self._warned_unread_policy:
+            self._warned_unread_policy = True
+            log.warning(
+                "redis: %s does not answer INFO memory, so its maxmemory-policy cannot be "
+                "checked; make sure it is noeviction (allkeys-* policies evict consent)",
+                ", ".join(unread),
+            )
+
+    def _refuse_if_evicting(self) -> None:
+        """:meth:`_check_policy`, trusted for :data:`POLICY_RECHECK_SECONDS` once it passes
+        (a refusal is not cached: writes resume as soon as the policy is fixed)."""
+        now = time.monotonic()
+        if now >= self._policy_ok_until:
+            self._check_policy()
+            self._policy_ok_until = now + POLICY_RECHECK_SECONDS
+
     def set(self, record: OptInRecord, *, idempotency_key: str | None = None) -> OptInRecord:
         key = self.key(record.correlation_id)
         keys = [key, key + ":h"]
         if idempotency_key is not None:
             keys.append(f"{key}:i:{idempotency_key}")
         try:
+            self._refuse_if_evicting()
             reply = self._write(keys, _args(record.row, touch=self.min_replicas_acked > 0))
         except _DRIVER_ERRORS as exc:
             raise _wrap(exc) from exc
@@ -483,6 +550,7 @@ class RedisStore(OptInStore):
         batches = batched(rows, _BATCH * 5)
         pipelines = (self._import_pipeline(batch, touch) for batch in batches)
         try:
+            self._refuse_if_evicting()
             return sum(_overlapped(pipelines, functools.partial(self._run_import, touch=touch)))
         except _DRIVER_ERRORS as exc:
             raise _wrap(exc) from exc
@@ -557,14 +625,31 @@ class RedisStore(OptInStore):
         return self._count_script(keys)
 
     def check(self) -> None:
+        """Unavailable unless a write would succeed now: the eviction policy (read
+        afresh) keeps keys, and a short-lived key of the store's own is written."""
         try:
-            self.client.ping()
+            self._check_policy()
+            self.client.set(self._check_key(), 1, ex=CHECK_KEY_SECONDS)
         except _DRIVER_ERRORS as exc:
             raise StorageUnavailable(f"redis: {exc}") from exc
 
     def close(self) -> None:
         if self._owns_client:
             self.client.close()
+
+
+def _policy_of(client: redis.Redis) -> str | None:
+    """The server's ``maxmemory_policy`` from ``INFO memory``; ``None`` if it does not
+    answer INFO (unknown to a proxy or to fakeredis, or denied by an ACL)."""
+    try:
+        info = client.info("memory")
+    except redis.exceptions.NoPermissionError:
+        return None
+    except redis.ResponseError as exc:
+        if str(exc).lower().startswith("unknown command"):
+            return None
+        raise
+    return info.get("maxmemory_policy")
 
 
 # --- Sentinel ---------------------------------------------------------------------
@@ -670,7 +755,8 @@ class RedisSentinelStore(RedisStore):
         )
 
     def check(self) -> None:
-        """Unavailable unless the Sentinels name a master, and it answers as a master."""
+        """Unavailable unless the Sentinels name a master, it answers as a master, and
+        it takes a write (:meth:`RedisStore.check`)."""
         try:
             role = self.client.execute_command("ROLE")
         except _DRIVER_ERRORS as exc:
@@ -682,6 +768,7 @@ class RedisSentinelStore(RedisStore):
             raise StorageUnavailable(
                 f"redis sentinel {self.service_name!r}: the server named as master is a {name}"
             )
+        super().check()
 
     def close(self) -> None:
         super().close()
@@ -876,6 +963,7 @@ class RedisClusterStore(RedisStore):
         touch = self.min_replicas_acked > 0
         added = 0
         try:
+            self._refuse_if_evicting()
             for batch in batched(rows, _BATCH):
                 calls = []
                 for row in batch:
@@ -899,8 +987,32 @@ class RedisClusterStore(RedisStore):
             pipe.zcard(key)
         return sum(pipe.execute())
 
+    def _policies(self) -> list[tuple[str, str | None]]:
+        """Every master's that answers: one that does not fails its own members'
+        writes (and check()), not the other masters'."""
+        client = self.client
+        found = []
+        for node in client.get_primaries():
+            try:
+                found.append((f"master {node.name}", _policy_of(client.get_redis_connection(node))))
+            except (redis.ConnectionError, redis.TimeoutError):
+                continue
+        return found
+
+    def _check_keys(self, client: RedisCluster, primaries: list[ClusterNode]) -> list[str]:
+        """One check() key on each master (as far as :data:`_CHECK_TAGS` tags reach)."""
+        wanted = {node.name for node in primaries}
+        found: dict[str, str] = {}
+        for n in range(_CHECK_TAGS):
+            key = self._check_key(f"-{n}")
+            found.setdefault(client.get_node_from_key(key).name, key)
+            if wanted <= found.keys():
+                break
+        return [key for name, key in found.items() if name in wanted]
+
     def check(self) -> None:
-        """Unavailable unless every master answers and says ``cluster_state:ok``."""
+        """Unavailable unless every master answers, says ``cluster_state:ok``, keeps
+        keys without a TTL and takes a write."""
         client = self.client
         try:
             primaries = client.get_primaries()
@@ -911,6 +1023,9 @@ class RedisClusterStore(RedisStore):
                 if _cluster_state(info) != "ok":
                     _refresh(client)
                     raise StorageUnavailable(f"redis cluster: {node.name} says the cluster is down")
+            self._check_policy()
+            for key in self._check_keys(client, primaries):
+                client.set(key, 1, ex=CHECK_KEY_SECONDS)
         except _DRIVER_ERRORS as exc:
             _refresh(client)
             raise StorageUnavailable(f"redis cluster: {exc}") from exc

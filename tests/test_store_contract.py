@@ -112,13 +112,7 @@ def test_memory_forgets_idempotency_keys_past_their_ttl(monkeypatch):
     """They were kept forever: memory grew with every distinct key."""
     store = MemoryStore()
     clock = [datetime(2026, 11, 26, tzinfo=timezone.utc)]
-
-    class Clock(datetime):
-        @classmethod
-        def now(cls, tz=None):
-            return clock[0]
-
-    monkeypatch.setattr(backends.memory, "datetime", Clock)
+    monkeypatch.setattr(backends.memory, "_now", lambda: clock[0])
     for i in range(3):
         record = OptInRecord(f"member-{i}", "accepted", STAMP, request_id=f"r{i}")
         store.set(record, idempotency_key=f"k{i}")
@@ -495,6 +489,8 @@ def _spy_commands(monkeypatch, client):
 
 
 def test_redis_every_set_is_one_script_call(redis_store, monkeypatch):
+    # The eviction policy is read once, then trusted for POLICY_RECHECK_SECONDS.
+    monkeypatch.setattr(backends.redis, "POLICY_RECHECK_SECONDS", 3600)
     store = redis_store
     store.set(OptInRecord("warm-up", "accepted", STAMP))  # loads the script
     sent = _spy_commands(monkeypatch, store.client)
@@ -517,8 +513,10 @@ def test_redis_every_set_is_one_script_call(redis_store, monkeypatch):
 
 
 @pytest.mark.redis_server
-def test_redis_every_set_is_one_script_call_on_the_server(redis_server, raw_redis):
-    """What the server itself sees (MONITOR) while the store writes: one EVALSHA per set."""
+def test_redis_every_set_is_one_script_call_on_the_server(redis_server, raw_redis, monkeypatch):
+    """What the server itself sees (MONITOR) while the store writes: one EVALSHA per set
+    (the warm-up reads the eviction policy, trusted for the rest of the test)."""
+    monkeypatch.setattr(backends.redis, "POLICY_RECHECK_SECONDS", 3600)
     store = RedisStore.from_url(f"{redis_server.url}?prefix=t-{uuid.uuid4().hex}:")
     store.set(OptInRecord("warm-up", "accepted", STAMP))
     try:
