@@ -197,6 +197,9 @@ def _finish(response: Response) -> Response:
             "status": status,
             "duration_ms": round(seconds * 1000, 3),
             "backend": state.backend,
+            # Which gunicorn worker answered (the record's own ``process`` is
+            # not among the JSON line's fields).
+            "pid": os.getpid(),
         },
     )
     return response

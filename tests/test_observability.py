@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 import signal
 import threading
@@ -146,6 +147,7 @@ def test_an_unexpected_store_error_is_a_bare_500_and_one_log_line_with_id_and_tr
         "status": 500,
         "backend": "memory",
     }
+    assert access[0]["pid"] == os.getpid()
     assert isinstance(access[0]["duration_ms"], float) and access[0]["time"]
 
 
