@@ -6,6 +6,7 @@ or through ``GUNICORN_CMD_ARGS``.
 
 import os
 import shutil
+import sys
 import tempfile
 from urllib.parse import urlsplit
 
@@ -34,6 +35,7 @@ _MADE = "OPTIN_METRICS_FOLDER_MADE"
 
 
 def _metrics_enabled() -> bool:
+    # optin_service.defaults loads nothing of the app (see optin_service/__init__.py).
     from optin_service.defaults import flag
 
     return flag("OPTIN_METRICS", os.environ.get("OPTIN_METRICS"), default=True)
@@ -50,6 +52,16 @@ def on_starting(server) -> None:  # noqa: ANN001 - gunicorn's Arbiter
             shutil.rmtree(path, ignore_errors=True)
             os.makedirs(path)
         else:
+            # prometheus-client reads the variable once, when first imported, and
+            # the workers inherit the master's modules: imported before this point
+            # (by --preload, say), every worker would count alone, /metrics empty.
+            if "prometheus_client" in sys.modules:
+                raise RuntimeError(
+                    "prometheus_client was imported before PROMETHEUS_MULTIPROC_DIR "
+                    "was set (--preload?), so /metrics could not sum the workers. "
+                    "Set PROMETHEUS_MULTIPROC_DIR to an empty folder, drop --preload, "
+                    "or set OPTIN_METRICS=false."
+                )
             path = tempfile.mkdtemp(prefix="optin-metrics-")
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ[_MADE] = path
         server.log.info("metrics of all workers collected in %s", path)

@@ -2,21 +2,25 @@
 
 ``create_app()`` builds the standalone service (``wsgi.py`` runs it under
 gunicorn); :class:`OptIn` mounts the same API on an existing Flask app.
+
+Importing the package (or a leaf such as ``optin_service.defaults``) loads
+nothing of the app: the gunicorn master reads a setting from ``defaults``
+before it points prometheus-client at the workers' metrics folder, and
+prometheus-client chooses between one process and many when it is first
+imported. The app's modules load on first use of ``create_app`` or ``OptIn``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flask import Flask
-from flask_talisman import Talisman
-from werkzeug.middleware.proxy_fix import ProxyFix
-
-from . import defaults, logs
-from .extension import OptIn
-from .headers import TALISMAN_OPTIONS
 from .version import __version__
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from .extension import OptIn
 
 __all__ = ["OptIn", "__version__", "create_app"]
 
@@ -28,6 +32,14 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     then ``config``. An unknown storage scheme raises here, so gunicorn refuses
     to start rather than serve errors.
     """
+    from flask import Flask
+    from flask_talisman import Talisman
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    from . import defaults, logs
+    from .extension import OptIn
+    from .headers import TALISMAN_OPTIONS
+
     app = Flask(__name__, instance_relative_config=True)
     if config:
         app.config.update(config)
@@ -40,3 +52,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     Talisman(app, **TALISMAN_OPTIONS)
     OptIn(app, standalone=True)
     return app
+
+
+def __getattr__(name: str) -> Any:
+    """``OptIn``, loaded on first use (see the module's docstring)."""
+    if name == "OptIn":
+        from .extension import OptIn
+
+        return OptIn
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

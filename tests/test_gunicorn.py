@@ -682,6 +682,20 @@ def test_shipped_config_refuses_memory_store_with_several_workers(
         assert read_state(single, http, "memory-member")["LOYALTY_OPTIN"] == "accepted"
 
 
+def test_preload_without_a_metrics_folder_is_refused_not_served_with_empty_metrics(
+    tmp_path: Path,
+) -> None:
+    """--preload imports prometheus-client in the master before the config can set its
+    folder: every worker would count alone and /metrics would answer nothing."""
+    refused = make_gunicorn({"OPTIN_STORAGE_URL": f"sqlite:///{tmp_path}/optin.db"}, workers=2)
+    refused.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    refused.args.insert(-1, "--preload")
+    code, output, _ = run_to_exit(refused, tmp_path / "refused.log")
+    assert code != 0, output
+    assert "PROMETHEUS_MULTIPROC_DIR" in output and "--preload" in output, output
+    assert "Booting worker" not in output, output
+
+
 def test_unknown_storage_scheme_stops_gunicorn_naming_the_choices(tmp_path: Path) -> None:
     refused = make_gunicorn({"OPTIN_STORAGE_URL": "nosuch://x"}, workers=2)
     code, output, elapsed = run_to_exit(refused, tmp_path / "refused.log")

@@ -8,6 +8,8 @@ import logging
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,9 +17,10 @@ from pathlib import Path
 import pytest
 import requests
 from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
 
 from optin_service import create_app, logs
-from tests.servers import Gunicorn
+from tests.servers import Gunicorn, ReadmeGunicorn, free_port, until_every_worker_answered
 from tests.test_api import FailingStore, put
 
 ROUTE = "/client/users/<correlation_id>/profile/optin"
@@ -108,6 +111,20 @@ def test_metrics_endpoint_and_switch(monkeypatch):
     assert off.get("/metrics").status_code == 404
 
 
+def test_reading_a_setting_loads_nothing_of_the_app():
+    """gunicorn.conf.py reads OPTIN_METRICS in the master before it sets prometheus-client's
+    folder; prometheus-client picks one process or many when first imported."""
+    code = (
+        "import sys, optin_service.defaults; "
+        "print(sorted(m for m in sys.modules if m.startswith(('prometheus_client', 'flask'))))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stdout
+
+
 def capture(app_log_format="json"):
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
@@ -168,14 +185,66 @@ def test_text_log_format_for_humans():
 
 
 def _metric_total(text: str, name: str, **labels) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            got = ",".join(sorted(line[len(name) + 1 : line.index("}")].split(",")))
-            if got == want:
-                total += float(line.rsplit(" ", 1)[1])
-    return total
+    """The sum of the samples ``name`` whose labels include ``labels``."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
+def put_until_every_worker_answered(server: Gunicorn) -> int:
+    """PUTs until both workers have answered; how many were sent."""
+
+    def put(n: int) -> None:
+        response = requests.put(
+            f"{server.base}/client/users/w{n}/profile/optin",
+            json={"LOYALTY_OPTIN": "accepted"},
+            timeout=10,
+        )
+        assert response.status_code == 200, response.text
+
+    sent = until_every_worker_answered(server, put)
+    assert len(server.access_lines()) == sent
+    return sent
+
+
+@pytest.mark.slow
+def test_metrics_are_summed_under_the_readmes_command_in_a_clean_environment(tmp_path):
+    """``gunicorn wsgi:app`` as a user runs it: shipped config, no test-run environment."""
+    gunicorn = ReadmeGunicorn(tmp_path).start(tmp_path / "gunicorn.log")
+    try:
+        sent = put_until_every_worker_answered(gunicorn)
+        response = requests.get(f"{gunicorn.base}/metrics", timeout=10)
+    finally:
+        gunicorn.stop()
+    log = gunicorn.log()
+    store = re.search(r"opt-in storage: sqlite:///(\S+)", log)
+    assert store and Path(store.group(1)).is_relative_to(tmp_path), log  # never the repo's
+    assert response.status_code == 200
+    assert _metric_total(response.text, "optin_http_requests_total") == sent, response.text
+    put = {"route": ROUTE, "method": "PUT", "status": "200"}
+    assert _metric_total(response.text, "optin_http_requests_total", **put) == sent
+
+
+@pytest.mark.slow
+def test_the_master_serves_the_summed_metrics_on_optin_metrics_port(tmp_path):
+    port = free_port()
+    gunicorn = ReadmeGunicorn(tmp_path, OPTIN_METRICS_PORT=str(port))
+    gunicorn.start(tmp_path / "gunicorn.log")
+    try:
+        sent = put_until_every_worker_answered(gunicorn)
+        response = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+    finally:
+        gunicorn.stop()
+    log = gunicorn.log()
+    master = re.search(r"\[(\d+)\] \[INFO\] metrics on http://127\.0\.0\.1:(\d+)/metrics", log)
+    assert master and master.group(2) == str(port), log
+    assert int(master.group(1)) not in gunicorn.answering_pids()  # the master, not a worker
+    assert response.status_code == 200
+    put = {"route": ROUTE, "method": "PUT", "status": "200"}
+    assert _metric_total(response.text, "optin_http_requests_total", **put) == sent, response.text
 
 
 @pytest.mark.slow
