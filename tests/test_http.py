@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from optin_service.headers import RESPONSE_HEADERS
-from tests.servers import LOOPBACK, Gunicorn
+from tests.servers import LOOPBACK, Gunicorn, until_every_worker_answered
 
 pytestmark = pytest.mark.slow
 PATH = "/client/users/wire-1/profile/optin"
@@ -125,15 +125,12 @@ def test_idempotency_holds_across_two_workers(tmp_path, request, backend):
             answers = list(pool.map(lambda _: raw(gunicorn, head + body), range(40)))
         assert {status for status, _, _ in answers} == {"HTTP/1.1 200 OK"}
         history_request = f"GET {PATH}/history?limit=100 HTTP/1.1\r\nHost: x\r\n\r\n".encode()
-        for _ in range(10):  # reach both workers
+
+        def history(_: int) -> None:
             _, _, answer = raw(gunicorn, history_request)
             assert len(json.loads(answer)["items"]) == 1, answer
-        pids = {
-            line.split("pid:")[1].split()[0]
-            for line in gunicorn.log().splitlines()
-            if "Booting worker" in line
-        }
-        assert len(pids) == 2
+
+        until_every_worker_answered(gunicorn, history, at_least=10)  # each worker reads one
         conflict = head + body.replace(b"accepted", b"declined")
         assert raw(gunicorn, conflict)[0] == "HTTP/1.1 422 UNPROCESSABLE ENTITY"
     finally:

@@ -248,7 +248,6 @@ def test_the_master_serves_the_summed_metrics_on_optin_metrics_port(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_the_metrics_folder_gunicorn_made_is_removed_on_exit_even_after_a_reload(tmp_path):
     env = {"OPTIN_STORAGE_URL": f"sqlite:///{tmp_path}/optin.db", "PROMETHEUS_MULTIPROC_DIR": ""}
     gunicorn = Gunicorn(env, workers=1)
@@ -272,6 +271,7 @@ def test_the_metrics_folder_gunicorn_made_is_removed_on_exit_even_after_a_reload
     assert not folder.exists(), gunicorn.log()
 
 
+@pytest.mark.slow
 def test_metrics_are_summed_over_two_gunicorn_workers(tmp_path: Path):
     metrics_dir = tmp_path / "metrics"
     env = {
@@ -298,8 +298,7 @@ def test_metrics_are_summed_over_two_gunicorn_workers(tmp_path: Path):
         for thread in threads:
             thread.join(30)
         workers = set(gunicorn.worker_pids())
-        writers = {int(p.stem.rsplit("_", 1)[1]) for p in metrics_dir.glob("counter_*.db")}
-        assert len(workers) == 2 and writers == workers, (workers, writers)  # both served
+        assert len(workers) == 2 and gunicorn.answering_pids() == workers, gunicorn.log()
         text = requests.get(f"{gunicorn.base}/metrics", timeout=5).text
         labels = {"route": ROUTE, "method": "PUT", "status": "200"}
         assert _metric_total(text, "optin_http_requests_total", **labels) == sent
