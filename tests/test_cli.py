@@ -11,8 +11,10 @@ import json
 import os
 import pty
 import re
+import stat
 import subprocess
 import sys
+import threading
 import tracemalloc
 import uuid
 from collections.abc import Callable, Iterable
@@ -332,6 +334,95 @@ def test_export_to_stdout_and_to_a_file(make_backend, tmp_path):
     assert result.stderr == f"exported {len(events)} events\n"
     text = out.read_text()
     assert text.endswith("\n") and sorted(text.splitlines()) == sorted(lines)
+
+
+def test_export_creates_a_new_file_readable_by_its_owner_only(make_backend, tmp_path):
+    backend = make_backend("sqlite")
+    backend.store.import_events(sample(0))
+    out = tmp_path / "new.jsonl"
+    previous = os.umask(0o022)  # a common umask, which would leave the copy world-readable
+    try:
+        check(backend.optin("export", "-o", str(out)))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    kept = tmp_path / "kept.jsonl"
+    kept.write_text("OLD\n")
+    kept.chmod(0o640)
+    check(backend.optin("export", "-o", str(kept)))
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o640 and kept.read_text() != "OLD\n"
+
+
+def _read_fifo_in_background(fifo: Path) -> Callable[[], str]:
+    """Read ``fifo`` to its end in a thread (a FIFO opens for writing once a reader opens it)."""
+    read: list[str] = []
+    reader = threading.Thread(target=lambda: read.append(fifo.read_text()), daemon=True)
+    reader.start()
+
+    def result() -> str:
+        reader.join(10)
+        if reader.is_alive():  # nobody wrote: a writer that opens and closes frees the reader
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            reader.join(10)
+        assert read and read[0], "nothing written to the FIFO"
+        return read[0]
+
+    return result
+
+
+@pytest.mark.parametrize("through_a_link", [False, True], ids=["fifo", "link-to-fifo"])
+def test_export_writes_through_a_fifo(make_backend, tmp_path, through_a_link):
+    backend = make_backend("sqlite")
+    events = sample(0)
+    backend.store.import_events(events)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    fifo = folder / "pipe"
+    os.mkfifo(fifo, 0o600)
+    target = fifo
+    if through_a_link:
+        target = folder / "link"
+        target.symlink_to(fifo)
+    result = _read_fifo_in_background(fifo)
+    check(backend.optin("export", "-o", str(target)))
+    assert sorted(result().splitlines()) == sorted(line(e) for e in events)
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and stat.S_IMODE(fifo.stat().st_mode) == 0o600
+    assert target.is_symlink() == through_a_link
+    assert sorted(p.name for p in folder.iterdir()) == sorted({"pipe", target.name})
+
+
+def test_export_to_dev_null_leaves_the_device_alone(make_backend):
+    backend = make_backend("sqlite")
+    backend.store.import_events(sample(0))
+    before = os.stat("/dev/null")
+    result = check(backend.optin("export", "-o", "/dev/null"))
+    assert result.stderr == f"exported {len(sample(0))} events\n"
+    after = os.stat("/dev/null")
+    assert stat.S_ISCHR(after.st_mode) and after.st_mode == before.st_mode
+    assert after.st_rdev == before.st_rdev and after.st_ino == before.st_ino
+
+
+@pytest.mark.parametrize("dangling", [False, True], ids=["link-to-file", "dangling-link"])
+def test_export_refuses_a_symlink_to_a_regular_file_and_changes_nothing(
+    make_backend, tmp_path, dangling
+):
+    backend = make_backend("sqlite")
+    backend.store.import_events(sample(0))
+    folder = tmp_path / "out"
+    folder.mkdir()
+    real = folder / "real.jsonl"
+    if not dangling:
+        real.write_text("THE LAST GOOD EXPORT\n")
+    link = folder / "latest.jsonl"
+    link.symlink_to(real)
+    result = check(backend.optin("export", "-o", str(link)), 2)
+    assert "symbolic link" in result.stderr and "latest.jsonl" in result.stderr, result.stderr
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert real.exists() != dangling
+    if not dangling:
+        assert real.read_text() == "THE LAST GOOD EXPORT\n"
+    left = sorted(p.name for p in folder.iterdir())
+    assert left == (["latest.jsonl"] if dangling else ["latest.jsonl", "real.jsonl"])
 
 
 @pytest.mark.parametrize("kind", kinds(*ALL))
