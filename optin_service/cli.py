@@ -26,7 +26,7 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from .registry import redact, store_from_url
-from .schemas import CORRELATION_ID, SOURCE, SUBMICROSECOND, dump_event, load_event
+from .schemas import CORRELATION_ID, SOURCE, SUBMICROSECOND, cut, dump_event, load_event
 from .storage import (
     EARLIEST,
     LATEST,
@@ -84,7 +84,7 @@ def _line(record: OptInRecord) -> str:
 
 def _check(value: str, pattern: Any, what: str) -> str:
     if not pattern.fullmatch(value):
-        raise click.BadParameter(f"{value!r} is not a valid {what}")
+        raise click.BadParameter(f"{cut(value, quote=True)} is not a valid {what}")
     return value
 
 
@@ -116,11 +116,11 @@ def _parse_since(ctx: click.Context, param: click.Parameter, value: str | None) 
     if value is None:
         return None
     if SUBMICROSECOND.search(value):  # it would be cut: earlier events would pass
-        raise click.BadParameter(f"{value!r} has more than six fractional digits")
+        raise click.BadParameter(f"{cut(value, quote=True)} has more than six fractional digits")
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not an ISO 8601 time") from None
+        raise click.BadParameter(f"{cut(value, quote=True)} is not an ISO 8601 time") from None
     moment = moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
     if not EARLIEST <= moment <= LATEST:
         raise click.BadParameter(

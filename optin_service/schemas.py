@@ -34,9 +34,32 @@ REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 CLIENT = re.compile(r"[\x20-\x7e]{0,128}")
 
 
-def _matches(pattern: re.Pattern[str]) -> validate.Regexp:
-    """A validator for the whole value (marshmallow's Regexp only anchors the start)."""
-    return validate.Regexp(rf"(?:{pattern.pattern})\Z", error="{input!r} is not valid")
+#: Characters of a value or a key an error message quotes: an import line can be
+#: megabytes long, and its message is one line of a terminal or a log. Longer than
+#: any valid id (128), so a value is cut only when its length alone is wrong.
+SHOWN = 130
+
+
+def cut(text: str, *, quote: bool = False, limit: int = SHOWN) -> str:
+    """``text`` for an error message (``repr`` with ``quote``): whole up to ``limit``
+    characters, else its start and its length."""
+    if len(text) <= limit:
+        return repr(text) if quote else text
+    head = repr(text[:limit]) if quote else text[:limit]
+    return f"{head}... ({len(text)} characters)"
+
+
+class _FullMatch(validate.Validator):
+    """The whole value matches ``pattern`` (marshmallow's Regexp only anchors the
+    start); the error quotes the value, cut to :data:`SHOWN` characters."""
+
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        self.pattern = pattern
+
+    def __call__(self, value: str) -> str:
+        if self.pattern.fullmatch(value) is None:
+            raise ValidationError(f"{cut(value, quote=True)} is not valid")
+        return value
 
 
 class _BadJSON(ValueError):
@@ -53,7 +76,7 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise _BadJSON(f"Duplicate key in JSON body: {key}")
+                raise _BadJSON(f"Duplicate key in JSON body: {cut(key)}")
             seen.add(key)
     return obj
 
@@ -215,7 +238,7 @@ class EventSchema(Schema):
         ordered = True
 
     correlationId = fields.String(
-        attribute="correlation_id", required=True, validate=_matches(CORRELATION_ID)
+        attribute="correlation_id", required=True, validate=_FullMatch(CORRELATION_ID)
     )
     LOYALTY_OPTIN = _status(attribute="status", required=True)
     updatedAt = Timestamp(
@@ -223,9 +246,11 @@ class EventSchema(Schema):
         required=True,
         error_messages={"invalid_awareness": "needs a time zone, such as Z for UTC"},
     )
-    requestId = fields.String(attribute="request_id", required=True, validate=_matches(REQUEST_ID))
-    source = fields.String(load_default=DEFAULT_SOURCE, validate=_matches(SOURCE))
-    client = fields.String(load_default="", validate=_matches(CLIENT))
+    requestId = fields.String(
+        attribute="request_id", required=True, validate=_FullMatch(REQUEST_ID)
+    )
+    source = fields.String(load_default=DEFAULT_SOURCE, validate=_FullMatch(SOURCE))
+    client = fields.String(load_default="", validate=_FullMatch(CLIENT))
 
 
 _request_schema = OptInRequestSchema()
@@ -304,6 +329,10 @@ def load_event(line: str | bytes) -> OptInRecord:
 
 
 def _first_message(exc: ValidationError) -> str:
+    """The first field's first message, ``field: message``; both cut (an unknown key
+    is a field too, and can be the huge part of a line)."""
     field, messages = next(iter(exc.normalized_messages().items()))
     message = messages[0] if isinstance(messages, list) else str(messages)
-    return message if message.startswith(field) else f"{field}: {message}"
+    if message.startswith(field):
+        return cut(message, limit=2 * SHOWN)
+    return f"{cut(str(field))}: {cut(message, limit=2 * SHOWN)}"

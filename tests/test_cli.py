@@ -608,6 +608,39 @@ def test_a_malformed_file_reports_each_bad_line_and_stores_the_good_ones(make_ba
         assert backend.store.get(f"bad-{n}") is None
 
 
+def test_import_errors_quote_a_huge_value_or_key_cut_short(make_backend, tmp_path):
+    """A bad line's messages name the field and quote the value, never megabytes of it."""
+    backend = make_backend("sqlite")
+    huge = "x" * 5_000_000
+
+    def bad(**change: object) -> str:
+        data = json.loads(line(event("bad", "accepted", 0)))
+        data.update(change)
+        return json.dumps(data)
+
+    lines = [
+        bad(correlationId=huge),  # the value
+        bad(source=huge),
+        bad(requestId=huge),
+        bad(client=huge),
+        bad(**{huge: 1}),  # an unknown key: the field's name is the huge part
+        line(event("bad", "accepted", 0))[:-1] + f',"{huge}":1,"{huge}":2}}',  # duplicate
+    ]
+    path = tmp_path / "huge.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    result = check(backend.optin("import", str(path)), 1)
+    *reports, last = result.stderr.splitlines()
+    assert IMPORTED.fullmatch(last).groups() == ("0", "0", "0", str(len(lines))), last
+    for report, name in zip(
+        reports,
+        ["correlationId", "source", "requestId", "client", "xxxxxxxx", "Duplicate key"],
+        strict=True,
+    ):
+        assert len(report) < 300 and name in report, report[:300]
+        assert "(5000000 characters)" in report, report
+    assert backend.store.count_events() == 0
+
+
 def test_a_line_that_is_not_utf8_is_reported_like_any_bad_line(make_backend, tmp_path):
     backend = make_backend("sqlite")
     good = [event("good-1", "accepted", 1), event("good-3", "declined", 3)]
