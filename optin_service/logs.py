@@ -9,7 +9,11 @@ same line as the request id (never in the response).
 from __future__ import annotations
 
 import logging
+import math
 import sys
+import threading
+import time
+from collections.abc import Callable
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -45,8 +49,43 @@ def formatter(fmt: str) -> logging.Formatter:
     )
 
 
+#: Flask-Limiter's logger (it gives it a NullHandler: nothing shows unless set up).
+LIMITER = logging.getLogger("flask-limiter")
+#: Seconds between two records of one kind from Flask-Limiter reaching the log.
+LIMITER_LOG_INTERVAL = 60.0
+
+
+class OncePer(logging.Filter):
+    """Lets through one record of a kind (logger, level and message template) per
+    ``seconds``; the next one let through carries ``suppressed``, how many were
+    dropped in between. For a library that logs a failure on every request."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        #: Kind -> (when one was last let through, how many dropped since).
+        self._seen: dict[tuple[str, int, object], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = (record.name, record.levelno, record.msg)
+        now = self._clock()
+        with self._lock:
+            last, dropped = self._seen.get(kind, (-math.inf, 0))
+            if now - last < self.seconds:
+                self._seen[kind] = (last, dropped + 1)
+                return False
+            self._seen[kind] = (now, 0)
+        if dropped:
+            record.suppressed = dropped
+        return True
+
+
 def configure(fmt: str) -> None:
-    """Send the package's logs to stderr in ``fmt`` (standalone service only).
+    """Send the package's logs, and Flask-Limiter's, to stderr in ``fmt`` (standalone
+    service only; Flask-Limiter's at most one line of a kind per
+    :data:`LIMITER_LOG_INTERVAL`, as it can log a failure on every request).
 
     An app that embeds the API keeps its own logging set-up: the package's
     loggers only emit records, with structured fields in ``extra``.
@@ -58,5 +97,10 @@ def configure(fmt: str) -> None:
         handler.set_name(_HANDLER)
         log.addHandler(handler)
     handler.setFormatter(formatter(fmt))
-    if log.level == logging.NOTSET:
-        log.setLevel(logging.INFO)
+    for logger in (log, LIMITER):
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
+    if handler not in LIMITER.handlers:
+        LIMITER.addHandler(handler)
+    if not any(isinstance(f, OncePer) for f in LIMITER.filters):
+        LIMITER.addFilter(OncePer(LIMITER_LOG_INTERVAL))

@@ -366,6 +366,16 @@ def test_forwarded_for_is_ignored_without_trusted_proxies():
     assert codes == [404, 404, 429]
 
 
+def test_a_redis_counter_store_gets_the_storage_backends_timeouts():
+    from backends.redis import CONNECT_TIMEOUT, SOCKET_TIMEOUT
+    from optin_service.ratelimit import REDIS_OPTIONS
+
+    assert REDIS_OPTIONS == {
+        "socket_timeout": SOCKET_TIMEOUT,
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+    }
+
+
 @pytest.mark.slow
 @pytest.mark.redis_server
 def test_a_limit_holds_across_two_gunicorn_workers_sharing_redis(tmp_path, redis_server):

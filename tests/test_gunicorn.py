@@ -7,6 +7,7 @@ count and in time. Assertion messages carry the tail of the gunicorn log.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -551,6 +552,47 @@ def check_outage_and_recovery(
 
 def _rounded(seconds: dict[str, float]) -> dict[str, float]:
     return {name: round(value, 3) for name, value in seconds.items()}
+
+
+@pytest.mark.redis_server
+def test_a_hung_rate_limit_redis_costs_little_is_logged_once_and_recovers(
+    servers: Servers,
+) -> None:
+    counters = servers.redis("limits")
+    env = {
+        "OPTIN_STORAGE_URL": servers.sqlite_url(),
+        "OPTIN_RATE_LIMIT": "5/minute",
+        "OPTIN_RATE_LIMIT_STORAGE_URL": counters.url,
+    }
+    server = servers.gunicorn(env, workers=1)
+    with requests.Session() as http:
+
+        def put_one() -> requests.Response:
+            return put(http, server.base, "limited", "accepted")
+
+        first, _ = timed(server, "PUT counted in Redis", put_one)
+        assert first.status_code == 200 and first.headers["X-RateLimit-Remaining"] == "4"
+        servers.sigstop(counters)  # accepts connections, never answers
+        answers = [timed(server, f"PUT {n} while Redis hangs", put_one) for n in range(7)]
+        seen = [(r.status_code, round(seconds, 2)) for r, seconds in answers]
+        # A few tenths of a second each (the store's own timeouts), not redis-py's 5 s.
+        assert all(seconds < 2.5 for _, seconds in answers), seen
+        # Meanwhile the worker counts in memory: the limit still holds, per worker.
+        assert [status for status, _ in seen] == [200] * 5 + [429] * 2, seen
+        said = [
+            json.loads(line)
+            for line in server.log().splitlines()
+            if line.startswith("{") and '"flask-limiter"' in line
+        ]
+        failures = [line for line in said if line["level"] != "INFO"]
+        assert len(failures) == 1 and "unreachable" in failures[0]["message"], said
+        breaches = [line for line in said if "exceeded" in line["message"]]
+        assert len(breaches) == 1, said  # two 429s, one line a minute
+
+        servers.sigcont(counters)
+        # Back to the shared count in Redis (1 of 5 used): 200s again.
+        poll_until_ok(server, put_one, "PUT after Redis returned", timeout=45)
+    assert "Rate limit storage recovered" in server.log(), log_tail(server)
 
 
 # --- 5: four workers on one SQLite file --------------------------------------------

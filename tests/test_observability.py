@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,45 @@ def test_reading_a_setting_loads_nothing_of_the_app():
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     )
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_once_per_lets_one_record_of_a_kind_through_per_interval_and_counts_the_rest():
+    now = [100.0]
+    once = logs.OncePer(60, clock=lambda: now[0])
+    log = logging.getLogger("flask-limiter")
+
+    def record(msg, level=logging.ERROR):
+        return log.makeRecord(log.name, level, __file__, 1, msg, ("x",), None)
+
+    assert once.filter(first := record("Failed to rate limit %s"))
+    assert not hasattr(first, "suppressed")
+    assert [once.filter(record("Failed to rate limit %s")) for _ in range(3)] == [False] * 3
+    assert once.filter(record("Rate limit storage recovered"))  # another kind: its own window
+    assert once.filter(record("Failed to rate limit %s", logging.WARNING))  # another level too
+    now[0] += 59.9
+    assert not once.filter(record("Failed to rate limit %s"))
+    now[0] += 0.2
+    assert once.filter(later := record("Failed to rate limit %s"))
+    assert later.suppressed == 4
+
+
+def test_the_standalone_service_shows_flask_limiters_records_at_most_once_a_minute():
+    app = create_app({"OPTIN_STORAGE_URL": "memory://", "OPTIN_RATE_LIMIT": "5/minute"})
+    assert app.extensions["optin"].limiter is not None
+    limiter_log = logging.getLogger("flask-limiter")
+    service = [h for h in limiter_log.handlers if h.get_name() == "optin_service"]
+    assert len(service) == 1  # the service's own handler (stderr), set up by create_app
+    stream, handler = capture()
+    limiter_log.addHandler(handler)
+    message = f"Failed to rate limit ({uuid.uuid4()}). Swallowing error"  # a kind of its own
+    try:
+        for _ in range(3):
+            limiter_log.error(message)
+    finally:
+        limiter_log.removeHandler(handler)
+        logging.getLogger("optin_service").removeHandler(handler)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["logger"] for line in lines] == ["flask-limiter"], lines
 
 
 def capture(app_log_format="json"):
