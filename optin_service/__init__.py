@@ -6,6 +6,7 @@ gunicorn); :class:`OptIn` mounts the same API on an existing Flask app.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,8 +25,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     Settings come from ``defaults.py``, then same-named environment variables,
     then ``config``. An unknown storage scheme raises here, so gunicorn refuses
     to start rather than serve errors.
+
+    The instance folder (the default store's) is ``./instance`` under the working
+    directory, wherever the package is installed: gunicorn, ``optin`` and ``flask
+    optin`` started in one folder share one default store.
     """
-    app = Flask(__name__, instance_relative_config=True)
+    app = Flask(__name__, instance_path=os.path.abspath("instance"), instance_relative_config=True)
     if config:
         app.config.update(config)
     defaults.apply(app.config)

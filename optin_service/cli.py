@@ -22,7 +22,7 @@ from typing import IO, Any
 
 import click
 from flask import current_app
-from flask.cli import AppGroup
+from flask.cli import AppGroup, with_appcontext
 
 from .registry import redact, store_from_url
 from .schemas import CORRELATION_ID, SOURCE, SUBMICROSECOND, dump_event, load_event
@@ -48,7 +48,13 @@ class _OptInGroup(AppGroup):
             raise click.ClickException(f"storage: {exc}") from None
 
 
-optin = _OptInGroup("optin", help="Read and write opt-in records; export, import, migrate.")
+@click.group("optin", cls=_OptInGroup)
+@with_appcontext
+def optin() -> None:
+    """Read and write opt-in records; export, import, migrate."""
+    # Which store a command uses is never a guess: one line on stderr, first
+    # (stdout stays the command's own output).
+    click.echo(f"opt-in storage: {current_app.extensions['optin'].store_name}", err=True)
 
 
 def _store() -> OptInStore:
