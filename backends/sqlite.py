@@ -13,6 +13,7 @@ Correct under several gunicorn workers on one file:
   (survives a crash of the process, not of the machine).
 - One connection per thread, opened on first use in the process that uses it,
   so connections never cross a ``fork``.
+- Creates no folders: the path's folder must exist when the store is built.
 
 Query options: ``synchronous`` (FULL, NORMAL), ``timeout`` (seconds to wait for
 a lock, default 5).
@@ -174,6 +175,12 @@ class SQLiteStore(OptInStore):
         if not 0 <= timeout <= _MAX_TIMEOUT:  # also rejects NaN
             raise ValueError(f"timeout must be 0 to {_MAX_TIMEOUT} seconds, not {timeout!r}")
         self.path = os.path.abspath(path)
+        folder = os.path.dirname(self.path)
+        if not os.path.isdir(folder):
+            raise ValueError(
+                f"sqlite: cannot use {self.path}: its folder {folder} does not exist "
+                "(create it first; the store creates no folders)"
+            )
         self.synchronous = synchronous
         self.timeout = timeout
         self._local = threading.local()
@@ -226,7 +233,7 @@ class SQLiteStore(OptInStore):
         return conn
 
     def _open(self) -> sqlite3.Connection:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        # Creates the file if there is none yet (never a folder: the folder must exist).
         conn = sqlite3.connect(
             self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
         )

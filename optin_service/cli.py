@@ -277,6 +277,10 @@ def main(argv: list[str] | None = None) -> None:
     # The service's start-up lines (storage in use, authentication mode) are noise
     # around a command's own output; errors still show.
     logging.getLogger("optin_service").setLevel(logging.ERROR)
-    app = create_app()
+    try:
+        app = create_app()
+    except (LookupError, ValueError) as exc:  # a setting the service would refuse too
+        click.ClickException(str(exc)).show()
+        sys.exit(1)
     with app.app_context():
         optin.main(args=argv, prog_name="optin")

@@ -769,6 +769,19 @@ def test_the_console_script(cli_env, tmp_path):
     assert rejected.returncode == 2 and "is not one of" in rejected.stderr
 
 
+@pytest.mark.slow
+def test_the_console_script_refuses_a_folder_that_does_not_exist(cli_env, tmp_path):
+    missing = tmp_path / "nonexistent" / "dir" / "x.db"
+    env = {**cli_env, "OPTIN_STORAGE_URL": f"sqlite:///{missing}"}
+    for args in (["get", "m-1"], ["set", "m-1", "accepted"], ["export"]):
+        result = run([str(BIN / "optin"), *args], env, tmp_path)
+        assert (result.returncode, result.stdout) == (1, ""), result.stderr
+        assert re.fullmatch(
+            rf"Error: .*{re.escape(str(missing))}.*does not exist.*\n", result.stderr
+        ), result.stderr
+    assert not (tmp_path / "nonexistent").exists()
+
+
 #: The service as gunicorn loads it from a clone's folder (the folder first on sys.path,
 #: so the source tree, not the installed copy), asked for member-42.
 SERVICE_GET = """

@@ -692,3 +692,16 @@ def test_unknown_storage_scheme_stops_gunicorn_naming_the_choices(tmp_path: Path
     assert "sqlite" in installed.group(1) and "redis" in installed.group(1), output
     assert elapsed < 15, f"took {elapsed:.1f}s to refuse:\n{output}"
     print(f"nosuch://: exit {code} after {elapsed:.2f}s")
+
+
+# --- 8: the SQLite file: removed under the workers, a missing folder, lock waits -----
+
+
+def test_sqlite_folder_that_does_not_exist_stops_gunicorn_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "nonexistent" / "dir" / "x.db"
+    refused = make_gunicorn({"OPTIN_STORAGE_URL": f"sqlite:///{missing}"}, workers=2)
+    code, output, elapsed = run_to_exit(refused, tmp_path / "refused.log", timeout=15)
+    assert code != 0, output
+    assert re.search(rf"^.*{re.escape(str(missing))}.*does not exist.*$", output, re.M), output
+    assert not (tmp_path / "nonexistent").exists(), output
+    print(f"missing folder: exit {code} after {elapsed:.2f}s")

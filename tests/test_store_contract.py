@@ -181,6 +181,7 @@ def test_sqlite_relative_path_resolves_against_cwd(tmp_path, monkeypatch):
 )
 def test_sqlite_absolute_path(tmp_path, folder, query):
     path = tmp_path / folder / "abs.db"
+    path.parent.mkdir()
     url = f"sqlite:///{path}{query}"
     assert url.startswith("sqlite:////")
     store = SQLiteStore.from_url(url)
@@ -370,6 +371,16 @@ def test_sqlite_a_refused_or_replayed_key_writes_nothing(sqlite_store, tmp_path)
         assert dump() == before
     finally:
         raw.close()
+
+
+# --- sqlite: its folder, the file it is bound to, lock waits, readiness ------------
+
+
+def test_sqlite_a_folder_that_does_not_exist_is_refused_naming_the_path(tmp_path):
+    path = tmp_path / "nonexistent" / "dir" / "x.db"
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        SQLiteStore.from_url(f"sqlite:///{path}")
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- redis -----------------------------------------------------------------------
