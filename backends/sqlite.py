@@ -13,6 +13,13 @@ Correct under several gunicorn workers on one file:
   (survives a crash of the process, not of the machine).
 - One connection per thread, opened on first use in the process that uses it,
   so connections never cross a ``fork``.
+- Bound to one file: the store remembers which file (device and inode) it found
+  at its path, and every call checks, with one ``stat``, that the path still
+  names it. Once the file is deleted or replaced (its folder removed, a restore
+  gone wrong), every call raises :class:`StorageUnavailable` instead of writing
+  into the unlinked file or a new empty one, until the file is back. A write
+  checks again after its COMMIT, so a write whose file vanished meanwhile is
+  never acknowledged (the client retries it with its ``Idempotency-Key``).
 - Creates no folders: the path's folder must exist when the store is built.
 
 Query options: ``synchronous`` (FULL, NORMAL), ``timeout`` (seconds to wait for
@@ -27,7 +34,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
 from urllib.parse import parse_qsl
 
@@ -190,6 +197,9 @@ class SQLiteStore(OptInStore):
         self._write_lock = threading.Lock()
         self._queue_fd: int | None = None
         self._writes = 0
+        # The file this store is bound to: the one at its path now, else the one its
+        # first connection creates. Kept across fork: a worker uses its master's file.
+        self._identity = _identity(self.path)
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteStore:
@@ -223,7 +233,9 @@ class SQLiteStore(OptInStore):
             self._pid = os.getpid()
 
     def _connection(self) -> sqlite3.Connection:
+        """This thread's connection, once the path still names the store's file."""
         self._forget_parent()
+        self._check_file()
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._open()
@@ -231,6 +243,15 @@ class SQLiteStore(OptInStore):
             with self._lock:
                 self._connections.append(conn)
         return conn
+
+    def _check_file(self) -> None:
+        """Raise :class:`StorageUnavailable` unless the path names the file this store
+        is bound to (no file yet is fine before the first connection creates it)."""
+        if self._identity is not None and _identity(self.path) != self._identity:
+            raise StorageUnavailable(
+                f"sqlite: {self.path} is no longer the database file this store started "
+                "with (deleted or replaced); nothing is written until it is back"
+            )
 
     def _open(self) -> sqlite3.Connection:
         # Creates the file if there is none yet (never a folder: the folder must exist).
@@ -258,6 +279,16 @@ class SQLiteStore(OptInStore):
         except sqlite3.Error as exc:
             conn.close()
             raise _wrap(exc) from exc
+        try:
+            with self._lock:
+                if self._identity is None:  # the first connection: bind to its file
+                    self._identity = _identity(self.path)
+            if self._identity is None:
+                raise StorageUnavailable(f"sqlite: {self.path} vanished as it was opened")
+            self._check_file()  # the file just opened is the one the store is bound to
+        except StorageUnavailable:
+            conn.close()
+            raise
         return conn
 
     def get(self, correlation_id: str) -> OptInRecord | None:
@@ -372,7 +403,7 @@ class SQLiteStore(OptInStore):
     def _transaction(self) -> _Transaction:
         """One write transaction, holding the write lock from its start; all or nothing."""
         self._forget_parent()
-        return _Transaction(self._connection, self._write_lock, self.timeout, self._queue)
+        return _Transaction(self)
 
     def _queue(self) -> int | None:
         """This process's descriptor of ``<file>-lock``, where writers queue (None if it
@@ -424,30 +455,26 @@ class _Transaction:
     queue is not free within the timeout, BEGIN IMMEDIATE waits through
     ``busy_timeout`` as before; writers that do not queue (another program) are
     waited for by SQLite as before.
+
+    After COMMIT the store checks its file is still at its path: a commit into a
+    file deleted meanwhile raises :class:`StorageUnavailable`, never returns.
     """
 
-    __slots__ = ("_conn", "_connect", "_lock", "_queue", "_queued", "_timeout")
+    __slots__ = ("_conn", "_lock", "_queued", "_store")
 
-    def __init__(
-        self,
-        connect: Callable[[], sqlite3.Connection],
-        lock: threading.Lock,
-        timeout: float,
-        queue: Callable[[], int | None],
-    ) -> None:
-        self._connect = connect
-        self._lock = lock
-        self._timeout = timeout
-        self._queue = queue
+    def __init__(self, store: SQLiteStore) -> None:
+        self._store = store
+        self._lock = store._write_lock
 
     def __enter__(self) -> sqlite3.Connection:
-        deadline = time.monotonic() + self._timeout
-        if not self._lock.acquire(timeout=self._timeout):
+        store = self._store
+        deadline = time.monotonic() + store.timeout
+        if not self._lock.acquire(timeout=store.timeout):
             raise StorageUnavailable("sqlite: another thread held the write lock too long")
         self._queued = None
         try:
-            self._queued = _queue_up(self._queue(), deadline)
-            conn = self._conn = self._connect()
+            conn = self._conn = store._connection()
+            self._queued = _queue_up(store._queue(), deadline)
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             self._leave()
@@ -477,9 +504,11 @@ class _Transaction:
         if kind is None:
             try:
                 conn.execute("COMMIT")
-                return
             except sqlite3.Error as error:
                 kind, exc = type(error), error
+            else:
+                self._store._check_file()
+                return
         with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
         if isinstance(exc, sqlite3.Error):
@@ -503,6 +532,17 @@ def _queue_up(fd: int | None, deadline: float) -> int | None:
             delay = min(delay * 2, 0.001)
         except OSError:
             return None
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """Which file ``path`` names (device, inode), or None if there is none."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # its folder unreadable, say: cannot tell, so cannot use it
+        raise StorageUnavailable(f"sqlite: {path}: {exc.strerror}") from exc
+    return (found.st_dev, found.st_ino)
 
 
 def _now_us() -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import threading
@@ -381,6 +382,114 @@ def test_sqlite_a_folder_that_does_not_exist_is_refused_naming_the_path(tmp_path
     with pytest.raises(ValueError, match=re.escape(str(path))):
         SQLiteStore.from_url(f"sqlite:///{path}")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def db_folder(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    return folder
+
+
+def _operations(store):
+    """Every kind of call a store answers, each to be tried on a broken store."""
+    return {
+        "set": lambda: store.set(OptInRecord("member-2", "declined", STAMP, "r2")),
+        "set with key": lambda: store.set(
+            OptInRecord("member-3", "declined", STAMP, "r3"), idempotency_key="k"
+        ),
+        "get": lambda: store.get("member-1"),
+        "history": lambda: store.history("member-1", 10),
+        "count_events": store.count_events,
+        "events": lambda: list(store.events()),
+        "import_rows": lambda: store.import_rows([OptInRecord("m-4", "accepted", STAMP).row]),
+        "check": store.check,
+    }
+
+
+def _assert_every_operation_unavailable(store):
+    for name, call in _operations(store).items():
+        with pytest.raises(StorageUnavailable):
+            call()
+            pytest.fail(f"{name} answered although the store's file is gone")
+
+
+def test_sqlite_folder_removed_under_the_store_answers_unavailable_and_creates_nothing(
+    db_folder,
+):
+    url = f"sqlite:///{db_folder}/optin.db"
+    used = SQLiteStore.from_url(url)  # holds a connection to the file
+    used.set(OptInRecord("member-1", "accepted", STAMP, "r1"))
+    idle = SQLiteStore.from_url(url)  # built while the file existed, never connected
+    threads = SQLiteStore.from_url(url)
+    try:
+        threads.get("member-1")  # this thread's connection; another thread opens its own
+        shutil.rmtree(db_folder)
+        for store in (used, idle):
+            _assert_every_operation_unavailable(store)
+        failures = []
+        other = threading.Thread(target=lambda: failures.append(_raises(threads.check)))
+        other.start()
+        other.join(10)
+        assert failures == [True]
+        assert not db_folder.exists()  # nothing recreated the folder or a database in it
+    finally:
+        for store in (used, idle, threads):
+            store.close()
+
+
+def _raises(call) -> bool:
+    try:
+        call()
+    except StorageUnavailable:
+        return True
+    return False
+
+
+def test_sqlite_a_replaced_file_is_refused_until_the_original_is_back(db_folder, tmp_path):
+    path = db_folder / "optin.db"
+    store = SQLiteStore.from_url(f"sqlite:///{path}")
+    try:
+        first = OptInRecord("member-1", "accepted", STAMP, "r1")
+        store.set(first)
+        moved = tmp_path / "moved"
+        db_folder.rename(moved)
+        db_folder.mkdir()
+        sqlite3.connect(path).close()  # an empty database at the same path
+        _assert_every_operation_unavailable(store)
+        raw = sqlite3.connect(path)
+        try:
+            assert raw.execute("SELECT name FROM sqlite_master").fetchall() == []
+        finally:
+            raw.close()
+        # The operator puts the original back: the store answers from it again.
+        shutil.rmtree(db_folder)
+        moved.rename(db_folder)
+        assert store.get("member-1") == first
+        store.check()
+    finally:
+        store.close()
+
+
+def test_sqlite_a_write_whose_file_vanishes_before_commit_is_not_acknowledged(db_folder):
+    store = SQLiteStore.from_url(f"sqlite:///{db_folder}/optin.db")
+    try:
+        store.check()
+        conn = store._connection()
+
+        def unlink_at_commit(statement: str) -> None:
+            if statement == "COMMIT":
+                for name in os.listdir(db_folder):
+                    os.unlink(db_folder / name)
+
+        conn.set_trace_callback(unlink_at_commit)
+        # The COMMIT itself succeeds, into the unlinked file: the write must not be answered.
+        with pytest.raises(StorageUnavailable):
+            store.set(OptInRecord("member-1", "accepted", STAMP, "r1"))
+        conn.set_trace_callback(None)
+        assert os.listdir(db_folder) == []
+    finally:
+        store.close()
 
 
 # --- redis -----------------------------------------------------------------------
