@@ -22,8 +22,8 @@ Correct under several gunicorn workers on one file:
   never acknowledged (the client retries it with its ``Idempotency-Key``).
 - Creates no folders: the path's folder must exist when the store is built.
 
-Query options: ``synchronous`` (FULL, NORMAL), ``timeout`` (seconds to wait for
-a lock, default 5).
+Query options: ``synchronous`` (FULL, NORMAL), ``timeout`` (seconds a call may
+wait for the write lock, in all, default 5).
 """
 
 from __future__ import annotations
@@ -190,6 +190,8 @@ class SQLiteStore(OptInStore):
             )
         self.synchronous = synchronous
         self.timeout = timeout
+        #: A call waits at most ``timeout`` for the write lock (see :class:`_Transaction`).
+        self.max_wait = timeout
         self._local = threading.local()
         self._lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
@@ -259,11 +261,12 @@ class SQLiteStore(OptInStore):
             self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
         )
         try:
-            conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
             # Switching to WAL needs a moment of exclusive access, and SQLite does
-            # not always apply the busy handler to it: retry while workers start.
+            # not always apply the busy handler to it: retry while workers start,
+            # all within one timeout.
             deadline = time.monotonic() + self.timeout
             while True:
+                _busy_timeout(conn, deadline - time.monotonic())
                 try:
                     conn.execute("PRAGMA journal_mode = WAL")
                     conn.executescript(_SCHEMA)
@@ -272,6 +275,7 @@ class SQLiteStore(OptInStore):
                     if "locked" not in str(exc) or time.monotonic() > deadline:
                         raise
                     time.sleep(0.01)
+            _busy_timeout(conn, self.timeout)
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
             # A bulk import stages every row in TEMP tables: on disk (TMPDIR), not in
             # memory, whatever this SQLite build's default, so memory stays constant.
@@ -443,6 +447,9 @@ class _Transaction:
     """``with store._transaction() as conn:`` BEGIN IMMEDIATE, then COMMIT, or ROLLBACK
     on any exception. A class, not ``@contextmanager``: no generator per write.
 
+    All of its waiting shares one deadline, ``timeout`` from its start, so a call
+    gives up within ``timeout`` (:attr:`SQLiteStore.max_wait`), whatever holds it up.
+
     Threads of one process take turns on a lock first: SQLite's busy handler
     sleeps and retries, which is unfair under load (a thread can lose every
     round until its timeout); a queue on a lock is not.
@@ -451,10 +458,10 @@ class _Transaction:
     polled every 50 µs doubling to 1 ms: SQLite's busy handler sleeps 1, 2, 5,
     10 ms... between tries, so a worker that finds the write lock taken sleeps
     at least a millisecond while the transaction it waits for (a WAL append and,
-    with synchronous=FULL, one fsync) is usually over in a tenth of that. If the
-    queue is not free within the timeout, BEGIN IMMEDIATE waits through
-    ``busy_timeout`` as before; writers that do not queue (another program) are
-    waited for by SQLite as before.
+    with synchronous=FULL, one fsync) is usually over in a tenth of that. Then
+    BEGIN IMMEDIATE waits through ``busy_timeout``, set to what is left before
+    the deadline, for writers that do not queue (another program) or for the lock
+    when the queue was not free in time.
 
     After COMMIT the store checks its file is still at its path: a commit into a
     file deleted meanwhile raises :class:`StorageUnavailable`, never returns.
@@ -475,6 +482,7 @@ class _Transaction:
         try:
             conn = self._conn = store._connection()
             self._queued = _queue_up(store._queue(), deadline)
+            _busy_timeout(conn, deadline - time.monotonic())
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             self._leave()
@@ -501,19 +509,24 @@ class _Transaction:
 
     def _finish(self, kind: type[BaseException] | None, exc: BaseException | None) -> None:
         conn = self._conn
-        if kind is None:
-            try:
-                conn.execute("COMMIT")
-            except sqlite3.Error as error:
-                kind, exc = type(error), error
-            else:
-                self._store._check_file()
-                return
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-        if isinstance(exc, sqlite3.Error):
-            raise _wrap(exc) from exc
-        # Any other exception propagates as it is.
+        try:
+            if kind is None:
+                try:
+                    conn.execute("COMMIT")
+                except sqlite3.Error as error:
+                    kind, exc = type(error), error
+                else:
+                    self._store._check_file()
+                    return
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise _wrap(exc) from exc
+            # Any other exception propagates as it is.
+        finally:
+            # Reads on this connection wait the full timeout again.
+            with contextlib.suppress(sqlite3.Error):
+                _busy_timeout(conn, self._store.timeout)
 
 
 def _queue_up(fd: int | None, deadline: float) -> int | None:
@@ -532,6 +545,11 @@ def _queue_up(fd: int | None, deadline: float) -> int | None:
             delay = min(delay * 2, 0.001)
         except OSError:
             return None
+
+
+def _busy_timeout(conn: sqlite3.Connection, seconds: float) -> None:
+    """Let SQLite wait up to ``seconds`` (0 if none are left) for a lock on ``conn``."""
+    conn.execute(f"PRAGMA busy_timeout = {max(0, int(seconds * 1000))}")
 
 
 def _identity(path: str) -> tuple[int, int] | None:

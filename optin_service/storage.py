@@ -169,6 +169,12 @@ class OptInStore(abc.ABC):
       timeout, busy) or :class:`StorageError` (anything else), never raw.
     """
 
+    #: The longest, in seconds, one call may block waiting for the storage (a lock,
+    #: the network) before it gives up with :class:`StorageUnavailable`; ``None`` if
+    #: the backend cannot say. The shipped ``gunicorn.conf.py`` refuses to start a
+    #: store that may wait longer than half gunicorn's worker timeout.
+    max_wait: float | None = None
+
     @classmethod
     @abc.abstractmethod
     def from_url(cls, url: str) -> OptInStore:

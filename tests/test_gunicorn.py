@@ -787,3 +787,15 @@ def test_sqlite_folder_removed_under_four_workers_answers_503_and_recreates_noth
     assert not folder.exists(), "a worker recreated the removed folder" + log_tail(server)
     assert server.worker_pids() == workers, "workers restarted" + log_tail(server)
     print(f"every worker held {db} after {rounds} bursts; then 3 x 24 answers, all 503")
+
+
+def test_sqlite_lock_wait_beyond_the_worker_timeout_stops_gunicorn(
+    servers: Servers, tmp_path: Path
+) -> None:
+    url = servers.sqlite_url() + "?timeout=40"
+    refused = make_gunicorn({"OPTIN_STORAGE_URL": url}, workers=2)
+    code, output, elapsed = run_to_exit(refused, tmp_path / "refused.log", timeout=15)
+    assert code != 0, output
+    # One line says what waits how long, and the worker timeout it exceeds.
+    assert re.search(r"^.*\b40(\.0)? s\b.*\b30(\.0)? s\b.*$", output, re.M), output
+    print(f"sqlite timeout=40 under a 30 s worker timeout: exit {code} after {elapsed:.2f}s")

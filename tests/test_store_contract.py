@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -489,6 +490,29 @@ def test_sqlite_a_write_whose_file_vanishes_before_commit_is_not_acknowledged(db
         conn.set_trace_callback(None)
         assert os.listdir(db_folder) == []
     finally:
+        store.close()
+
+
+def test_sqlite_a_held_lock_gives_up_within_the_timeout_not_twice_it(db_folder):
+    path = db_folder / "optin.db"
+    store = SQLiteStore.from_url(f"sqlite:///{path}?timeout=2")
+    store.set(OptInRecord("member-0", "accepted", STAMP, "r0"))  # creates the file and queue
+    # Another writer, as a worker of another process holds them: the queue, then the lock.
+    queue = os.open(f"{path}-lock", os.O_RDWR)
+    fcntl.flock(queue, fcntl.LOCK_EX)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailable):
+            store.set(OptInRecord("member-1", "accepted", STAMP, "r1"))
+        waited = time.monotonic() - started
+        assert 1.5 < waited < 3.0, f"gave up after {waited:.2f}s with timeout=2"
+        assert store.max_wait == 2
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        os.close(queue)
         store.close()
 
 
