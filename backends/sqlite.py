@@ -165,6 +165,13 @@ _PRUNE_EVERY = 1000  # writes between deletions of expired idempotency keys
 _NEWEST = (2**63 - 1, "")  # a position after every event: the first history page
 _SYNCHRONOUS = ("FULL", "NORMAL", "EXTRA")
 _MAX_TIMEOUT = (2**31 - 1) // 1000  # busy_timeout takes a C int of milliseconds
+# check(): one row, rewritten by every readiness check; a table of its own, so the
+# evidence tables are never touched, created by the first check (a read-only database
+# the store only reads needs no new table).
+_HEALTH_TABLE = (
+    "CREATE TABLE IF NOT EXISTS optin_health (id INTEGER PRIMARY KEY, checked_us INTEGER)"
+)
+_HEALTH_WRITE = "INSERT OR REPLACE INTO optin_health (id, checked_us) VALUES (1, ?)"
 
 
 class SQLiteStore(OptInStore):
@@ -427,10 +434,13 @@ class SQLiteStore(OptInStore):
         return fd
 
     def check(self) -> None:
-        try:
-            self._connection().execute("SELECT 1 FROM optin LIMIT 1").fetchall()
-        except sqlite3.Error as exc:
-            raise StorageUnavailable(f"sqlite {self.path}: {exc}") from exc
+        """Write and commit one row, as a PUT would: through the same lock, deadline and
+        file check. This fails where reading alone would pass: a database that can only
+        be read, a write lock held past the timeout, a file deleted under an open
+        connection, a full disk."""
+        with self._transaction() as conn:
+            conn.execute(_HEALTH_TABLE)
+            conn.execute(_HEALTH_WRITE, (_now_us(),))
 
     def close(self) -> None:
         with self._lock:

@@ -248,7 +248,7 @@ class OptInStore(abc.ABC):
 
     @abc.abstractmethod
     def check(self) -> None:
-        """Raise :class:`StorageUnavailable` unless the store answers right now."""
+        """Raise :class:`StorageUnavailable` unless the store can read and write right now."""
 
     @abc.abstractmethod
     def close(self) -> None:

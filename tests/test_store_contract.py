@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import threading
 import time
+import urllib.parse
 import uuid
 from datetime import datetime, timedelta, timezone
 from urllib.parse import urlencode
@@ -513,6 +514,46 @@ def test_sqlite_a_held_lock_gives_up_within_the_timeout_not_twice_it(db_folder):
         holder.execute("ROLLBACK")
         holder.close()
         os.close(queue)
+        store.close()
+
+
+def _read_only(monkeypatch, store, path):
+    # SQLite opens a file it may not write read-only. Root may write any file whatever
+    # its mode, so the store's connection is opened read-only the way SQLite falls back.
+    connect = sqlite3.connect
+    uri = f"file:{urllib.parse.quote(str(path))}?mode=ro"
+    monkeypatch.setattr(sqlite3, "connect", lambda _path, **kw: connect(uri, uri=True, **kw))
+    store.close()
+
+
+def _locked(monkeypatch, store, path):
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    return holder
+
+
+def _vanished(monkeypatch, store, path):
+    shutil.rmtree(path.parent)
+
+
+@pytest.mark.parametrize("breakage", [_read_only, _locked, _vanished])
+def test_sqlite_check_fails_while_the_store_cannot_write(breakage, db_folder, monkeypatch):
+    path = db_folder / "optin.db"
+    store = SQLiteStore.from_url(f"sqlite:///{path}?timeout=0.5")
+    held = None
+    try:
+        store.set(OptInRecord("member-1", "accepted", STAMP, "r1"))
+        store.check()
+        held = breakage(monkeypatch, store, path)
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailable):
+            store.check()
+        assert time.monotonic() - started < 3.0
+        with pytest.raises(StorageUnavailable):
+            store.set(OptInRecord("member-2", "declined", STAMP, "r2"))
+    finally:
+        if held is not None:
+            held.close()
         store.close()
 
 
