@@ -241,13 +241,14 @@ class SQLiteStore(OptInStore):
             self._queue_fd = None
             self._pid = os.getpid()
 
-    def _connection(self) -> sqlite3.Connection:
-        """This thread's connection, once the path still names the store's file."""
+    def _connection(self, deadline: float | None = None) -> sqlite3.Connection:
+        """This thread's connection, once the path still names the store's file.
+        Opening it waits until ``deadline`` at most (default: ``timeout`` from now)."""
         self._forget_parent()
         self._check_file()
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._open()
+            conn = self._open(time.monotonic() + self.timeout if deadline is None else deadline)
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
@@ -262,7 +263,7 @@ class SQLiteStore(OptInStore):
                 "with (deleted or replaced); nothing is written until it is back"
             )
 
-    def _open(self) -> sqlite3.Connection:
+    def _open(self, deadline: float) -> sqlite3.Connection:
         # Creates the file if there is none yet (never a folder: the folder must exist).
         conn = sqlite3.connect(
             self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
@@ -270,8 +271,7 @@ class SQLiteStore(OptInStore):
         try:
             # Switching to WAL needs a moment of exclusive access, and SQLite does
             # not always apply the busy handler to it: retry while workers start,
-            # all within one timeout.
-            deadline = time.monotonic() + self.timeout
+            # all before the deadline.
             while True:
                 _busy_timeout(conn, deadline - time.monotonic())
                 try:
@@ -490,7 +490,7 @@ class _Transaction:
             raise StorageUnavailable("sqlite: another thread held the write lock too long")
         self._queued = None
         try:
-            conn = self._conn = store._connection()
+            conn = self._conn = store._connection(deadline)
             self._queued = _queue_up(store._queue(), deadline)
             _busy_timeout(conn, deadline - time.monotonic())
             conn.execute("BEGIN IMMEDIATE")

@@ -517,6 +517,26 @@ def test_sqlite_a_held_lock_gives_up_within_the_timeout_not_twice_it(db_folder):
         store.close()
 
 
+def test_sqlite_a_threads_first_connection_opens_within_the_writes_deadline(db_folder):
+    path = db_folder / "optin.db"
+    holder = sqlite3.connect(path, isolation_level=None)  # a database not in WAL yet,
+    holder.execute("CREATE TABLE other (x)")
+    holder.execute("BEGIN EXCLUSIVE")  # locked by another program: opening waits for it
+    store = SQLiteStore.from_url(f"sqlite:///{path}?timeout=2")
+    store._write_lock.acquire()  # and another thread of this process is mid-write
+    threading.Timer(1.5, store._write_lock.release).start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailable):
+            store.set(OptInRecord("member-1", "accepted", STAMP, "r1"))
+        waited = time.monotonic() - started
+        assert 1.5 < waited < 3.0, f"gave up after {waited:.2f}s with timeout=2"
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        store.close()
+
+
 def _read_only(monkeypatch, store, path):
     # SQLite opens a file it may not write read-only. Root may write any file whatever
     # its mode, so the store's connection is opened read-only the way SQLite falls back.
