@@ -106,10 +106,34 @@ def _refuse_memory_with_several_workers(server) -> None:  # noqa: ANN001
         )
 
 
+def _optin_state(worker):  # noqa: ANN001, ANN202 - gunicorn's Worker; OptInState or None
+    """The opt-in state of the app this worker loaded (None before it is loaded, or for
+    an app that is not a Flask app carrying the extension)."""
+    app = getattr(worker, "wsgi", None)
+    return getattr(app, "extensions", {}).get("optin") if app is not None else None
+
+
+def _refuse_waits_beyond_the_worker_timeout(worker) -> None:  # noqa: ANN001
+    """Refuse a store that may block one call longer than half gunicorn's worker timeout:
+    past the timeout, gunicorn kills the worker mid-request (the client gets an empty
+    reply, not a 503), and the other half leaves room for the rest of the request."""
+    state = _optin_state(worker)
+    wait = state.store.max_wait if state is not None else None
+    limit = worker.cfg.timeout  # 0: gunicorn never kills a worker
+    if wait is not None and limit and wait > limit / 2:
+        raise RuntimeError(
+            f"the opt-in store ({state.store_name}) may wait {wait:g} s for storage, "
+            f"but gunicorn kills a worker after {limit:g} s: lower the store's wait to "
+            f"at most {limit / 2:g} s (half the worker timeout), or raise --timeout"
+        )
+
+
 def post_worker_init(worker) -> None:  # noqa: ANN001 - gunicorn's Worker
-    """Answer what gunicorn refuses itself (a request it cannot parse, a request line
-    over its limit) with the API's JSON envelope and the seed's headers, not gunicorn's
-    HTML page: gunicorn has no setting for that page, only this one function."""
+    """Refuse a store whose waits the worker timeout cannot cover; then answer what
+    gunicorn refuses itself (a request it cannot parse, a request line over its limit)
+    with the API's JSON envelope and the seed's headers, not gunicorn's HTML page:
+    gunicorn has no setting for that page, only this one function."""
+    _refuse_waits_beyond_the_worker_timeout(worker)
     from gunicorn import util
 
     from optin_service.errors import http_error
@@ -122,8 +146,7 @@ def post_worker_init(worker) -> None:  # noqa: ANN001 - gunicorn's Worker
 
 def worker_exit(server, worker) -> None:  # noqa: ANN001 - gunicorn's Arbiter and Worker
     """Close the store's connections when a worker stops."""
-    app = getattr(worker, "wsgi", None)
-    state = getattr(app, "extensions", {}).get("optin") if app is not None else None
+    state = _optin_state(worker)
     if state is not None:
         state.store.close()
         server.log.info("worker %s closed its store", worker.pid)

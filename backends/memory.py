@@ -124,6 +124,7 @@ class MemoryStore(OptInStore):
             )
 
     def check(self) -> None:
+        # Dicts in this process: readable and writable whenever the process runs.
         return None
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ imported. The app's modules load on first use of ``create_app`` or ``OptIn``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     Settings come from ``defaults.py``, then same-named environment variables,
     then ``config``. An unknown storage scheme raises here, so gunicorn refuses
     to start rather than serve errors.
+
+    The instance folder (the default store's) is ``./instance`` under the working
+    directory, wherever the package is installed: gunicorn, ``optin`` and ``flask
+    optin`` started in one folder share one default store.
     """
     from flask import Flask
     from flask_talisman import Talisman
@@ -40,7 +45,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from .extension import OptIn
     from .headers import TALISMAN_OPTIONS
 
-    app = Flask(__name__, instance_relative_config=True)
+    app = Flask(__name__, instance_path=os.path.abspath("instance"), instance_relative_config=True)
     if config:
         app.config.update(config)
     defaults.apply(app.config)

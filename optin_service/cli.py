@@ -23,7 +23,7 @@ from typing import IO, Any
 
 import click
 from flask import current_app
-from flask.cli import AppGroup
+from flask.cli import AppGroup, with_appcontext
 
 from .registry import redact, store_from_url
 from .schemas import CORRELATION_ID, SOURCE, SUBMICROSECOND, cut, dump_event, load_event
@@ -50,8 +50,14 @@ class _OptInGroup(AppGroup):
             raise click.ClickException(f"storage: {exc}") from None
 
 
-optin = _OptInGroup("optin", help="Read and write opt-in records; export, import, migrate.")
-optin = click.version_option(__version__, prog_name="optin-service")(optin)
+@click.group("optin", cls=_OptInGroup)
+@click.version_option(__version__, prog_name="optin-service")
+@with_appcontext
+def optin() -> None:
+    """Read and write opt-in records; export, import, migrate."""
+    # Which store a command uses is never a guess: one line on stderr, first
+    # (stdout stays the command's own output).
+    click.echo(f"opt-in storage: {current_app.extensions['optin'].store_name}", err=True)
 
 
 def _store() -> OptInStore:
@@ -318,6 +324,10 @@ def main(argv: list[str] | None = None) -> None:
     # The service's start-up lines (storage in use, authentication mode) are noise
     # around a command's own output; errors still show.
     logging.getLogger("optin_service").setLevel(logging.ERROR)
-    app = create_app()
+    try:
+        app = create_app()
+    except (LookupError, ValueError) as exc:  # a setting the service would refuse too
+        click.ClickException(str(exc)).show()
+        sys.exit(1)
     with app.app_context():
         optin.main(args=argv, prog_name="optin")

@@ -12,7 +12,8 @@ from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 #: Which backend and where (``memory://``, ``sqlite:///rel.db``, ``redis://host:6379/0``...).
-#: ``None`` means an SQLite file named ``optin.db`` in the Flask instance folder.
+#: ``None`` means an SQLite file named ``optin.db`` in the Flask instance folder, made if
+#: missing: ``./instance`` for ``create_app`` (the service, ``optin``), the host's when embedded.
 OPTIN_STORAGE_URL: str | None = None
 
 #: Largest request body accepted, in bytes (becomes Flask's ``MAX_CONTENT_LENGTH``).

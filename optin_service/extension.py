@@ -50,6 +50,8 @@ class OptInState:
     standalone: bool
     #: The backend's name in metrics and logs (the URL scheme, or the store's class).
     backend: str
+    #: The store as the start-up log and every ``optin`` command name it (no password).
+    store_name: str = ""
     #: Checks credentials (``None`` with ``OPTIN_AUTH=none``).
     authenticator: Authenticator | None = None
     #: Counts requests (``None`` without ``OPTIN_RATE_LIMIT``).
@@ -70,7 +72,8 @@ _BELOW_API_PATHS = tuple(p.rstrip("/") + "/" for p in API_PATHS)
 
 
 def default_storage_url(app: Flask) -> str:
-    """An SQLite file in the app's instance folder: durable with nothing else installed."""
+    """An SQLite file in the app's instance folder: durable with nothing else installed.
+    ``create_app`` puts that folder at ``./instance``; a host app keeps its own."""
     return "sqlite:///" + os.path.join(os.path.abspath(app.instance_path), "optin.db")
 
 
@@ -112,15 +115,22 @@ class OptIn:
         url = None
         if store is None:
             configured = app.config["OPTIN_STORAGE_URL"]
+            if not configured:
+                # The one folder made on demand: the default's. A configured path's
+                # folder must exist (the store refuses it otherwise).
+                os.makedirs(app.instance_path, exist_ok=True)
             url = configured or default_storage_url(app)
             url = _with_min_replicas(url, app.config["OPTIN_REDIS_MIN_REPLICAS_ACKED"])
             store = store_from_url(url)
             weakref.finalize(app, store.close)
             how = "" if configured else " (default: OPTIN_STORAGE_URL is not set)"
-            log.info("opt-in storage: %s%s", redact(url), how)
+            store_name = redact(url) + how
+        else:
+            store_name = f"{type(store).__name__} (passed to OptIn)"
+        log.info("opt-in storage: %s", store_name)
         prefix = (url_prefix or "").rstrip("/")
         backend = urlsplit(url).scheme if url else type(store).__name__
-        state = OptInState(store, url, prefix, standalone, backend)
+        state = OptInState(store, url, prefix, standalone, backend, store_name)
         state.authenticator = build_authenticator(app.config)
         app.extensions["optin"] = state
         app.register_blueprint(bp, url_prefix=prefix or None)

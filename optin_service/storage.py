@@ -197,6 +197,12 @@ class OptInStore(abc.ABC):
         transient ones, answered 503, from the rest, answered 500)."""
         return StorageError(f"{cls.__name__}: {exc}")
 
+    #: The longest, in seconds, one call may block waiting for the storage (a lock,
+    #: the network) before it gives up with :class:`StorageUnavailable`; ``None`` if
+    #: the backend cannot say. The shipped ``gunicorn.conf.py`` refuses to start a
+    #: store that may wait longer than half gunicorn's worker timeout.
+    max_wait: float | None = None
+
     @classmethod
     @abc.abstractmethod
     def from_url(cls, url: str, **options: Any) -> OptInStore:
@@ -265,7 +271,7 @@ class OptInStore(abc.ABC):
 
     @abc.abstractmethod
     def check(self) -> None:
-        """Raise :class:`StorageUnavailable` unless the store answers right now."""
+        """Raise :class:`StorageUnavailable` unless the store can read and write right now."""
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -449,14 +449,22 @@ def test_health_and_readiness(client):
     assert client.get("/readyz").get_json() == {"status": "ready"}
 
 
-def test_default_storage_is_sqlite_in_the_instance_folder(monkeypatch, caplog):
+def test_default_storage_is_sqlite_in_instance_under_the_working_directory(
+    monkeypatch, caplog, tmp_path
+):
+    # Wherever the package is imported from (source tree, site-packages), as the README
+    # says: the service, `optin` and `flask optin` started here share ./instance/optin.db.
     monkeypatch.delenv("OPTIN_STORAGE_URL", raising=False)
+    monkeypatch.chdir(tmp_path)
     with caplog.at_level(logging.INFO, logger="optin_service"):
         app = create_app()
     state = app.extensions["optin"]
-    assert state.storage_url == "sqlite:///" + app.instance_path + "/optin.db"
+    db = tmp_path / "instance" / "optin.db"
+    assert state.storage_url == f"sqlite:///{db}"
     assert type(state.store).__name__ == "SQLiteStore"
-    assert any("optin.db" in r.getMessage() for r in caplog.records)
+    assert (tmp_path / "instance").is_dir()  # the default's folder is made on demand
+    assert any(str(db) in r.getMessage() for r in caplog.records)
+    app.extensions["optin"].store.close()
 
 
 def test_config_mapping_overrides_environment(monkeypatch):

@@ -11,9 +11,11 @@ import json
 import os
 import pty
 import re
+import shutil
 import stat
 import subprocess
 import sys
+import sysconfig
 import threading
 import tracemalloc
 import uuid
@@ -29,9 +31,9 @@ from flask import Flask
 
 from backends.redis import RedisStore
 from optin_service import create_app
-from optin_service.registry import register, unregister
+from optin_service.registry import redact, register, unregister
 from optin_service.storage import OptInRecord, OptInStore
-from tests.servers import free_port
+from tests.servers import ROOT, free_port
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 BIN = Path(sys.executable).parent
@@ -64,6 +66,16 @@ class FakeRedisStore(RedisStore):
 
 
 @dataclass
+class Ran:
+    """A command's outcome, once the line naming its store was checked and cut from stderr."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+    exception: BaseException | None
+
+
+@dataclass
 class Backend:
     """An app on one storage URL, its store, and its CLI."""
 
@@ -75,8 +87,13 @@ class Backend:
     def store(self) -> OptInStore:
         return self.app.extensions["optin"].store
 
-    def optin(self, *args: str, input: str | bytes | None = None):
-        return self.app.test_cli_runner().invoke(args=["optin", *args], input=input)
+    def optin(self, *args: str, input: str | bytes | None = None) -> Ran:
+        """Run ``optin ARGS``; every command first names its store on stderr (no password)."""
+        result = self.app.test_cli_runner().invoke(args=["optin", *args], input=input)
+        store_line, _, rest = result.stderr.partition("\n")
+        assert store_line == f"opt-in storage: {redact(self.url)}", result.stderr
+        assert "opt-in storage" not in result.stdout
+        return Ran(result.exit_code, result.stdout, rest, result.exception)
 
 
 def kinds(*names: str) -> list:
@@ -290,10 +307,15 @@ def test_invalid_arguments_are_rejected_before_anything_is_stored(make_backend, 
     "args", [["get", "m"], ["set", "m", "accepted"], ["export"], ["import", "-"]]
 )
 def test_storage_down_ends_a_command_with_one_error_line(args):
-    app = create_app({"TESTING": True, "OPTIN_STORAGE_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    url = f"redis://:s3cret@127.0.0.1:{free_port()}/0"
+    app = create_app({"TESTING": True, "OPTIN_STORAGE_URL": url})
     runner = app.test_cli_runner()
     result = check(runner.invoke(args=["optin", *args], input=line(sample()[0]) + "\n"), 1)
-    assert result.stderr.startswith("Error: storage: redis: "), result.stderr
+    # The store it tried (its password hidden), then the error.
+    named, error = result.stderr.splitlines()
+    assert named == f"opt-in storage: redis://:***@127.0.0.1:{url.rsplit(':', 1)[1]}", named
+    assert error.startswith("Error: storage: redis: "), result.stderr
+    assert "s3cret" not in result.stderr + result.stdout
     assert "Traceback" not in result.stderr + result.stdout
 
 
@@ -846,6 +868,8 @@ def test_the_console_script(cli_env, tmp_path):
 
     getting = run([optin, "get", "m-1"], cli_env, tmp_path)
     assert (getting.returncode, getting.stdout) == (0, setting.stdout)
+    store_line = f"opt-in storage: {cli_env['OPTIN_STORAGE_URL']}\n"
+    assert setting.stderr == getting.stderr == store_line
 
     missing = run([optin, "get", "nobody"], cli_env, tmp_path)
     assert missing.returncode == 1 and missing.stdout == ""
@@ -867,6 +891,75 @@ def test_the_console_script(cli_env, tmp_path):
 
     rejected = run([optin, "set", "m-1", "maybe"], cli_env, tmp_path)
     assert rejected.returncode == 2 and "is not one of" in rejected.stderr
+
+
+@pytest.mark.slow
+def test_the_console_script_refuses_a_folder_that_does_not_exist(cli_env, tmp_path):
+    missing = tmp_path / "nonexistent" / "dir" / "x.db"
+    env = {**cli_env, "OPTIN_STORAGE_URL": f"sqlite:///{missing}"}
+    for args in (["get", "m-1"], ["set", "m-1", "accepted"], ["export"]):
+        result = run([str(BIN / "optin"), *args], env, tmp_path)
+        assert (result.returncode, result.stdout) == (1, ""), result.stderr
+        assert re.fullmatch(
+            rf"Error: .*{re.escape(str(missing))}.*does not exist.*\n", result.stderr
+        ), result.stderr
+    assert not (tmp_path / "nonexistent").exists()
+
+
+#: The service as gunicorn loads it from a clone's folder (the folder first on sys.path,
+#: so the source tree, not the installed copy), asked for member-42.
+SERVICE_GET = """
+import json, optin_service
+from wsgi import app
+response = app.test_client().get("/client/users/member-42/profile/optin")
+print(json.dumps([optin_service.__file__, response.status_code, response.get_json()]))
+"""
+
+
+@pytest.mark.slow
+def test_a_clone_installed_with_pip_has_one_default_store_for_service_and_clis(tmp_path):
+    """The README's set-up on a fresh clone: ``pip install .`` (not editable) into a venv.
+    Then the service (imported from the clone's folder), ``.venv/bin/optin`` (the
+    installed copy) and ``flask optin`` must all use ./instance/optin.db."""
+    clone = tmp_path / "clone"
+    for name in ("optin_service", "backends"):
+        shutil.copytree(ROOT / name, clone / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.cfg", "pyproject.toml", "README.md", "wsgi.py", "gunicorn.conf.py"):
+        shutil.copy(ROOT / name, clone / name)
+    venv = clone / ".venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLASK_", "OPTIN_"))}
+    site = run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], env, clone
+    )
+    site_dir = Path(site.stdout.strip())
+    # This interpreter's packages (flask, pip, setuptools...), offline: a path in a .pth
+    # file joins sys.path without running that folder's own .pth files, so the editable
+    # optin-service of this checkout stays out.
+    (site_dir / "test-packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    pip = [python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
+    installed = run([*pip, "--no-index", "."], env, clone)
+    assert installed.returncode == 0, installed.stderr
+    assert (site_dir / "optin_service" / "__init__.py").is_file()  # a copy, not a link
+
+    written = run([str(venv / "bin" / "optin"), "set", "member-42", "declined"], env, clone)
+    assert written.returncode == 0, written.stderr
+    served = run([python, "-c", SERVICE_GET], env, clone)
+    assert served.returncode == 0, served.stderr
+    module, status, body = json.loads(served.stdout)
+    assert module == str(clone / "optin_service" / "__init__.py")
+    assert (status, body.get("LOYALTY_OPTIN")) == (200, "declined"), (status, body, written.stderr)
+    flask = [python, "-m", "flask", "--app", "optin_service", "optin", "get", "member-42"]
+    read = run(flask, env, clone)
+    assert (read.returncode, read.stdout) == (0, written.stdout), read.stderr
+
+    db = clone / "instance" / "optin.db"
+    store_line = f"opt-in storage: sqlite:///{db} (default: OPTIN_STORAGE_URL is not set)\n"
+    assert written.stderr == store_line
+    assert store_line in read.stderr.splitlines(keepends=True)  # after flask's start-up log
+    assert str(db) in served.stderr  # the service's start-up log names it too
+    assert [p.name for p in clone.rglob("optin.db")] == ["optin.db"]
 
 
 @pytest.mark.slow

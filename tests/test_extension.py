@@ -188,6 +188,20 @@ def test_two_standalone_apps_on_separate_sqlite_files(tmp_path):
     assert two.get("/client/users/m1/profile/optin").status_code == 404
 
 
+def test_embedded_without_a_storage_url_uses_the_hosts_instance_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPTIN_STORAGE_URL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "host-instance"
+    app = Flask("host", instance_path=str(folder))
+    OptIn(app)
+    try:
+        assert app.extensions["optin"].storage_url == f"sqlite:///{folder}/optin.db"
+        assert folder.is_dir()
+        assert not (tmp_path / "instance").exists()
+    finally:
+        app.extensions["optin"].store.close()
+
+
 def test_registering_twice_on_one_app_is_refused():
     app = Flask("host")
     OptIn(app, store=MemoryStore())

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import threading
 import time
+import urllib.parse
 import uuid
 from datetime import datetime, timedelta, timezone
 from urllib.parse import urlencode
@@ -175,6 +178,7 @@ def test_sqlite_relative_path_resolves_against_cwd(tmp_path, monkeypatch):
 )
 def test_sqlite_absolute_path(tmp_path, folder, query):
     path = tmp_path / folder / "abs.db"
+    path.parent.mkdir()
     url = f"sqlite:///{path}{query}"
     assert url.startswith("sqlite:////")
     store = SQLiteStore.from_url(url)
@@ -364,6 +368,207 @@ def test_sqlite_a_refused_or_replayed_key_writes_nothing(sqlite_store, tmp_path)
         assert dump() == before
     finally:
         raw.close()
+
+
+# --- sqlite: its folder, the file it is bound to, lock waits, readiness ------------
+
+
+def test_sqlite_a_folder_that_does_not_exist_is_refused_naming_the_path(tmp_path):
+    path = tmp_path / "nonexistent" / "dir" / "x.db"
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        SQLiteStore.from_url(f"sqlite:///{path}")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def db_folder(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    return folder
+
+
+def _operations(store):
+    """Every kind of call a store answers, each to be tried on a broken store."""
+    return {
+        "set": lambda: store.set(OptInRecord("member-2", "declined", STAMP, "r2")),
+        "set with key": lambda: store.set(
+            OptInRecord("member-3", "declined", STAMP, "r3"), idempotency_key="k"
+        ),
+        "get": lambda: store.get("member-1"),
+        "history": lambda: store.history("member-1", 10),
+        "count_events": store.count_events,
+        "events": lambda: list(store.events()),
+        "import_rows": lambda: store.import_rows([OptInRecord("m-4", "accepted", STAMP).row]),
+        "check": store.check,
+    }
+
+
+def _assert_every_operation_unavailable(store):
+    for name, call in _operations(store).items():
+        with pytest.raises(StorageUnavailable):
+            call()
+            pytest.fail(f"{name} answered although the store's file is gone")
+
+
+def test_sqlite_folder_removed_under_the_store_answers_unavailable_and_creates_nothing(
+    db_folder,
+):
+    url = f"sqlite:///{db_folder}/optin.db"
+    used = SQLiteStore.from_url(url)  # holds a connection to the file
+    used.set(OptInRecord("member-1", "accepted", STAMP, "r1"))
+    idle = SQLiteStore.from_url(url)  # built while the file existed, never connected
+    threads = SQLiteStore.from_url(url)
+    try:
+        threads.get("member-1")  # this thread's connection; another thread opens its own
+        shutil.rmtree(db_folder)
+        for store in (used, idle):
+            _assert_every_operation_unavailable(store)
+        failures = []
+        other = threading.Thread(target=lambda: failures.append(_raises(threads.check)))
+        other.start()
+        other.join(10)
+        assert failures == [True]
+        assert not db_folder.exists()  # nothing recreated the folder or a database in it
+    finally:
+        for store in (used, idle, threads):
+            store.close()
+
+
+def _raises(call) -> bool:
+    try:
+        call()
+    except StorageUnavailable:
+        return True
+    return False
+
+
+def test_sqlite_a_replaced_file_is_refused_until_the_original_is_back(db_folder, tmp_path):
+    path = db_folder / "optin.db"
+    store = SQLiteStore.from_url(f"sqlite:///{path}")
+    try:
+        first = OptInRecord("member-1", "accepted", STAMP, "r1")
+        store.set(first)
+        moved = tmp_path / "moved"
+        db_folder.rename(moved)
+        db_folder.mkdir()
+        sqlite3.connect(path).close()  # an empty database at the same path
+        _assert_every_operation_unavailable(store)
+        raw = sqlite3.connect(path)
+        try:
+            assert raw.execute("SELECT name FROM sqlite_master").fetchall() == []
+        finally:
+            raw.close()
+        # The operator puts the original back: the store answers from it again.
+        shutil.rmtree(db_folder)
+        moved.rename(db_folder)
+        assert store.get("member-1") == first
+        store.check()
+    finally:
+        store.close()
+
+
+def test_sqlite_a_write_whose_file_vanishes_before_commit_is_not_acknowledged(db_folder):
+    store = SQLiteStore.from_url(f"sqlite:///{db_folder}/optin.db")
+    try:
+        store.check()
+        conn = store._connection()
+
+        def unlink_at_commit(statement: str) -> None:
+            if statement == "COMMIT":
+                for name in os.listdir(db_folder):
+                    os.unlink(db_folder / name)
+
+        conn.set_trace_callback(unlink_at_commit)
+        # The COMMIT itself succeeds, into the unlinked file: the write must not be answered.
+        with pytest.raises(StorageUnavailable):
+            store.set(OptInRecord("member-1", "accepted", STAMP, "r1"))
+        conn.set_trace_callback(None)
+        assert os.listdir(db_folder) == []
+    finally:
+        store.close()
+
+
+def test_sqlite_a_held_lock_gives_up_within_the_timeout_not_twice_it(db_folder):
+    path = db_folder / "optin.db"
+    store = SQLiteStore.from_url(f"sqlite:///{path}?timeout=2")
+    store.set(OptInRecord("member-0", "accepted", STAMP, "r0"))  # creates the file and queue
+    # Another writer, as a worker of another process holds them: the queue, then the lock.
+    queue = os.open(f"{path}-lock", os.O_RDWR)
+    fcntl.flock(queue, fcntl.LOCK_EX)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailable):
+            store.set(OptInRecord("member-1", "accepted", STAMP, "r1"))
+        waited = time.monotonic() - started
+        assert 1.5 < waited < 3.0, f"gave up after {waited:.2f}s with timeout=2"
+        assert store.max_wait == 2
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        os.close(queue)
+        store.close()
+
+
+def test_sqlite_a_threads_first_connection_opens_within_the_writes_deadline(db_folder):
+    path = db_folder / "optin.db"
+    holder = sqlite3.connect(path, isolation_level=None)  # a database not in WAL yet,
+    holder.execute("CREATE TABLE other (x)")
+    holder.execute("BEGIN EXCLUSIVE")  # locked by another program: opening waits for it
+    store = SQLiteStore.from_url(f"sqlite:///{path}?timeout=2")
+    store._write_lock.acquire()  # and another thread of this process is mid-write
+    threading.Timer(1.5, store._write_lock.release).start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailable):
+            store.set(OptInRecord("member-1", "accepted", STAMP, "r1"))
+        waited = time.monotonic() - started
+        assert 1.5 < waited < 3.0, f"gave up after {waited:.2f}s with timeout=2"
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        store.close()
+
+
+def _read_only(monkeypatch, store, path):
+    # SQLite opens a file it may not write read-only. Root may write any file whatever
+    # its mode, so the store's connection is opened read-only the way SQLite falls back.
+    connect = sqlite3.connect
+    uri = f"file:{urllib.parse.quote(str(path))}?mode=ro"
+    monkeypatch.setattr(sqlite3, "connect", lambda _path, **kw: connect(uri, uri=True, **kw))
+    store.close()
+
+
+def _locked(monkeypatch, store, path):
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    return holder
+
+
+def _vanished(monkeypatch, store, path):
+    shutil.rmtree(path.parent)
+
+
+@pytest.mark.parametrize("breakage", [_read_only, _locked, _vanished])
+def test_sqlite_check_fails_while_the_store_cannot_write(breakage, db_folder, monkeypatch):
+    path = db_folder / "optin.db"
+    store = SQLiteStore.from_url(f"sqlite:///{path}?timeout=0.5")
+    held = None
+    try:
+        store.set(OptInRecord("member-1", "accepted", STAMP, "r1"))
+        store.check()
+        held = breakage(monkeypatch, store, path)
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailable):
+            store.check()
+        assert time.monotonic() - started < 3.0
+        with pytest.raises(StorageUnavailable):
+            store.set(OptInRecord("member-2", "declined", STAMP, "r2"))
+    finally:
+        if held is not None:
+            held.close()
+        store.close()
 
 
 # --- redis -----------------------------------------------------------------------
