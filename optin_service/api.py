@@ -19,6 +19,7 @@ from .headers import ApiResponse, no_https_redirect, request_id
 from .metrics import consent_changed, exposition, storage_operation
 from .schemas import (
     CORRELATION_ID,
+    CORRELATION_ID_RULE,
     IDEMPOTENCY_KEY,
     SOURCE,
     dump_page,
@@ -60,7 +61,7 @@ def _json(body: object, status: int = 200) -> Response:
 
 def _checked_id(correlation_id: str) -> str:
     if not CORRELATION_ID.fullmatch(correlation_id):
-        raise ApiError(400, "correlation_id must be 1 to 128 characters of A-Z a-z 0-9 . _ : @ -")
+        raise ApiError(400, f"correlation_id must be {CORRELATION_ID_RULE}")
     return correlation_id
 
 

@@ -26,6 +26,7 @@ from .errors import ERROR_CODES
 from .headers import RESPONSE_HEADERS
 from .schemas import (
     CORRELATION_ID,
+    CORRELATION_ID_RULE,
     IDEMPOTENCY_KEY,
     SOURCE,
     ErrorSchema,
@@ -149,7 +150,7 @@ class _Builder:
             "correlation_id",
             "path",
             {
-                "description": "The member: 1 to 128 characters of A-Z a-z 0-9 . _ : @ -",
+                "description": f"The member: {CORRELATION_ID_RULE}",
                 "schema": {
                     "type": "string",
                     "pattern": _anchored(CORRELATION_ID),
@@ -334,7 +335,7 @@ class _Builder:
 
     def _member_errors(self) -> dict[int, Any]:
         return {
-            400: self._error(400, "A correlation_id that is not 1 to 128 of A-Z a-z 0-9 . _ : @ -"),
+            400: self._error(400, f"A correlation_id that is not {CORRELATION_ID_RULE}"),
             500: self._error(500, "A bug or a storage fault (no details; see the log)"),
             503: self._error(503, "Storage is unreachable or busy: retry after Retry-After"),
         }
