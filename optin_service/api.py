@@ -36,6 +36,19 @@ bp = Blueprint("optin", __name__)
 register_error_handlers(bp)
 bp.before_request(check_request)
 
+
+@bp.before_request
+def _options() -> Response | None:
+    """OPTIONS on an API path: 204 with ``Allow``, and no body, so no Content-Type
+    (Flask's automatic answer is an empty ``text/html`` 200)."""
+    if request.method != "OPTIONS":
+        return None
+    allowed = current_app.make_default_options_response().allow
+    response = ApiResponse(status=204, headers={"Allow": ", ".join(sorted(allowed))})
+    del response.headers["Content-Type"]
+    return response
+
+
 OPTIN_PATH = "/client/users/<correlation_id>/profile/optin"
 #: Path prefixes of the API when mounted without a url_prefix (its 404s and 405s).
 API_PATHS = ("/client/users/", "/healthz", "/readyz", "/metrics", "/openapi.json")

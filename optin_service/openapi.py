@@ -235,7 +235,7 @@ class _Builder:
             '`{"statusCode": 400, "errorCode": "INVALID_REQUEST", "errorMessage": "..."}`. '
             "Every response, errors included, carries the security headers and a request id "
             "(`x-amzn-RequestId`, also `X-Request-Id`). Any other method on a path is a 405 "
-            "`METHOD_NOT_ALLOWED` with an `Allow` header, except OPTIONS: an empty 200 with "
+            "`METHOD_NOT_ALLOWED` with an `Allow` header, except OPTIONS: an empty 204 with "
             "`Allow`. A path that matches no route (an empty id, or one holding `/`) is a 404.",
             "",
         ]

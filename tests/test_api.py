@@ -326,6 +326,20 @@ def test_health_endpoints_refuse_put(client):
     assert "GET" in response.headers["Allow"]
 
 
+@pytest.mark.parametrize(("path", "methods"), [(URL, "GET, HEAD, OPTIONS, PUT"),
+                                                (URL + "/history", "GET, HEAD, OPTIONS"),
+                                                ("/healthz", "GET, HEAD, OPTIONS")])  # fmt: skip
+def test_options_is_an_empty_204_with_allow_and_the_api_headers(client, path, methods):
+    response = client.options(path)
+    assert response.status_code == 204
+    assert response.data == b""
+    assert "Content-Type" not in response.headers  # no body, so no type (it was text/html)
+    assert response.headers["Allow"] == methods
+    for name, value in SEED.items():
+        assert response.headers[name] == value, name
+    assert uuid.UUID(response.headers["x-amzn-RequestId"]).version == 4
+
+
 # --- storage failures and bugs ----------------------------------------------------
 
 
