@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from optin_service.errors import ERROR_CODES
 from optin_service.headers import RESPONSE_HEADERS
 from tests.servers import LOOPBACK, Gunicorn
 
@@ -52,19 +53,43 @@ def put_request(body: bytes, *, chunked: bool = False) -> bytes:
         (f"PUT {PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n".encode(), 400, "LENGTH"),
         (f"put {PATH} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), 400, "'put'"),
         (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "too large"),
+        (
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+            + b"".join(b"X-H%d: v\r\n" % n for n in range(101))
+            + b"\r\n",
+            431,
+            "headers",
+        ),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"v" * 9000 + b"\r\n\r\n", 431, ""),
+        (
+            f"PUT {PATH} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n".encode(),
+            501,
+            "xchunked",
+        ),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nExpect: 200-ok\r\n\r\n", 417, "200-ok"),
     ],
-    ids=["bad Content-Length", "lower-case method", "request line over 4094 bytes"],
+    ids=[
+        "bad Content-Length",
+        "lower-case method",
+        "request line over 4094 bytes",
+        "101 header fields",
+        "a header over 8190 bytes",
+        "unknown transfer coding",
+        "unknown expectation",
+    ],
 )
 def test_what_gunicorn_refuses_itself_gets_the_envelope_and_headers(
     server, request_bytes, status, phrase
 ):
     """gunicorn answers these before any app runs: gunicorn.conf.py makes its answer
-    the envelope with the seed's headers (it was gunicorn's HTML page)."""
+    the envelope with the seed's headers (it was gunicorn's HTML page), with the
+    errorCode the README's table gives that status."""
     line, headers, body = raw(server, request_bytes)
     assert line.startswith(f"HTTP/1.1 {status} ")
     assert headers["Content-Type"] == "application/json"
     error = json.loads(body)
     assert error["statusCode"] == status and phrase in error["errorMessage"]
+    assert error["errorCode"] == ERROR_CODES[status]
     for name, value in RESPONSE_HEADERS:
         assert headers[name] == value, name
     assert len(headers["x-amzn-RequestId"]) == 36
