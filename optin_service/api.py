@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import re
 from contextlib import AbstractContextManager, nullcontext
-from typing import IO
 
-from flask import Blueprint, Request, Response, current_app, request
-from werkzeug.exceptions import ClientDisconnected, NotFound, RequestEntityTooLarge
+from flask import Blueprint, Response, current_app, request
+from werkzeug.exceptions import NotFound
 
 from .auth import check_request, client_name
+from .body import read_body
 from .errors import ApiError, register_error_handlers
 from .headers import ApiResponse, no_https_redirect, request_id
 from .metrics import consent_changed, exposition, storage_operation
@@ -78,52 +78,6 @@ def _checked_id(correlation_id: str) -> str:
     return correlation_id
 
 
-def _body(req: Request, limit: int) -> bytes:
-    """The request body, at most ``limit`` (``OPTIN_MAX_BODY_BYTES``) long (else 413)."""
-    # Set per request (Flask >= 3.1) so a host app's own limit is left alone. One
-    # byte of headroom: a body without Content-Length (chunked) is cut at the limit
-    # silently, and that extra byte tells a body that fits from one that does not.
-    req.max_content_length = limit + 1
-    environ = req.environ
-    length = environ.get("CONTENT_LENGTH")
-    if (
-        "wsgi.input_terminated" in environ
-        and "HTTP_TRANSFER_ENCODING" not in environ
-        and length is not None
-        and length.isascii()
-        and length.isdigit()
-        and int(length) <= limit
-    ):
-        data = _read_terminated(environ["wsgi.input"], limit + 1)
-    else:
-        data = req.get_data(cache=False)
-    if len(data) > limit:
-        raise RequestEntityTooLarge()
-    return data
-
-
-def _read_terminated(stream: IO[bytes], most: int) -> bytes:
-    """What ``request.get_data()`` reads from a server-terminated stream, without its layers.
-
-    With ``wsgi.input_terminated`` (gunicorn sets it) and a Content-Length within
-    the limit, Werkzeug reads the raw stream until it ends or ``most`` bytes
-    have come, and answers a failing read with ``ClientDisconnected``; so does
-    this, with the same calls to the stream, without building a ``LimitedStream``.
-    """
-    chunks = []
-    remaining = most
-    while remaining > 0:
-        try:
-            chunk = stream.read(remaining)
-        except (OSError, ValueError):
-            raise ClientDisconnected() from None
-        if not chunk:
-            break
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
 def _header(name: str, pattern: re.Pattern[str], rule: str) -> str | None:
     value = request.headers.get(name)
     if value is not None and not pattern.fullmatch(value):
@@ -149,7 +103,9 @@ def put_optin(correlation_id: str) -> Response:
         key = _header("Idempotency-Key", IDEMPOTENCY_KEY, "1 to 255 printable ASCII characters")
     if environ.get("CONTENT_TYPE") != "application/json" and req.mimetype != "application/json":
         raise ApiError(415, "Content-Type must be application/json")
-    status = load_optin_status(_body(req, app.config["OPTIN_MAX_BODY_BYTES"]))
+    config = app.config
+    body = read_body(req, config["OPTIN_MAX_BODY_BYTES"], config["OPTIN_BODY_TIMEOUT_SECONDS"])
+    status = load_optin_status(body)
     record = OptInRecord.now(
         correlation_id, status, request_id(), source or DEFAULT_SOURCE, client_name()
     )

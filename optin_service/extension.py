@@ -109,6 +109,7 @@ class OptIn:
         if "optin" in app.extensions:
             raise RuntimeError("OptIn is already registered on this app")
         defaults.apply(app.config)
+        _check_body_timeout(app.config["OPTIN_BODY_TIMEOUT_SECONDS"])
         url = None
         if store is None:
             configured = app.config["OPTIN_STORAGE_URL"]
@@ -152,6 +153,12 @@ def _routing_errors() -> Response | None:
         if current_app.extensions["optin"].owns(request):
             return handle_http_exception(exc)
     return None
+
+
+def _check_body_timeout(seconds: object) -> None:
+    """Refuse a deadline no body could meet (every PUT would answer 408)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise ValueError(f"OPTIN_BODY_TIMEOUT_SECONDS must be a positive number, not {seconds!r}")
 
 
 _REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")

@@ -345,7 +345,11 @@ class _Builder:
         responses[400]["description"] = (
             "A bad correlation_id, X-Consent-Source or Idempotency-Key; a body that is not one "
             "JSON object (NaN, Infinity and duplicate keys are refused); LOYALTY_OPTIN missing, "
-            "or not exactly accepted or declined"
+            "or not exactly accepted or declined; a malformed chunked body, or one shorter "
+            "than its Content-Length"
+        )
+        responses[408] = self._error(
+            408, "The body did not all arrive within OPTIN_BODY_TIMEOUT_SECONDS"
         )
         responses[413] = self._error(413, "A body over OPTIN_MAX_BODY_BYTES")
         responses[415] = self._error(415, "A Content-Type other than application/json")

@@ -182,64 +182,6 @@ def test_limit_follows_config(monkeypatch):
     assert put(client, {"LOYALTY_OPTIN": "accepted"}).status_code == 200
 
 
-class _Stream:
-    """A WSGI input with only read(), as gunicorn's: its bytes, ``step`` at most per read,
-    then an error if given."""
-
-    def __init__(self, data: bytes, step: int = 1 << 20, error: Exception | None = None):
-        self.data, self.step, self.error = data, step, error
-
-    def read(self, size: int = -1) -> bytes:
-        if not self.data and self.error is not None:
-            raise self.error
-        size = len(self.data) if size < 0 else size
-        chunk, self.data = self.data[: min(size, self.step)], self.data[min(size, self.step) :]
-        return chunk
-
-
-_GOOD = b'{"LOYALTY_OPTIN": "accepted"}'
-
-
-@pytest.mark.parametrize(
-    ("length", "stream"),
-    [
-        (len(_GOOD), lambda: _Stream(_GOOD)),
-        (len(_GOOD), lambda: _Stream(_GOOD, step=3)),  # short reads
-        (len(_GOOD), lambda: _Stream(_GOOD[:10])),  # the client stopped early
-        (len(_GOOD), lambda: _Stream(_GOOD + b" " * 200)),  # the server let more through
-        (len(_GOOD), lambda: _Stream(_GOOD + b"x" * 200)),  # past the limit: 413
-        (len(_GOOD), lambda: _Stream(_GOOD[:10], error=OSError("reset"))),
-        (len(_GOOD), lambda: _Stream(b"", error=ValueError("closed"))),
-        (0, lambda: _Stream(b"")),
-        (100, lambda: _Stream(_GOOD + b" " * 71)),  # exactly at the limit
-    ],
-)
-def test_a_server_terminated_body_reads_as_werkzeug_reads_it(monkeypatch, length, stream):
-    """With wsgi.input_terminated, _body reads the raw stream itself: same answer as Werkzeug's."""
-    from werkzeug.wsgi import LimitedStream
-
-    import optin_service.api as api
-
-    def answer() -> tuple[str, bytes]:
-        app = create_app({"OPTIN_STORAGE_URL": "memory://", "OPTIN_MAX_BODY_BYTES": 100})
-        environ = EnvironBuilder(
-            URL, method="PUT", data=b"", content_type="application/json"
-        ).get_environ()
-        environ.update({"CONTENT_LENGTH": str(length), "wsgi.input": stream()})
-        environ["wsgi.input_terminated"] = True
-        seen = []
-        body = b"".join(app.wsgi_app(environ, lambda status, headers: seen.append(status)))
-        return seen[0], body
-
-    fast = answer()
-    werkzeug_way = api._read_terminated
-    monkeypatch.setattr(
-        api, "_read_terminated", lambda s, most: LimitedStream(s, most, is_max=True).read()
-    )
-    assert werkzeug_way is not api._read_terminated
-    assert fast == answer()
-
-
 @pytest.mark.parametrize(
     ("body", "message"),
     [

@@ -177,7 +177,7 @@ def test_the_document_is_open_and_carries_the_api_headers():
 
 
 EXPECTED_STATUSES = {
-    ("put", OPTIN): {"200", "400", "413", "415", "422", "500", "503"},
+    ("put", OPTIN): {"200", "400", "408", "413", "415", "422", "500", "503"},
     ("get", OPTIN): {"200", "400", "404", "500", "503"},
     ("get", HISTORY): {"200", "400", "404", "500", "503"},
     ("get", "/healthz"): {"200", "500"},
