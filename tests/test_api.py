@@ -7,12 +7,15 @@ import logging
 import re
 import uuid
 
+import fakeredis
 import pytest
-from flask import Response
+from flask import Flask, Response
 from werkzeug.test import EnvironBuilder
 
 from backends.memory import MemoryStore
-from optin_service import create_app
+from backends.redis import RedisStore
+from backends.sqlite import SQLiteStore
+from optin_service import OptIn, create_app
 from optin_service.headers import SEED_HEADERS, ApiResponse, apply_headers
 from optin_service.storage import StorageError, StorageUnavailable
 
@@ -221,39 +224,57 @@ def test_malformed_bodies_are_400(client, body, message):
 
 
 BAD_REQUESTS = [
-    ({"LOYALTY_OPTIN": "nope"}, "application/json"),
-    ({}, "application/json"),
-    ('{"LOYALTY_OPTIN":"declined","LOYALTY_OPTIN":"declined"}', "application/json"),
-    ('{"LOYALTY_OPTIN":"declined","x":NaN}', "application/json"),
-    ('["declined"]', "application/json"),
-    ('{"LOYALTY_OPTIN":"declined"}', "text/plain"),
-    (json.dumps({"LOYALTY_OPTIN": "declined", "p": "x" * 20000}), "application/json"),
+    ({"LOYALTY_OPTIN": "nope"}, "application/json", {}),
+    ({}, "application/json", {}),
+    ('{"LOYALTY_OPTIN":"declined","LOYALTY_OPTIN":"declined"}', "application/json", {}),
+    ('{"LOYALTY_OPTIN":"declined","x":NaN}', "application/json", {}),
+    ('["declined"]', "application/json", {}),
+    ('{"LOYALTY_OPTIN":"declined"}', "text/plain", {}),
+    (json.dumps({"LOYALTY_OPTIN": "declined", "p": "x" * 20000}), "application/json", {}),
+    ({"LOYALTY_OPTIN": "declined"}, "application/json", {"X-Consent-Source": "two words"}),
+    ({"LOYALTY_OPTIN": "declined"}, "application/json", {"Idempotency-Key": "\u00e9"}),
 ]
 
 
-def test_bad_input_never_changes_stored_state(client):
+def _on_backend(kind: str, tmp_path):
+    """The standalone API over a fresh store of ``kind``."""
+    if kind == "memory":
+        store = MemoryStore()
+    elif kind == "sqlite":
+        store = SQLiteStore.from_url(f"sqlite:///{tmp_path}/optin.db")
+    else:
+        store = RedisStore(fakeredis.FakeRedis(server=fakeredis.FakeServer()))
+    app = Flask(__name__)
+    app.config["TESTING"] = True
+    OptIn(app, store=store, standalone=True)
+    return app, store
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "fakeredis"])
+def test_bad_input_never_changes_stored_state(kind, tmp_path):
+    """Every event, every member's state and the idempotency keys stay as they were."""
+    app, store = _on_backend(kind, tmp_path)
+    client = app.test_client()
     assert put(client, {"LOYALTY_OPTIN": "accepted"}).status_code == 200
-    before = client.get(URL).get_json()
-    for body, content_type in BAD_REQUESTS:
-        response = put(client, body, content_type=content_type)
-        assert response.status_code in (400, 413, 415), body
-        assert client.get(URL).get_json() == before
-    other = PATH.format("never-set")
-    for body, content_type in BAD_REQUESTS:
-        put(client, body, url=other, content_type=content_type)
-    assert client.get(other).status_code == 404
-
-
-def test_the_readme_lists_every_error_code():
-    """The README's error table and ERROR_CODES (the OpenAPI enum's source) agree."""
-    from pathlib import Path
-
-    from optin_service.errors import ERROR_CODES
-
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    rows = set(re.findall(r"^\| (\d{3}) \| `([A-Z_]+)` \|", readme, re.MULTILINE))
-    expected = {(str(status), code) for status, code in ERROR_CODES.items()}
-    assert rows == expected | {("422", "IDEMPOTENCY_KEY_REUSED")}
+    events, state = list(store.events()), store.get("member-1")
+    assert len(events) == 1
+    targets = [URL, PATH.format("never-set")]
+    for body, content_type, headers in BAD_REQUESTS:
+        for url in targets:
+            sent = {"Idempotency-Key": "refused-key", **headers}
+            response = put(client, body, url=url, content_type=content_type, headers=sent)
+            assert response.status_code in (400, 413, 415), (body, sent)
+            assert list(store.events()) == events, (body, sent)
+            assert store.get("member-1") == state
+            assert store.history("never-set", 10) == [] and store.get("never-set") is None
+    for cid in (".", ".."):  # ids refused before anything else
+        assert put(client, {"LOYALTY_OPTIN": "declined"}, url=PATH.format(cid)).status_code == 400
+    assert list(store.events()) == events
+    # No refused request kept its Idempotency-Key: a real answer under that key is new.
+    answer = {"LOYALTY_OPTIN": "declined"}
+    assert put(client, answer, headers={"Idempotency-Key": "refused-key"}).status_code == 200
+    assert len(list(store.events())) == 2
+    store.close()
 
 
 # --- routing errors -------------------------------------------------------------
