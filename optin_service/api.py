@@ -8,17 +8,18 @@ from __future__ import annotations
 import json
 import re
 from contextlib import AbstractContextManager, nullcontext
-from typing import IO
 
-from flask import Blueprint, Request, Response, current_app, request
-from werkzeug.exceptions import ClientDisconnected, NotFound, RequestEntityTooLarge
+from flask import Blueprint, Response, current_app, request
+from werkzeug.exceptions import NotFound
 
 from .auth import check_request, client_name
+from .body import read_body
 from .errors import ApiError, register_error_handlers
 from .headers import no_https_redirect, request_id
 from .metrics import consent_changed, exposition, storage_operation
 from .schemas import (
     CORRELATION_ID,
+    CORRELATION_ID_RULE,
     IDEMPOTENCY_KEY,
     SOURCE,
     dump_page,
@@ -34,6 +35,19 @@ bp = Blueprint("optin", __name__)
 # handlers: for the same status or class, Flask consults a blueprint's handlers first.
 register_error_handlers(bp)
 bp.before_request(check_request)
+
+
+@bp.before_request
+def _options() -> Response | None:
+    """OPTIONS on an API path: 204 with ``Allow``, and no body, so no Content-Type
+    (Flask's automatic answer is an empty ``text/html`` 200)."""
+    if request.method != "OPTIONS":
+        return None
+    allowed = current_app.make_default_options_response().allow
+    response = Response(status=204, headers={"Allow": ", ".join(sorted(allowed))})
+    del response.headers["Content-Type"]
+    return response
+
 
 OPTIN_PATH = "/client/users/<correlation_id>/profile/optin"
 #: Path prefixes of the API when mounted without a url_prefix (its 404s and 405s).
@@ -60,54 +74,8 @@ def _json(body: object, status: int = 200) -> Response:
 
 def _checked_id(correlation_id: str) -> str:
     if not CORRELATION_ID.fullmatch(correlation_id):
-        raise ApiError(400, "correlation_id must be 1 to 128 characters of A-Z a-z 0-9 . _ : @ -")
+        raise ApiError(400, f"correlation_id must be {CORRELATION_ID_RULE}")
     return correlation_id
-
-
-def _body(req: Request, limit: int) -> bytes:
-    """The request body, at most ``limit`` (``OPTIN_MAX_BODY_BYTES``) long (else 413)."""
-    # Set per request (Flask >= 3.1) so a host app's own limit is left alone. One
-    # byte of headroom: a body without Content-Length (chunked) is cut at the limit
-    # silently, and that extra byte tells a body that fits from one that does not.
-    req.max_content_length = limit + 1
-    environ = req.environ
-    length = environ.get("CONTENT_LENGTH")
-    if (
-        "wsgi.input_terminated" in environ
-        and "HTTP_TRANSFER_ENCODING" not in environ
-        and length is not None
-        and length.isascii()
-        and length.isdigit()
-        and int(length) <= limit
-    ):
-        data = _read_terminated(environ["wsgi.input"], limit + 1)
-    else:
-        data = req.get_data(cache=False)
-    if len(data) > limit:
-        raise RequestEntityTooLarge()
-    return data
-
-
-def _read_terminated(stream: IO[bytes], most: int) -> bytes:
-    """What ``request.get_data()`` reads from a server-terminated stream, without its layers.
-
-    With ``wsgi.input_terminated`` (gunicorn sets it) and a Content-Length within
-    the limit, Werkzeug reads the raw stream until it ends or ``most`` bytes
-    have come, and answers a failing read with ``ClientDisconnected``; so does
-    this, with the same calls to the stream, without building a ``LimitedStream``.
-    """
-    chunks = []
-    remaining = most
-    while remaining > 0:
-        try:
-            chunk = stream.read(remaining)
-        except (OSError, ValueError):
-            raise ClientDisconnected() from None
-        if not chunk:
-            break
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _header(name: str, pattern: re.Pattern[str], rule: str) -> str | None:
@@ -122,35 +90,26 @@ def _header(name: str, pattern: re.Pattern[str], rule: str) -> str | None:
 def put_optin(correlation_id: str) -> Response:
     """Record the member's answer as a new event; the body is the seed's, byte for byte."""
     correlation_id = _checked_id(correlation_id)
-    # Flask's request and current_app are proxies resolved on every use: once here.
-    req = request._get_current_object()  # type: ignore[attr-defined]
-    app = current_app._get_current_object()  # type: ignore[attr-defined]
-    # Most PUTs carry neither optional header: look for each in the WSGI environ
-    # (where request.headers reads it from) before the header lookup proper.
-    environ = req.environ
-    source = key = None
-    if "HTTP_X_CONSENT_SOURCE" in environ:
-        source = _header("X-Consent-Source", SOURCE, "1 to 32 characters of A-Z a-z 0-9 _ -")
-    if "HTTP_IDEMPOTENCY_KEY" in environ:
-        key = _header("Idempotency-Key", IDEMPOTENCY_KEY, "1 to 255 printable ASCII characters")
-    if environ.get("CONTENT_TYPE") != "application/json" and req.mimetype != "application/json":
+    source = _header("X-Consent-Source", SOURCE, "1 to 32 characters of A-Z a-z 0-9 _ -")
+    key = _header("Idempotency-Key", IDEMPOTENCY_KEY, "1 to 255 printable ASCII characters")
+    if request.mimetype != "application/json":
         raise ApiError(415, "Content-Type must be application/json")
-    status = load_optin_status(_body(req, app.config["OPTIN_MAX_BODY_BYTES"]))
+    config = current_app.config
+    body = read_body(request, config["OPTIN_MAX_BODY_BYTES"], config["OPTIN_BODY_TIMEOUT_SECONDS"])
+    status = load_optin_status(body)
     record = OptInRecord.now(
         correlation_id, status, request_id(), source or DEFAULT_SOURCE, client_name()
     )
-    state = app.extensions["optin"]
-    metrics_on = app.config["OPTIN_METRICS"]
     try:
-        with storage_operation(state.backend, "set") if metrics_on else nullcontext():
-            current = state.store.set(record, idempotency_key=key)
+        with _timed("set"):
+            current = store().set(record, idempotency_key=key)
     except IdempotencyKeyReused:
         raise ApiError(
             422,
             "Idempotency-Key was already used for this member with a different request",
             "IDEMPOTENCY_KEY_REUSED",
         ) from None
-    if metrics_on and current.request_id == record.request_id:
+    if current_app.config["OPTIN_METRICS"] and current.request_id == record.request_id:
         consent_changed(status)
     return Response(UPDATED_BODY, 200, mimetype="application/json")
 
@@ -213,5 +172,7 @@ def openapi_document() -> Response:
     """This API's OpenAPI 3.1 document, built once per app."""
     from .openapi import document  # imports this module: loaded on first use
 
-    app = current_app._get_current_object()  # type: ignore[attr-defined]
-    return Response(document(app), 200, mimetype="application/json")
+    state = current_app.extensions["optin"]
+    if state.openapi is None:  # built on first use: every blueprint is registered by then
+        state.openapi = document(current_app)
+    return Response(state.openapi, 200, mimetype="application/json")

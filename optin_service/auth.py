@@ -183,10 +183,22 @@ class JwtBearer:
             ) from None
         except (jwt.PyJWTError, ValueError) as exc:
             raise unauthorized(f"Invalid token: {exc}") from None
-        scopes = claims.get("scope", claims.get("scp", ""))
-        if isinstance(scopes, str):
-            scopes = scopes.split()
-        return Principal(_client_name(claims), frozenset(s for s in scopes if isinstance(s, str)))
+        return Principal(_client_name(claims), _scopes(claims))
+
+
+def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
+    """The token's scopes: ``scope`` as a space-separated string (RFC 8693), else ``scp``
+    as such a string or a list of strings. Any other value grants nothing: a token
+    whose scopes cannot be read is a token without them."""
+    if "scope" in claims:
+        value = claims["scope"]
+        return frozenset(value.split()) if isinstance(value, str) else frozenset()
+    value = claims.get("scp")
+    if isinstance(value, str):
+        return frozenset(value.split())
+    if isinstance(value, list) and all(isinstance(scope, str) for scope in value):
+        return frozenset(value)
+    return frozenset()
 
 
 #: The claims that may name a token's client, in the order they are tried.

@@ -19,6 +19,11 @@ OPTIN_STORAGE_URL: str | None = None
 #: Largest request body accepted, in bytes (becomes Flask's ``MAX_CONTENT_LENGTH``).
 OPTIN_MAX_BODY_BYTES: int = 16384
 
+#: Seconds a client has to send the whole request body, then 408. Keep it well below
+#: gunicorn's worker timeout (30 s in gunicorn.conf.py): a worker stuck past that is killed.
+#: Enforced where the server gives the app its socket (gunicorn does).
+OPTIN_BODY_TIMEOUT_SECONDS: int = 5
+
 #: Seconds a client is told to wait (``Retry-After``) when storage is unavailable.
 OPTIN_RETRY_AFTER_SECONDS: int = 1
 

@@ -19,16 +19,24 @@ from .storage import StorageError, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
+#: The ``errorCode`` of each status the API answers, gunicorn's own included (it
+#: refuses some requests before the app runs: 400, 414, 417, 431, 501; see
+#: ``http_error``). The README's error table lists the same.
 ERROR_CODES: dict[int, str] = {
     400: "INVALID_REQUEST",
     401: "UNAUTHORIZED",
     403: "FORBIDDEN",
     404: "NOT_FOUND",
     405: "METHOD_NOT_ALLOWED",
+    408: "REQUEST_TIMEOUT",
     413: "PAYLOAD_TOO_LARGE",
+    414: "REQUEST_URI_TOO_LONG",
     415: "UNSUPPORTED_MEDIA_TYPE",
+    417: "EXPECTATION_FAILED",
     429: "TOO_MANY_REQUESTS",
+    431: "REQUEST_HEADER_FIELDS_TOO_LARGE",
     500: "INTERNAL_ERROR",
+    501: "NOT_IMPLEMENTED",
     503: "SERVICE_UNAVAILABLE",
 }
 

@@ -56,6 +56,8 @@ class OptInState:
     authenticator: Authenticator | None = None
     #: Counts requests (``None`` without ``OPTIN_RATE_LIMIT``).
     limiter: Limiter | None = None
+    #: The OpenAPI document as served, built on its first request.
+    openapi: bytes | None = None
 
     def owns(self, req: Request) -> bool:
         """Whether ``req`` is the opt-in API's to answer (envelope, headers, request id)."""
@@ -112,6 +114,7 @@ class OptIn:
         if "optin" in app.extensions:
             raise RuntimeError("OptIn is already registered on this app")
         defaults.apply(app.config)
+        _check_body_timeout(app.config["OPTIN_BODY_TIMEOUT_SECONDS"])
         url = None
         if store is None:
             configured = app.config["OPTIN_STORAGE_URL"]
@@ -162,6 +165,12 @@ def _routing_errors() -> Response | None:
         if current_app.extensions["optin"].owns(request):
             return handle_http_exception(exc)
     return None
+
+
+def _check_body_timeout(seconds: object) -> None:
+    """Refuse a deadline no body could meet (every PUT would answer 408)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise ValueError(f"OPTIN_BODY_TIMEOUT_SECONDS must be a positive number, not {seconds!r}")
 
 
 _REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")

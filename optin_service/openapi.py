@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import weakref
 from typing import Any
 
 from apispec import APISpec
@@ -25,6 +24,7 @@ from .errors import ERROR_CODES
 from .headers import RESPONSE_HEADERS
 from .schemas import (
     CORRELATION_ID,
+    CORRELATION_ID_RULE,
     IDEMPOTENCY_KEY,
     SOURCE,
     ErrorSchema,
@@ -142,7 +142,7 @@ class _Builder:
             "correlation_id",
             "path",
             {
-                "description": "The member: 1 to 128 characters of A-Z a-z 0-9 . _ : @ -",
+                "description": f"The member: {CORRELATION_ID_RULE}",
                 "schema": {
                     "type": "string",
                     "pattern": _anchored(CORRELATION_ID),
@@ -227,7 +227,7 @@ class _Builder:
             '`{"statusCode": 400, "errorCode": "INVALID_REQUEST", "errorMessage": "..."}`. '
             "Every response, errors included, carries the security headers and a request id "
             "(`x-amzn-RequestId`, also `X-Request-Id`). Any other method on a path is a 405 "
-            "`METHOD_NOT_ALLOWED` with an `Allow` header, except OPTIONS: an empty 200 with "
+            "`METHOD_NOT_ALLOWED` with an `Allow` header, except OPTIONS: an empty 204 with "
             "`Allow`. A path that matches no route (an empty id, or one holding `/`) is a 404.",
             "",
         ]
@@ -327,7 +327,7 @@ class _Builder:
 
     def _member_errors(self) -> dict[int, Any]:
         return {
-            400: self._error(400, "A correlation_id that is not 1 to 128 of A-Z a-z 0-9 . _ : @ -"),
+            400: self._error(400, f"A correlation_id that is not {CORRELATION_ID_RULE}"),
             500: self._error(500, "A bug or a storage fault (no details; see the log)"),
             503: self._error(503, "Storage is unreachable or busy: retry after Retry-After"),
         }
@@ -337,7 +337,11 @@ class _Builder:
         responses[400]["description"] = (
             "A bad correlation_id, X-Consent-Source or Idempotency-Key; a body that is not one "
             "JSON object (NaN, Infinity and duplicate keys are refused); LOYALTY_OPTIN missing, "
-            "or not exactly accepted or declined"
+            "or not exactly accepted or declined; a malformed chunked body, or one shorter "
+            "than its Content-Length"
+        )
+        responses[408] = self._error(
+            408, "The body did not all arrive within OPTIN_BODY_TIMEOUT_SECONDS"
         )
         responses[413] = self._error(413, "A body over OPTIN_MAX_BODY_BYTES")
         responses[415] = self._error(415, "A Content-Type other than application/json")
@@ -540,13 +544,6 @@ def build_spec(app: Flask) -> dict[str, Any]:
     return _Builder(app).build()
 
 
-_documents: weakref.WeakKeyDictionary[Flask, bytes] = weakref.WeakKeyDictionary()
-
-
 def document(app: Flask) -> bytes:
-    """``build_spec(app)`` as compact JSON, built on first use and kept for the app's life."""
-    body = _documents.get(app)
-    if body is None:
-        body = json.dumps(build_spec(app), separators=(",", ":")).encode()
-        _documents[app] = body
-    return body
+    """``build_spec(app)`` as compact JSON, what ``GET /openapi.json`` answers."""
+    return json.dumps(build_spec(app), separators=(",", ":")).encode()

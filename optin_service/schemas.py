@@ -22,8 +22,12 @@ from .storage import DEFAULT_SOURCE, EARLIEST, LATEST, STATUSES, OptInRecord, St
 INVALID_OPTIN = "Invalid opt-in response provided"
 MISSING_OPTIN = "LOYALTY_OPTIN missing from body"
 
-#: A member id: what the path segment and the CLI accept.
-CORRELATION_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+#: A member id: what the path segment, the CLI and import accept. Not ``.`` or ``..``:
+#: clients remove those segments from a URL path, so such a member could never be read.
+#: (A lookahead with ``$`` rather than ``\Z``: the same in ECMA-262, for the OpenAPI pattern.)
+CORRELATION_ID = re.compile(r"(?!\.\.?$)[A-Za-z0-9._:@-]{1,128}")
+#: :data:`CORRELATION_ID` in words, for error messages and documentation.
+CORRELATION_ID_RULE = "1 to 128 characters of A-Z a-z 0-9 . _ : @ -, not . or .."
 #: ``X-Consent-Source``: the channel a consent came through.
 SOURCE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 #: ``Idempotency-Key``: printable ASCII, space included.

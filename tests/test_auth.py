@@ -214,6 +214,52 @@ def test_jwt_scopes_decide_between_read_and_write(jwt_client, rsa_key):
     assert jwt_client.get(URL + "/history", headers=writer).status_code == 403
 
 
+def _with_claims(key, **claims):
+    """A token with exactly these scope claims (``None`` stays a JSON null)."""
+    payload = {"iss": ISSUER, "aud": AUDIENCE, "exp": int(time.time()) + 300, "client_id": "c"}
+    return jwt.encode(payload | claims, key, algorithm="RS256", headers={"kid": "k1"})
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"scope": None},
+        {"scope": 5},
+        {"scope": True},
+        {"scope": {"optin:read": False, "optin:write": False}},
+        {"scope": ["optin:read", "optin:write"]},  # scope is a string (RFC 8693)
+        {"scope": None, "scp": "optin:read optin:write"},  # scope decides when present
+        {"scp": None},
+        {"scp": 5},
+        {"scp": {"optin:read": 1, "optin:write": 1}},
+        {"scp": ["optin:read", "optin:write", 5]},
+        {"scp": [["optin:read", "optin:write"]]},
+    ],
+    ids=repr,
+)
+def test_a_scope_claim_of_the_wrong_type_grants_nothing(jwt_client, rsa_key, claims):
+    headers = bearer(_with_claims(rsa_key, **claims))
+    for response in (
+        put(jwt_client, {"LOYALTY_OPTIN": "declined"}, headers=headers),
+        jwt_client.get(URL, headers=headers),
+    ):
+        assert response.status_code == 403, response.data
+        assert envelope(response)["errorCode"] == "FORBIDDEN"
+    assert jwt_client.application.extensions["optin"].store.get("member-1") is None
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [{"scope": "optin:read optin:write"}, {"scp": "optin:read optin:write"},
+     {"scp": ["optin:read", "optin:write"]}],
+    ids=repr,
+)  # fmt: skip
+def test_scopes_as_a_string_or_an_scp_list_of_strings(jwt_client, rsa_key, claims):
+    headers = bearer(_with_claims(rsa_key, **claims))
+    assert put(jwt_client, {"LOYALTY_OPTIN": "declined"}, headers=headers).status_code == 200
+    assert jwt_client.get(URL, headers=headers).status_code == 200
+
+
 def _other_rsa():
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 

@@ -184,7 +184,7 @@ def sample(bulk_members: int = 100) -> list[OptInRecord]:
     whatever order they are stored in.
     """
     events: list[OptInRecord] = []
-    ids = ["member-1", "a:b", "@", "..", "x" * 128, "M.2@example.org:x_y-z", "-"]
+    ids = ["member-1", "a:b", "@", "...", "x" * 128, "M.2@example.org:x_y-z", "-"]
     for n, cid in enumerate(ids):
         events += [
             event(cid, "accepted", n + 0.000001, f"req-{n}-a", "WEB", "crm: batch #7"),
@@ -280,6 +280,8 @@ def test_get_of_an_unknown_member_fails_with_a_clear_message(make_backend):
         (["get", "x" * 129], "not a valid correlation id"),
         (["get", "caf\u00e9"], "not a valid correlation id"),
         (["set", "a/b", "accepted"], "not a valid correlation id"),
+        (["set", "..", "accepted"], "not a valid correlation id"),
+        (["get", "."], "not a valid correlation id"),
         (["set", "m", "maybe"], "'maybe' is not one of 'accepted', 'declined'"),
         (["set", "m", "ACCEPTED"], "is not one of"),
         (["set", "m"], "Missing argument"),
