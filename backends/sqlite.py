@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
+from typing import Any
 from urllib.parse import parse_qsl
 
 from optin_service.storage import (
@@ -78,19 +79,23 @@ CREATE INDEX IF NOT EXISTS optin_idempotency_created ON optin_idempotency (creat
 """
 _COLUMNS = "correlation_id, updated_us, request_id, status, source, client"
 _INSERT_EVENT = f"INSERT OR IGNORE INTO optin_event ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
-# The current state moves only to an event that takes precedence: newer; as new
-# and "declined" over "accepted"; then the greater request id (OptInRecord.precedence).
-# It is copied from the stored event, so an import whose event was already
-# stored (same identity, other fields) cannot put a state in place that no
-# stored event holds.
-_APPLY_CURRENT = (
-    f"INSERT INTO optin ({_COLUMNS}) SELECT {_COLUMNS} FROM optin_event "
-    "WHERE correlation_id = ? AND updated_us = ? AND request_id = ? "
+# The precedence rule (OptInRecord.precedence), the one place it is written in SQL:
+# an upsert into the current state moves it only to an event that takes precedence:
+# newer; as new and "declined" over "accepted"; then the greater request id.
+_UPSERT_CURRENT = (
     "ON CONFLICT (correlation_id) DO UPDATE SET status = excluded.status, "
     "updated_us = excluded.updated_us, request_id = excluded.request_id, "
     "source = excluded.source, client = excluded.client "
     "WHERE (excluded.updated_us, excluded.status = 'declined', excluded.request_id) "
     "> (optin.updated_us, optin.status = 'declined', optin.request_id)"
+)
+# The state is copied from the stored event, so an import whose event was already
+# stored (same identity, other fields) cannot put a state in place that no stored
+# event holds. ("WHERE true" tells SQLite's parser the ON CONFLICT is the upsert's.)
+_APPLY_CURRENT = (
+    f"INSERT INTO optin ({_COLUMNS}) SELECT {_COLUMNS} FROM optin_event "
+    "WHERE correlation_id = ? AND updated_us = ? AND request_id = ? "
+    f"{_UPSERT_CURRENT}"
 )
 # Bulk import (import_rows): a stage, sorted by a covering index (the merge reads
 # the index alone), merged in chunks copied out in key order; the chunk's rowid
@@ -107,10 +112,10 @@ _STAGE_INDEX = (
     "CREATE INDEX temp.optin_staged_key ON optin_staged "
     "(correlation_id, updated_us, request_id, seq, status, source, client)"
 )
-_STAGE_BATCH = 5000  # rows per insert into the stage
-# Events per write transaction of the merge: each holds the write lock (about 65 ms
-# here; 50,000 held it up to half a second for the API writing beside an import).
-_MERGE_CHUNK = 10_000
+_STAGE_BATCH = 5000  # rows per insert into the stage, at most
+# Events per write transaction of the merge, by default: each holds the write lock,
+# so API writes beside an import wait for one chunk at most.
+IMPORT_BATCH = 10_000
 _MERGE_PAUSE = 0.002  # seconds between merge transactions
 _CHUNK_FILL = (
     f"INSERT INTO temp.optin_chunk ({_COLUMNS}) SELECT {_COLUMNS} FROM temp.optin_staged "
@@ -128,13 +133,6 @@ _CHUNK_EVENTS = (
 # Every event of the chunk in turn; the state moves only to one that takes
 # precedence, so it ends on the greatest. Used when every row of the chunk was
 # new, hence is exactly what is stored.
-_UPSERT_CURRENT = (
-    "ON CONFLICT (correlation_id) DO UPDATE SET status = excluded.status, "
-    "updated_us = excluded.updated_us, request_id = excluded.request_id, "
-    "source = excluded.source, client = excluded.client "
-    "WHERE (excluded.updated_us, excluded.status = 'declined', excluded.request_id) "
-    "> (optin.updated_us, optin.status = 'declined', optin.request_id)"
-)
 _CHUNK_CURRENT = (
     f"INSERT INTO optin ({_COLUMNS}) SELECT {_COLUMNS} FROM temp.optin_chunk "
     f"WHERE true ORDER BY rowid {_UPSERT_CURRENT}"
@@ -175,9 +173,22 @@ _HEALTH_WRITE = "INSERT OR REPLACE INTO optin_health (id, checked_us) VALUES (1,
 
 
 class SQLiteStore(OptInStore):
-    """Opt-in state in one SQLite file, safe across processes and threads."""
+    """Opt-in state in one SQLite file, safe across processes and threads.
 
-    def __init__(self, path: str, *, synchronous: str = "FULL", timeout: float = 5.0) -> None:
+    ``import_batch`` is how many events one write transaction of a bulk import
+    merges (API writes beside an import wait for one such transaction at most).
+    """
+
+    driver_errors = (sqlite3.Error,)
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        synchronous: str = "FULL",
+        timeout: float = 5.0,
+        import_batch: int = IMPORT_BATCH,
+    ) -> None:
         if path in ("", ":memory:") or path.startswith("file:"):
             raise ValueError(
                 "sqlite:// needs a file path (sqlite:///relative.db or sqlite:////abs.db); "
@@ -195,8 +206,11 @@ class SQLiteStore(OptInStore):
                 f"sqlite: cannot use {self.path}: its folder {folder} does not exist "
                 "(create it first; the store creates no folders)"
             )
+        if import_batch < 1:
+            raise ValueError(f"import_batch must be 1 or more, not {import_batch}")
         self.synchronous = synchronous
         self.timeout = timeout
+        self.import_batch = import_batch
         #: A call waits at most ``timeout`` for the write lock (see :class:`_Transaction`).
         self.max_wait = timeout
         self._local = threading.local()
@@ -211,7 +225,14 @@ class SQLiteStore(OptInStore):
         self._identity = _identity(self.path)
 
     @classmethod
-    def from_url(cls, url: str) -> SQLiteStore:
+    def wrap_error(cls, exc: BaseException) -> StorageError:
+        # OperationalError covers locks, I/O and a vanished file: worth retrying later.
+        if isinstance(exc, sqlite3.OperationalError):
+            return StorageUnavailable(f"sqlite: {exc}")
+        return StorageError(f"sqlite: {exc}")
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> SQLiteStore:
         # Split by hand: a "#" in a folder's name is part of the path, not a fragment.
         _scheme, slashes, rest = url.partition("://")
         if not slashes or not rest.startswith("/"):
@@ -220,14 +241,15 @@ class SQLiteStore(OptInStore):
                 + (" (it has a host part)" if rest else "")
             )
         path, _, query = rest[1:].partition("?")
-        options = dict(parse_qsl(query, keep_blank_values=True))
-        unknown = set(options) - {"synchronous", "timeout"}
+        found = dict(parse_qsl(query, keep_blank_values=True))
+        unknown = set(found) - {"synchronous", "timeout"}
         if unknown:
             raise ValueError(f"unknown sqlite URL option(s): {', '.join(sorted(unknown))}")
         return cls(
             path,
-            synchronous=options.get("synchronous", "FULL"),
-            timeout=float(options.get("timeout", 5.0)),
+            synchronous=found.get("synchronous", "FULL"),
+            timeout=float(found.get("timeout", 5.0)),
+            **options,
         )
 
     def _forget_parent(self) -> None:
@@ -287,9 +309,9 @@ class SQLiteStore(OptInStore):
             # A bulk import stages every row in TEMP tables: on disk (TMPDIR), not in
             # memory, whatever this SQLite build's default, so memory stays constant.
             conn.execute("PRAGMA temp_store = FILE")
-        except sqlite3.Error as exc:
+        except sqlite3.Error:
             conn.close()
-            raise _wrap(exc) from exc
+            raise
         try:
             with self._lock:
                 if self._identity is None:  # the first connection: bind to its file
@@ -303,10 +325,7 @@ class SQLiteStore(OptInStore):
         return conn
 
     def get(self, correlation_id: str) -> OptInRecord | None:
-        try:
-            row = self._connection().execute(_SELECT, (correlation_id,)).fetchone()
-        except sqlite3.Error as exc:
-            raise _wrap(exc) from exc
+        row = self._connection().execute(_SELECT, (correlation_id,)).fetchone()
         return None if row is None else OptInRecord.from_row(row)
 
     def set(self, record: OptInRecord, *, idempotency_key: str | None = None) -> OptInRecord:
@@ -335,18 +354,12 @@ class SQLiteStore(OptInStore):
         self, correlation_id: str, limit: int, before: tuple[int, str] | None = None
     ) -> list[OptInRecord]:
         us, rid = before or _NEWEST
-        try:
-            rows = self._connection().execute(_HISTORY, (correlation_id, us, rid, limit))
-            return [OptInRecord.from_row(row) for row in rows]
-        except sqlite3.Error as exc:
-            raise _wrap(exc) from exc
-
-    def import_events(self, records: Iterable[OptInRecord]) -> int:
-        return self.import_rows(record.row for record in records)
+        rows = self._connection().execute(_HISTORY, (correlation_id, us, rid, limit))
+        return [OptInRecord.from_row(row) for row in rows]
 
     def import_rows(self, rows: Iterable[EventRow]) -> int:
         """Stage every row in a TEMP table (no lock on the file), sort it with an
-        index, then merge it in key order, :data:`_MERGE_CHUNK` events per write
+        index, then merge it in key order, :attr:`import_batch` events per write
         transaction. Rows arriving in random order (a Redis SCAN) would otherwise
         dirty a page of the file per event in every transaction; in key order a
         transaction appends to a few pages. Memory stays constant: SQLite's temp
@@ -356,7 +369,7 @@ class SQLiteStore(OptInStore):
             for table, create in (("optin_staged", _STAGE), ("optin_chunk", _CHUNK)):
                 conn.execute(f"DROP TABLE IF EXISTS temp.{table}")
                 conn.execute(create)
-            for batch in batched(rows, _STAGE_BATCH):
+            for batch in batched(rows, min(_STAGE_BATCH, self.import_batch)):
                 conn.execute("BEGIN")  # touches the temp database only: no lock on the file
                 conn.executemany(_STAGE_INSERT, batch)
                 conn.execute("COMMIT")
@@ -366,7 +379,7 @@ class SQLiteStore(OptInStore):
             while after is not None:
                 with self._transaction() as conn:
                     conn.execute("DELETE FROM temp.optin_chunk")
-                    filled = conn.execute(_CHUNK_FILL, (*after, _MERGE_CHUNK)).rowcount
+                    filled = conn.execute(_CHUNK_FILL, (*after, self.import_batch)).rowcount
                     after = conn.execute(_CHUNK_LAST).fetchone()
                     if after is not None:
                         new = conn.execute(_CHUNK_EVENTS).rowcount
@@ -376,8 +389,6 @@ class SQLiteStore(OptInStore):
                 # pause lets them in between chunks, else they wait out the whole merge.
                 time.sleep(_MERGE_PAUSE)
             return added
-        except sqlite3.Error as exc:
-            raise _wrap(exc) from exc
         finally:
             # Whatever stopped it (a driver error, a row SQLite cannot take, an
             # interrupt), no transaction stays open on this thread's connection.
@@ -394,22 +405,12 @@ class SQLiteStore(OptInStore):
         if since is not None:
             query += " WHERE updated_us >= ?"
             params = (OptInRecord("-", "accepted", since).updated_at_us,)
-        try:
-            cursor = self._connection().execute(query, params)
-            while batch := cursor.fetchmany(1000):
-                yield from batch
-        except sqlite3.Error as exc:
-            raise _wrap(exc) from exc
-
-    def events(self, since: datetime | None = None) -> Iterator[OptInRecord]:
-        for row in self.rows(since):
-            yield OptInRecord.from_row(row)
+        cursor = self._connection().execute(query, params)
+        while batch := cursor.fetchmany(1000):
+            yield from batch
 
     def count_events(self) -> int:
-        try:
-            return self._connection().execute("SELECT COUNT(*) FROM optin_event").fetchone()[0]
-        except sqlite3.Error as exc:
-            raise _wrap(exc) from exc
+        return self._connection().execute("SELECT COUNT(*) FROM optin_event").fetchone()[0]
 
     def _transaction(self) -> _Transaction:
         """One write transaction, holding the write lock from its start; all or nothing."""
@@ -494,9 +495,6 @@ class _Transaction:
             self._queued = _queue_up(store._queue(), deadline)
             _busy_timeout(conn, deadline - time.monotonic())
             conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            self._leave()
-            raise _wrap(exc) from exc
         except BaseException:
             self._leave()
             raise
@@ -523,16 +521,15 @@ class _Transaction:
             if kind is None:
                 try:
                     conn.execute("COMMIT")
-                except sqlite3.Error as error:
-                    kind, exc = type(error), error
-                else:
-                    self._store._check_file()
-                    return
+                except sqlite3.Error:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    raise
+                self._store._check_file()
+                return
+            # The exception of the block propagates as it is, after the rollback.
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
-                raise _wrap(exc) from exc
-            # Any other exception propagates as it is.
         finally:
             # Reads on this connection wait the full timeout again.
             with contextlib.suppress(sqlite3.Error):
@@ -575,10 +572,3 @@ def _identity(path: str) -> tuple[int, int] | None:
 
 def _now_us() -> int:
     return time.time_ns() // 1000
-
-
-def _wrap(exc: sqlite3.Error) -> StorageError:
-    # OperationalError covers locks, I/O and a vanished file: worth retrying later.
-    if isinstance(exc, sqlite3.OperationalError):
-        return StorageUnavailable(f"sqlite: {exc}")
-    return StorageError(f"sqlite: {exc}")

@@ -39,11 +39,12 @@ STAMP = datetime(2026, 11, 26, 12, 0, 0, 123456, tzinfo=timezone.utc)
 
 
 def _memory(request, tmp_path):
-    return MemoryStore.from_url("memory://")
+    return MemoryStore.from_url("memory://", import_batch=13)
 
 
 def _sqlite(request, tmp_path):
-    return SQLiteStore.from_url(f"sqlite:///{tmp_path}/optin.db")
+    # Small import batches: the contract's bulk tests cross every chunk boundary.
+    return SQLiteStore.from_url(f"sqlite:///{tmp_path}/optin.db", import_batch=13)
 
 
 def _fakeredis(request, tmp_path):
@@ -95,8 +96,6 @@ class TestStoreContract(StoreContract):
     def _small_batches(self, monkeypatch):
         """Bulk paths cut their input into batches, chunks and script calls; cut
         small here, the contract crosses every boundary."""
-        monkeypatch.setattr(backends.sqlite, "_STAGE_BATCH", 7)
-        monkeypatch.setattr(backends.sqlite, "_MERGE_CHUNK", 13)
         monkeypatch.setattr(backends.redis, "_SCRIPT_EVENTS", 3)
         monkeypatch.setattr(backends.redis, "_BATCH", 2)
 
