@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import fakeredis
@@ -60,9 +61,9 @@ class FakeRedisStore(RedisStore):
     """``fakeredis-cli://<name>``: the Redis backend on an in-process FakeServer per name."""
 
     @classmethod
-    def from_url(cls, url: str) -> FakeRedisStore:
+    def from_url(cls, url: str, **options: Any) -> FakeRedisStore:
         server = _FAKE_SERVERS.setdefault(urlsplit(url).netloc, fakeredis.FakeServer())
-        return cls(fakeredis.FakeRedis(server=server), owns_client=True)
+        return cls(fakeredis.FakeRedis(server=server), owns_client=True, **options)
 
 
 @dataclass
