@@ -275,7 +275,7 @@ def migrate_command(target_url: str) -> None:
     """Copy every member's events to another backend, in batches; verify counts."""
     source = _store()
     try:
-        target = store_from_url(target_url)
+        target = store_from_url(target_url, current_app.config)
     except (LookupError, ValueError) as exc:  # an unknown scheme, a bad URL option
         raise click.ClickException(str(exc)) from None
     try:
