@@ -197,7 +197,9 @@ class RedisStore(OptInStore):
                 raise StorageUnavailable(
                     f"redis: {server} has maxmemory-policy {policy}, under which Redis may "
                     "evict a member's consent to free memory; refusing to write until it is "
-                    "noeviction (or a volatile-* policy)"
+                    "noeviction (or a volatile-* policy)",
+                    reason=f"Redis's maxmemory-policy {policy} may evict consent records; "
+                    "writes are refused until it is noeviction or a volatile-* policy",
                 )
         if unread and not self._warned_unread_policy:
             self._warned_unread_policy = True
