@@ -182,7 +182,7 @@ def _finish(response: Response) -> Response:
     if not state.owns(request):
         return response
     # Standalone, Talisman has set its own headers already (see headers.py).
-    apply_headers(response, SEED_HEADERS if state.standalone else RESPONSE_HEADERS)
+    apply_headers(response, SEED_HEADERS if state.standalone else RESPONSE_HEADERS, request_id())
     seconds = time.perf_counter() - g.get("optin_started", time.perf_counter())
     rule = request.url_rule
     route = rule.rule if rule is not None else "unmatched"

@@ -110,13 +110,19 @@ def request_id() -> str:
     return rid
 
 
-def apply_headers(response: Response, fixed: tuple[tuple[str, str], ...]) -> Response:
-    """Set ``fixed`` headers and the request id on ``response``, replacing any already set
-    (a host's own hook may have set some with other values)."""
+def apply_headers(response: Response, fixed: tuple[tuple[str, str], ...], rid: str) -> Response:
+    """Set ``fixed`` headers and the request id ``rid`` on ``response``, replacing any
+    already set (a host's own hook may have set some with other values)."""
     headers = response.headers
-    for name, value in fixed:
-        headers[name] = value
-    rid = request_id()
-    for name in REQUEST_ID_HEADERS:
-        headers[name] = rid
+    # What ``headers[name] = value`` for each would give, with one pass over the list
+    # rather than one per name: a name already there is replaced in place (``set``),
+    # the others are appended in order (``extend``).
+    present = {name.lower() for name, _ in headers}
+    absent = []
+    for name, value in (*fixed, (REQUEST_ID_HEADERS[0], rid), (REQUEST_ID_HEADERS[1], rid)):
+        if name.lower() in present:
+            headers.set(name, value)
+        else:
+            absent.append((name, value))
+    headers.extend(absent)
     return response
