@@ -11,6 +11,7 @@ import json
 from contextlib import AbstractContextManager, nullcontext
 
 from flask import Blueprint, Response, current_app, request
+from werkzeug.datastructures import Headers
 from werkzeug.exceptions import NotFound
 
 from .auth import check_request, client_name
@@ -105,9 +106,10 @@ def store() -> OptInStore:
 
 def _timed(operation: str) -> AbstractContextManager[None]:
     """Time a storage call for the metrics (a no-op when metrics are off)."""
-    if not current_app.config["OPTIN_METRICS"]:
+    state = current_app.extensions["optin"]
+    if not state.metrics:
         return nullcontext()
-    return storage_operation(current_app.extensions["optin"].backend, operation)
+    return storage_operation(state.backend, operation)
 
 
 def _json(body: object, status: int = 200) -> Response:
@@ -120,9 +122,9 @@ def _checked_id(correlation_id: str) -> str:
     return correlation_id
 
 
-def _header(parameter: Parameter, rule: str) -> str | None:
+def _header(headers: Headers, parameter: Parameter, rule: str) -> str | None:
     """The header's value if sent, checked as its documentation says; ``rule`` in words."""
-    value = request.headers.get(parameter.name)
+    value = headers.get(parameter.name)
     if value is not None and not parameter.pattern.fullmatch(value):
         raise ApiError(400, f"{parameter.name} must be {rule}")
     return value
@@ -168,26 +170,26 @@ def _header(parameter: Parameter, rule: str) -> str | None:
 def put_optin(correlation_id: str) -> Response:
     """Record the member's answer as a new event; the body is the seed's, byte for byte."""
     correlation_id = _checked_id(correlation_id)
-    source = _header(CONSENT_SOURCE, "1 to 32 characters of A-Z a-z 0-9 _ -")
-    key = _header(IDEMPOTENCY, "1 to 255 printable ASCII characters")
+    headers = request.headers
+    source = _header(headers, CONSENT_SOURCE, "1 to 32 characters of A-Z a-z 0-9 _ -")
+    key = _header(headers, IDEMPOTENCY, "1 to 255 printable ASCII characters")
     if request.mimetype != "application/json":
         raise ApiError(415, "Content-Type must be application/json")
-    config = current_app.config
-    body = read_body(request, config["OPTIN_MAX_BODY_BYTES"], config["OPTIN_BODY_TIMEOUT_SECONDS"])
-    status = load_optin_status(body)
+    state = current_app.extensions["optin"]
+    status = load_optin_status(read_body(request, state.max_body_bytes, state.body_timeout))
     record = OptInRecord.now(
         correlation_id, status, request_id(), source or DEFAULT_SOURCE, client_name()
     )
     try:
         with _timed("set"):
-            current = store().set(record, idempotency_key=key)
+            current = state.store.set(record, idempotency_key=key)
     except IdempotencyKeyReused:
         raise ApiError(
             422,
             "Idempotency-Key was already used for this member with a different request",
             "IDEMPOTENCY_KEY_REUSED",
         ) from None
-    if current_app.config["OPTIN_METRICS"] and current.request_id == record.request_id:
+    if state.metrics and current.request_id == record.request_id:
         consent_changed(status)
     return Response(UPDATED_BODY, 200, mimetype="application/json")
 
@@ -298,7 +300,7 @@ def readyz() -> Response:
 )
 def metrics() -> Response:
     """Prometheus metrics (summed over gunicorn workers); 404 when OPTIN_METRICS is off."""
-    if not current_app.config["OPTIN_METRICS"]:
+    if not current_app.extensions["optin"].metrics:
         raise NotFound()
     body, content_type = exposition()
     return Response(body, 200, content_type=content_type)

@@ -52,6 +52,11 @@ class OptInState:
     backend: str
     #: The store as the start-up log and every ``optin`` command name it (no password).
     store_name: str = ""
+    #: ``OPTIN_METRICS``, ``OPTIN_MAX_BODY_BYTES`` and ``OPTIN_BODY_TIMEOUT_SECONDS``, read
+    #: from ``app.config`` once, by ``init_app``, like every other setting.
+    metrics: bool = True
+    max_body_bytes: int = defaults.OPTIN_MAX_BODY_BYTES
+    body_timeout: float = defaults.OPTIN_BODY_TIMEOUT_SECONDS
     #: Checks credentials (``None`` with ``OPTIN_AUTH=none``).
     authenticator: Authenticator | None = None
     #: Counts requests (``None`` without ``OPTIN_RATE_LIMIT``).
@@ -132,7 +137,18 @@ class OptIn:
         log.info("opt-in storage: %s", store_name)
         prefix = (url_prefix or "").rstrip("/")
         backend = urlsplit(url).scheme if url else type(store).__name__
-        state = OptInState(store, url, prefix, standalone, backend, store_name)
+        config = app.config
+        state = OptInState(
+            store,
+            url,
+            prefix,
+            standalone,
+            backend,
+            store_name,
+            metrics=config["OPTIN_METRICS"],
+            max_body_bytes=config["OPTIN_MAX_BODY_BYTES"],
+            body_timeout=config["OPTIN_BODY_TIMEOUT_SECONDS"],
+        )
         state.authenticator = build_authenticator(app.config)
         app.extensions["optin"] = state
         app.register_blueprint(bp, url_prefix=prefix or None)
@@ -181,22 +197,24 @@ def _finish(response: Response) -> Response:
     state = current_app.extensions["optin"]
     if not state.owns(request):
         return response
+    rid = request_id()
     # Standalone, Talisman has set its own headers already (see headers.py).
-    apply_headers(response, SEED_HEADERS if state.standalone else RESPONSE_HEADERS, request_id())
+    apply_headers(response, SEED_HEADERS if state.standalone else RESPONSE_HEADERS, rid)
     seconds = time.perf_counter() - g.get("optin_started", time.perf_counter())
     rule = request.url_rule
     route = rule.rule if rule is not None else "unmatched"
+    method = request.method
     status = response.status_code
-    if current_app.config["OPTIN_METRICS"]:
-        observe_request(route, request.method, status, seconds)
+    if state.metrics:
+        observe_request(route, method, status, seconds)
     ACCESS.info(
         "%s %s %s",
-        request.method,
+        method,
         route,
         status,
         extra={
-            "request_id": request_id(),
-            "method": request.method,
+            "request_id": rid,
+            "method": method,
             "route": route,
             "status": status,
             "duration_ms": round(seconds * 1000, 3),
