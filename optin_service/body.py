@@ -73,6 +73,8 @@ class _GuardedInput:
         self._stream = stream
         self._timeout = timeout
         self._watched = sock is not None
+        #: Set by the watchdog, before it shuts the socket: a read that ended then is late.
+        self.expired = False
         if sock is not None:
             _WATCHDOG.watch(self, sock, time.monotonic() + timeout)
 
@@ -84,11 +86,11 @@ class _GuardedInput:
         except TimeoutError:  # a server's own socket timeout
             raise self._late() from None
         except Exception as exc:  # the server's own classes: see the class docstring
-            if self._expired():
+            if self.expired:
                 raise self._late() from None
             reason = str(exc)[:200] or type(exc).__name__
             raise BadRequest(f"Request body could not be read: {reason}") from None
-        if self._expired():  # the read ended because the watchdog shut the socket
+        if self.expired:  # the read ended because the watchdog shut the socket
             raise self._late()
         return data
 
@@ -97,9 +99,6 @@ class _GuardedInput:
         if self._watched:
             _WATCHDOG.forget(self)
             self._watched = False
-
-    def _expired(self) -> bool:
-        return self._watched and _WATCHDOG.expired(self)
 
     def _late(self) -> RequestTimeout:
         return RequestTimeout(f"Request body did not arrive within {self._timeout:g} s")
@@ -111,14 +110,15 @@ class _Watchdog:
     Checked every ``tick`` seconds, so a deadline is kept to within a tick; a
     watch costs a dictionary entry under a lock, not a thread or a wake-up per
     request. The thread is started on first use in each process (after a fork,
-    the parent's thread does not exist in the child).
+    the parent's thread does not exist in the child). It marks a guard
+    ``expired`` before it shuts its socket, so the read that the shutdown ends
+    sees the mark without taking the lock.
     """
 
     def __init__(self, tick: float = 0.25) -> None:
         self._tick = tick
         self._lock = threading.Lock()
         self._watched: dict[_GuardedInput, tuple[float, socket.socket]] = {}
-        self._expired: set[_GuardedInput] = set()
         self._pid = 0
 
     def watch(self, guard: _GuardedInput, sock: socket.socket, deadline: float) -> None:
@@ -126,18 +126,12 @@ class _Watchdog:
             if self._pid != os.getpid():
                 self._pid = os.getpid()
                 self._watched.clear()
-                self._expired.clear()
                 threading.Thread(target=self._run, name="optin-body-deadline", daemon=True).start()
             self._watched[guard] = (deadline, sock)
 
     def forget(self, guard: _GuardedInput) -> None:
         with self._lock:
             self._watched.pop(guard, None)
-            self._expired.discard(guard)
-
-    def expired(self, guard: _GuardedInput) -> bool:
-        with self._lock:
-            return guard in self._expired
 
     def _run(self) -> None:
         while True:
@@ -147,7 +141,7 @@ class _Watchdog:
                 due = [(g, s) for g, (deadline, s) in self._watched.items() if deadline <= now]
                 for guard, _ in due:
                     del self._watched[guard]
-                    self._expired.add(guard)
+                    guard.expired = True
             for _, sock in due:
                 with contextlib.suppress(OSError):  # the client may have gone already
                     sock.shutdown(socket.SHUT_RD)
