@@ -20,6 +20,7 @@ import backends.memory
 import backends.redis
 import backends.sqlite
 from backends.memory import MemoryStore
+from backends.postgres import PostgresStore
 from backends.redis import RedisStore
 from backends.sqlite import SQLiteStore
 from optin_service.storage import (
@@ -53,6 +54,11 @@ def _redis(request, tmp_path):
     return RedisStore.from_url(f"{server.url}?prefix=t-{uuid.uuid4().hex}:")
 
 
+def _postgres(request, tmp_path):
+    # Small import batches: the contract crosses every batch boundary.
+    return PostgresStore(request.getfixturevalue("postgres_url"), import_batch=7)
+
+
 def _dispose(store):
     store.close()
     if isinstance(store, RedisStore):
@@ -69,8 +75,18 @@ _REDIS_PARAMS = [
 ]
 
 
+_POSTGRES_PARAM = pytest.param(
+    _postgres, id="postgres", marks=[pytest.mark.postgres_server, pytest.mark.slow]
+)
+
+
 @pytest.fixture(
-    params=[pytest.param(_memory, id="memory"), pytest.param(_sqlite, id="sqlite"), *_REDIS_PARAMS]
+    params=[
+        pytest.param(_memory, id="memory"),
+        pytest.param(_sqlite, id="sqlite"),
+        *_REDIS_PARAMS,
+        _POSTGRES_PARAM,
+    ]
 )
 def store(request, tmp_path):
     """A fresh, empty store on each backend; closed (and its Redis keys removed) afterwards."""

@@ -1,0 +1,265 @@
+"""The PostgreSQL store: one member's write is one statement, bulk paths use COPY."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timedelta
+
+import psycopg
+
+from optin_service.storage import (
+    IDEMPOTENCY_TTL,
+    EventRow,
+    IdempotencyKeyReused,
+    OptInRecord,
+    OptInStore,
+    StorageError,
+    StorageUnavailable,
+)
+
+from . import queries, schema
+from .errors import wrap
+from .pool import Connection, Pool
+from .url import Options, connection_defaults, split
+from .watchdog import Watchdog
+
+log = logging.getLogger(__name__)
+
+_TTL_US = IDEMPOTENCY_TTL // timedelta(microseconds=1)
+_NEWEST = (2**63 - 1, "")  # a position after every event: the first history page
+_PRUNE_EVERY = 100  # writes (per process) between deletions of expired keys...
+_PRUNE_LIMIT = 1000  # ...of at most this many
+_EXPORT_FETCH = 10_000  # rows per FETCH of the export's server-side cursor
+# Bulk work happens in the CLI, not under gunicorn: no statement timeout there,
+# and room to sort a batch in memory.
+_BULK_SETTINGS = ("SET LOCAL statement_timeout = 0", "SET LOCAL work_mem = '64MB'")
+#: Past a request's deadline, how long a cancelled operation has to end before
+#: its connection is cut (the server is not answering at all).
+_GRACE = 1.0
+# One thread per process watches every store's requests.
+_WATCHDOG = Watchdog(_GRACE)
+
+
+class PostgresStore(OptInStore):
+    """Opt-in state in PostgreSQL, safe across processes, threads and a fork.
+
+    ``url`` is a libpq URL, with this backend's options (:class:`~.url.Options`)
+    in its query or as keyword arguments (not both).
+    """
+
+    def __init__(self, url: str, **options: int) -> None:
+        libpq_url, in_url = split(url)
+        both = set(in_url) & set(options)
+        if both:
+            raise ValueError(f"postgresql option(s) given twice: {', '.join(sorted(both))}")
+        self.options = Options(**in_url, **options)
+        opts = self.options
+        self._pool = Pool(
+            libpq_url,
+            connection_defaults(libpq_url),
+            min_size=opts.pool_min_size,
+            max_size=opts.pool_max_size,
+            timeout=opts.pool_timeout_ms / 1000,
+            statement_timeout_ms=opts.statement_timeout_ms,
+        )
+        # The server's statement_timeout fires first while it answers; this bounds
+        # what it does not (a COMMIT waiting for a synchronous standby, a hung server).
+        self._deadline = opts.statement_timeout_ms / 1000 + 0.5
+        self._schema_lock = threading.Lock()
+        self._schema_pid: int | None = None  # the process that checked the schema
+        self._writes = 0
+
+    @classmethod
+    def from_url(cls, url: str) -> PostgresStore:
+        return cls(url)
+
+    # --- connections ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _session(self, *, write: bool = False, watch: bool = True) -> Iterator[Connection]:
+        """A pooled connection for one operation: the one place where driver errors
+        become store errors.
+
+        ``write``: a WARNING from the server during the operation (a COMMIT whose
+        wait for a synchronous standby was cancelled: committed here, maybe not
+        on the standby) makes it :class:`StorageUnavailable`. ``watch``: the
+        operation gets the request deadline (bulk operations do not).
+        """
+        try:
+            with self._pool.get().connection() as conn:
+                if self._schema_pid != os.getpid():
+                    self._check_schema(conn)
+                conn.warnings.clear()
+                entry = _WATCHDOG.arm(conn, self._deadline) if watch else None
+                try:
+                    yield conn
+                finally:
+                    if entry is not None:
+                        _WATCHDOG.disarm(entry)
+                if write and conn.warnings:
+                    raise StorageUnavailable(
+                        "postgresql: the write may not have reached a synchronous standby: "
+                        + "; ".join(conn.warnings)
+                    )
+        except psycopg.Error as exc:
+            raise wrap(exc) from exc
+
+    def _check_schema(self, conn: Connection) -> None:
+        with self._schema_lock:
+            if self._schema_pid != os.getpid():
+                schema.ensure(conn)
+                self._schema_pid = os.getpid()
+
+    def upgrade(self) -> tuple[int, int]:
+        """Bring the tables to this release's version (``optin db upgrade``):
+        (version before, version after)."""
+        try:
+            with self._pool.get().connection() as conn:
+                return schema.upgrade(conn)
+        except psycopg.Error as exc:
+            raise wrap(exc) from exc
+
+    def check(self) -> None:
+        """A write to ``optin_health``: a standby, a read-only server or one that
+        cannot reach its synchronous standby is not ready."""
+        try:
+            with self._session(write=True) as conn:
+                conn.execute(queries.HEALTH, (_now_us(),))
+        except StorageUnavailable:
+            raise
+        except StorageError as exc:
+            raise StorageUnavailable(str(exc)) from exc
+
+    def close(self) -> None:
+        self._pool.close()
+        self._schema_pid = None
+
+    # --- one member ----------------------------------------------------------------
+
+    def get(self, correlation_id: str) -> OptInRecord | None:
+        with self._session() as conn:
+            row = conn.execute(queries.GET, (correlation_id,)).fetchone()
+        return None if row is None else OptInRecord.from_row(row)
+
+    def set(self, record: OptInRecord, *, idempotency_key: str | None = None) -> OptInRecord:
+        cid = record.correlation_id
+        params = {
+            "cid": cid,
+            "us": record.updated_at_us,
+            "rid": record.request_id,
+            "status": record.status,
+            "source": record.source,
+            "client": record.client,
+            "key": idempotency_key,
+            "fingerprint": record.fingerprint,
+            "now": _now_us(),
+        }
+        with self._session(write=True) as conn:
+            fresh, applied = conn.execute(queries.WRITE, params).fetchone()
+            if idempotency_key is not None and not fresh:
+                applied = self._set_under_used_key(conn, record, params)
+            if applied is True:  # the state was just copied from this very event
+                current = record
+            else:
+                current = OptInRecord.from_row(conn.execute(queries.GET, (cid,)).fetchone())
+        self._writes += 1
+        if self._writes % _PRUNE_EVERY == 0:
+            self._prune()
+        return current
+
+    def _set_under_used_key(
+        self, conn: Connection, record: OptInRecord, params: dict[str, object]
+    ) -> bool | None:
+        """The key was used before: replay (None), refuse, or, once it expired, write
+        under it as a new key (whether the state changed)."""
+        cid, key, since = params["cid"], params["key"], params["now"] - _TTL_US  # type: ignore[operator]
+        with conn.transaction():
+            row = conn.execute(queries.KEY_LOCK, (cid, key)).fetchone()
+            if row is not None and row[1] > since:
+                if row[0] != record.fingerprint:
+                    raise IdempotencyKeyReused(key)
+                # A replay. The row lock makes this COMMIT wait for a synchronous
+                # standby too: a retry after a 503 is answered 200 only once the
+                # first write is replicated.
+                return None
+            claimed = conn.execute(queries.KEY_CLAIM, {**params, "since": since}).fetchone()
+            if claimed is None:  # deleted as expired, then claimed by another request
+                raise StorageUnavailable("postgresql: Idempotency-Key claimed concurrently")
+            return conn.execute(queries.WRITE, {**params, "key": None}).fetchone()[1]
+
+    def _prune(self) -> None:
+        """Delete some expired idempotency keys; a failure only waits for next time."""
+        try:
+            with self._session() as conn:
+                conn.execute(queries.KEY_PRUNE, (_now_us() - _TTL_US, _PRUNE_LIMIT))
+        except StorageError as exc:
+            log.warning("postgresql: expired idempotency keys not deleted: %s", exc)
+
+    def history(
+        self, correlation_id: str, limit: int, before: tuple[int, str] | None = None
+    ) -> list[OptInRecord]:
+        us, rid = before or _NEWEST
+        with self._session() as conn:
+            rows = conn.execute(queries.HISTORY, (correlation_id, us, rid, limit)).fetchall()
+        return [OptInRecord.from_row(row) for row in rows]
+
+    # --- bulk ----------------------------------------------------------------------
+
+    def rows(self, since: datetime | None = None) -> Iterator[EventRow]:
+        """Every event, through a server-side cursor: constant memory, one snapshot."""
+        query, params = queries.EXPORT, ()
+        if since is not None:
+            query, params = (
+                queries.EXPORT_SINCE,
+                (OptInRecord("-", "accepted", since).updated_at_us,),
+            )
+        with self._session(watch=False) as conn, conn.transaction():
+            for setting in _BULK_SETTINGS:
+                conn.execute(setting)
+            with conn.cursor(name="optin_export") as cursor:
+                cursor.execute(query, params)
+                while batch := cursor.fetchmany(_EXPORT_FETCH):
+                    yield from batch
+
+    def import_rows(self, rows: Iterable[EventRow]) -> int:
+        """Batches of ``import_batch`` rows, each one transaction: ``COPY`` into a
+        temporary stage, then one merge (:data:`~.queries.MERGE`). Rows stream
+        from ``rows`` into the COPY: nothing is held in memory."""
+        added = 0
+        size = self.options.import_batch
+        iterator = iter(rows)
+        for first in iterator:
+            batch = itertools.chain((first,), itertools.islice(iterator, size - 1))
+            with self._session(write=True, watch=False) as conn, conn.transaction():
+                for setting in _BULK_SETTINGS:
+                    conn.execute(setting)
+                conn.execute(queries.STAGE)
+                with conn.cursor() as cursor:
+                    with cursor.copy(queries.STAGE_COPY) as copy:
+                        for row in batch:
+                            copy.write_row(row)
+                    added += cursor.execute(queries.MERGE).fetchone()[0]
+        return added
+
+    def events(self, since: datetime | None = None) -> Iterator[OptInRecord]:
+        return map(OptInRecord.from_row, self.rows(since))
+
+    def import_events(self, records: Iterable[OptInRecord]) -> int:
+        return self.import_rows(record.row for record in records)
+
+    def count_events(self) -> int:
+        with self._session(watch=False) as conn, conn.transaction():
+            for setting in _BULK_SETTINGS:
+                conn.execute(setting)
+            return conn.execute(queries.COUNT).fetchone()[0]
+
+
+def _now_us() -> int:
+    """The time idempotency keys are stamped with (the service's clock, as on every backend)."""
+    return time.time_ns() // 1000
