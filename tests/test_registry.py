@@ -15,7 +15,7 @@ from optin_service import create_app, registry
 from optin_service.storage import OptInStore
 
 PLUGIN_DIR = Path(__file__).parent / "plugins" / "optin-dummy-backend"
-BUILT_IN = ["memory", "redis", "rediss", "sqlite", "unix"]
+BUILT_IN = ["memory", "postgres", "postgresql", "redis", "rediss", "sqlite", "unix"]
 
 
 @pytest.mark.parametrize("scheme", BUILT_IN)
@@ -27,9 +27,9 @@ def test_every_built_in_scheme_is_an_entry_point_to_a_store(scheme):
 
 def test_unknown_scheme_names_it_and_lists_installed_ones():
     with pytest.raises(registry.BackendNotFound) as info:
-        registry.store_from_url("postgres://db/optin")
+        registry.store_from_url("dynamodb://db/optin")
     message = str(info.value)
-    assert "'postgres'" in message
+    assert "'dynamodb'" in message
     assert registry.GROUP in message
     for scheme in BUILT_IN:
         assert scheme in message
