@@ -90,7 +90,31 @@ def split(url: str) -> tuple[str, dict[str, int]]:
             f"postgresql URL {redact(url)} refused: {str(exc).strip()} "
             f"(libpq's options are accepted, and this backend's: {known})"
         ) from None
+    problem = _checked_on_connect(params)
+    if problem:
+        raise ValueError(f"postgresql URL {redact(url)} refused: {problem}")
     return libpq_url, ours
+
+
+# Values libpq checks only when it connects: a mistake there would be a 503 on
+# every request instead of a refusal at start-up.
+_CHOICES = {
+    "sslmode": {"disable", "allow", "prefer", "require", "verify-ca", "verify-full"},
+    "target_session_attrs": {
+        "any", "read-write", "read-only", "primary", "standby", "prefer-standby",
+    },
+}  # fmt: skip
+
+
+def _checked_on_connect(params: dict[str, object]) -> str | None:
+    for name, choices in _CHOICES.items():
+        value = params.get(name)
+        if value is not None and value not in choices:
+            return f"{name}={value!r} is not one of {', '.join(sorted(choices))}"
+    for port in str(params.get("port", "")).split(","):
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            return f"port {port!r} is not a port number"
+    return None
 
 
 def connection_defaults(libpq_url: str) -> dict[str, str | int]:
