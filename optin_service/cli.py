@@ -1,4 +1,5 @@
-"""The ``optin`` command line: read and write records, export, import, migrate.
+"""The ``optin`` command line: read and write records, export, import, migrate, and
+upgrade the store's schema (``optin db upgrade``).
 
 Available as ``flask --app optin_service optin ...`` (and on any app that
 mounts :class:`~optin_service.OptIn`) and as the console script ``optin``.
@@ -48,7 +49,9 @@ class _OptInGroup(AppGroup):
             raise click.ClickException(f"storage: {exc}") from None
 
 
-optin = _OptInGroup("optin", help="Read and write opt-in records; export, import, migrate.")
+optin = _OptInGroup(
+    "optin", help="Read and write opt-in records; export, import, migrate; upgrade the schema."
+)
 
 
 def _store() -> OptInStore:
@@ -262,6 +265,27 @@ def migrate_command(target_url: str) -> None:
             f"count mismatch: source had {total} events, {copied} copied; "
             f"target went from {before} to {after} with {added} new"
         )
+
+
+@optin.group("db")
+def db_group() -> None:
+    """The store's own tables: upgrade them for a newer release."""
+
+
+@db_group.command("upgrade")
+def upgrade_command() -> None:
+    """Bring the store's schema to what this release needs (stores that have a schema:
+    their ``upgrade()`` applies it and returns the version before and after)."""
+    store = _store()
+    upgrade = getattr(store, "upgrade", None)
+    if upgrade is None:
+        click.echo(f"{type(store).__name__} has no schema to upgrade", err=True)
+        return
+    before, after = upgrade()
+    if before == after:
+        click.echo(f"schema version {after}: up to date", err=True)
+    else:
+        click.echo(f"schema upgraded from version {before} to {after}", err=True)
 
 
 def main(argv: list[str] | None = None) -> None:

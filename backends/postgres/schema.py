@@ -15,7 +15,7 @@ from importlib import resources
 
 import psycopg
 
-from optin_service.storage import StorageUnavailable
+from optin_service.storage import StorageError, StorageUnavailable
 
 _FILE = re.compile(r"(\d{4})_\w+\.sql")
 
@@ -66,10 +66,7 @@ def ensure(conn: psycopg.Connection) -> None:
     if found == 0:
         found = upgrade(conn)[1]
     if found > VERSION:
-        raise StorageUnavailable(
-            f"postgresql: the database's schema is version {found}, newer than this "
-            f"release knows ({VERSION}): run the release that upgraded it"
-        )
+        raise StorageUnavailable(_newer(found))
     if found < VERSION:
         raise StorageUnavailable(
             f"postgresql: the database's schema is version {found}, this release needs "
@@ -82,16 +79,25 @@ def upgrade(conn: psycopg.Connection) -> tuple[int, int]:
 
     Under an advisory lock, so concurrent upgrades (workers creating the tables
     at once) apply each migration once. A database newer than this release is
-    left as it is.
+    left as it is (:class:`StorageError`).
     """
     with conn.transaction():
+        conn.execute("SET LOCAL statement_timeout = 0")  # a migration may take long
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
         conn.execute(_VERSION_TABLE)
         row = conn.execute(_READ + " FOR UPDATE").fetchone()
         before = 0 if row is None else row[0]
+        if before > VERSION:
+            raise StorageError(_newer(before))
         for number in range(before + 1, VERSION + 1):
             conn.execute(MIGRATIONS[number])
-        after = max(before, VERSION)
-        if after != before:
-            conn.execute(_WRITE, (after,))
-    return before, after
+        if before != VERSION:
+            conn.execute(_WRITE, (VERSION,))
+    return before, VERSION
+
+
+def _newer(found: int) -> str:
+    return (
+        f"postgresql: the database's schema is version {found}, newer than this "
+        f"release knows ({VERSION}): run the release that upgraded it"
+    )

@@ -82,7 +82,9 @@ class PostgresStore(OptInStore):
     # --- connections ---------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _session(self, *, write: bool = False, watch: bool = True) -> Iterator[Connection]:
+    def _session(
+        self, *, write: bool = False, watch: bool = True, check_schema: bool = True
+    ) -> Iterator[Connection]:
         """A pooled connection for one operation: the one place where driver errors
         become store errors.
 
@@ -90,10 +92,11 @@ class PostgresStore(OptInStore):
         wait for a synchronous standby was cancelled: committed here, maybe not
         on the standby) makes it :class:`StorageUnavailable`. ``watch``: the
         operation gets the request deadline (bulk operations do not).
+        ``check_schema``: the first operation in a process checks the schema version.
         """
         try:
             with self._pool.get().connection() as conn:
-                if self._schema_pid != os.getpid():
+                if check_schema and self._schema_pid != os.getpid():
                     self._check_schema(conn)
                 conn.warnings.clear()
                 entry = _WATCHDOG.arm(conn, self._deadline) if watch else None
@@ -119,11 +122,10 @@ class PostgresStore(OptInStore):
     def upgrade(self) -> tuple[int, int]:
         """Bring the tables to this release's version (``optin db upgrade``):
         (version before, version after)."""
-        try:
-            with self._pool.get().connection() as conn:
-                return schema.upgrade(conn)
-        except psycopg.Error as exc:
-            raise wrap(exc) from exc
+        with self._session(watch=False, check_schema=False) as conn:
+            versions = schema.upgrade(conn)
+        self._schema_pid = None  # checked again by the next operation
+        return versions
 
     def check(self) -> None:
         """A write to ``optin_health``: a standby, a read-only server or one that
