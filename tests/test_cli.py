@@ -44,6 +44,8 @@ COPIED = re.compile(
     r"target holds (\d+) events"
 )
 REDIS = (pytest.mark.redis_server, pytest.mark.slow)
+POSTGRES = (pytest.mark.postgres_server, pytest.mark.slow)
+SERVER_MARKS = {"redis": REDIS, "postgres": POSTGRES}
 BAR = re.compile(r"\[[#-]+\]|\d+%|\r|\x1b\[")  # click's progress bar, or a redraw
 
 
@@ -78,23 +80,26 @@ class Backend:
 
 
 def kinds(*names: str) -> list:
-    return [pytest.param(n, id=n, marks=REDIS if n == "redis" else ()) for n in names]
+    return [pytest.param(n, id=n, marks=SERVER_MARKS.get(n, ())) for n in names]
 
 
 def pairs(*items: tuple[str, str]) -> list:
     return [
-        pytest.param(s, t, id=f"{s}-to-{t}", marks=REDIS if "redis" in (s, t) else ())
+        pytest.param(
+            s, t, id=f"{s}-to-{t}", marks=(*SERVER_MARKS.get(s, ()), *SERVER_MARKS.get(t, ()))
+        )
         for s, t in items
     ]
 
 
-ALL = ("memory", "sqlite", "fakeredis", "redis")
+ALL = ("memory", "sqlite", "fakeredis", "redis", "postgres")
 
 
 @pytest.fixture
 def make_backend(request, tmp_path) -> Iterable[Callable[[str], Backend]]:
     """Builds apps on fresh, empty stores; closes them and removes their Redis keys."""
     made: list[Backend] = []
+    schemas: list[str] = []  # PostgreSQL: one per store
 
     def make(kind: str) -> Backend:
         name = f"{kind}{len(made)}"
@@ -108,6 +113,12 @@ def make_backend(request, tmp_path) -> Iterable[Callable[[str], Backend]]:
         elif kind == "redis":
             server = request.getfixturevalue("redis_server")
             url = f"{server.url}?prefix=cli-{uuid.uuid4().hex}:"
+        elif kind == "postgres":
+            server = request.getfixturevalue("postgres_server")
+            schema = f"cli_{uuid.uuid4().hex[:12]}"
+            server.execute(f"CREATE SCHEMA {schema}")
+            schemas.append(schema)
+            url = server.url(options=f"-c search_path={schema}")
         else:
             raise ValueError(kind)
         backend = Backend(kind, url, create_app({"TESTING": True, "OPTIN_STORAGE_URL": url}))
@@ -122,6 +133,8 @@ def make_backend(request, tmp_path) -> Iterable[Callable[[str], Backend]]:
             if keys:
                 store.client.delete(*keys)
         store.close()
+    for schema in schemas:
+        request.getfixturevalue("postgres_server").execute(f"DROP SCHEMA {schema} CASCADE")
     unregister(FAKE_SCHEME)
     _FAKE_SERVERS.clear()
 
@@ -293,6 +306,37 @@ def test_storage_down_ends_a_command_with_one_error_line(args):
     result = check(runner.invoke(args=["optin", *args], input=line(sample()[0]) + "\n"), 1)
     assert result.stderr.startswith("Error: storage: redis: "), result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+# --- db upgrade --------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.postgres_server
+def test_db_upgrade_creates_the_schema_then_finds_it_up_to_date(make_backend):
+    from backends.postgres.schema import VERSION
+
+    backend = make_backend("postgres")
+    result = check(backend.optin("db", "upgrade"))
+    assert result.stderr == f"schema upgraded from version 0 to {VERSION}\n"
+    result = check(backend.optin("db", "upgrade"))
+    assert result.stderr == f"schema version {VERSION}: up to date\n"
+    check(backend.optin("set", "member-1", "accepted"))
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_db_upgrade_on_a_store_without_a_schema_does_nothing(make_backend, kind):
+    result = check(make_backend(kind).optin("db", "upgrade"))
+    assert result.stderr.endswith("has no schema to upgrade\n"), result.stderr
+
+
+def test_db_upgrade_with_storage_down_ends_with_one_error_line():
+    url = f"postgresql://127.0.0.1:{free_port()}/optin"
+    app = create_app({"TESTING": True, "OPTIN_STORAGE_URL": url})
+    result = check(app.test_cli_runner().invoke(args=["optin", "db", "upgrade"]), 1)
+    assert result.stderr.startswith("Error: storage: postgresql: "), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    app.extensions["optin"].store.close()
 
 
 # --- export ------------------------------------------------------------------------
@@ -571,6 +615,11 @@ MIGRATIONS = pairs(
     ("fakeredis", "sqlite"),
     ("sqlite", "redis"),
     ("redis", "sqlite"),
+    ("sqlite", "postgres"),
+    ("postgres", "sqlite"),
+    ("postgres", "redis"),
+    ("redis", "postgres"),
+    ("postgres", "postgres"),
 )
 
 

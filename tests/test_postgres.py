@@ -206,7 +206,8 @@ def test_a_schema_newer_than_this_release_is_unavailable_naming_both_versions(
             other.set(_record())
         with pytest.raises(StorageUnavailable, match=message):
             other.check()
-        assert other.upgrade() == (VERSION + 1, VERSION + 1)  # left as it is
+        with pytest.raises(StorageError, match=message):  # left as it is
+            other.upgrade()
         postgres_server.execute(f"UPDATE {schema}.optin_schema_version SET version = {VERSION}")
         assert other.set(_record()) == _record()  # checked again until it matches
     finally:
@@ -628,3 +629,50 @@ def test_psycopg_is_loaded_only_for_postgres_urls(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
     assert psycopg  # imported here, by this test module
+
+
+# --- the API on it ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.postgres_server
+def test_put_get_history_and_readyz_through_the_api(postgres_url):
+    from optin_service import create_app
+    from tests.test_api import OK_BODY, PATH, put
+
+    app = create_app({"TESTING": True, "OPTIN_STORAGE_URL": postgres_url})
+    client = app.test_client()
+    url = PATH.format("member-42")
+    try:
+        assert client.get(url).status_code == 404
+        assert client.get("/readyz").status_code == 200
+        for status in ("accepted", "declined"):
+            response = put(client, {"LOYALTY_OPTIN": status})
+            assert (response.status_code, response.data) == (200, OK_BODY)
+            response = put(client, {"LOYALTY_OPTIN": status}, url=url)
+            assert (response.status_code, response.data) == (200, OK_BODY)
+        assert client.get(url).get_json()["LOYALTY_OPTIN"] == "declined"
+        items = client.get(url + "/history").get_json()["items"]
+        assert [i["LOYALTY_OPTIN"] for i in items] == ["declined", "accepted"]
+    finally:
+        app.extensions["optin"].store.close()
+
+
+def test_the_api_answers_503_with_the_server_down():
+    from optin_service import create_app
+    from tests.test_api import PATH, envelope, put
+
+    url = f"postgresql://127.0.0.1:{free_port()}/optin"
+    app = create_app({"TESTING": True, "OPTIN_STORAGE_URL": url})
+    client = app.test_client()
+    try:
+        for response in (
+            put(client, {"LOYALTY_OPTIN": "accepted"}, url=PATH.format("m")),
+            client.get(PATH.format("m")),
+            client.get("/readyz"),
+        ):
+            assert response.status_code == 503
+            assert envelope(response)["errorCode"] == "SERVICE_UNAVAILABLE"
+            assert response.headers["Retry-After"].isdigit()
+    finally:
+        app.extensions["optin"].store.close()
