@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.servers import ROOT, Gunicorn, RedisServer
+from tests.servers import ROOT, Gunicorn, PostgresServer, RedisServer
 
 pytestmark = pytest.mark.slow
 
@@ -35,12 +35,14 @@ UPDATED_BODY = b'{"message":"Opt-in updated."}'
 
 
 class Servers:
-    """Starts gunicorns and redis-servers for one test; :meth:`close` stops them all."""
+    """Starts gunicorns, redis-servers and PostgreSQL servers for one test; :meth:`close`
+    stops them all."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
         self.gunicorns: list[Gunicorn] = []
         self.redises: list[RedisServer] = []
+        self.postgreses: list[PostgresServer] = []
         self.stopped_redises: set[int] = set()  # pids we SIGSTOPped
 
     def gunicorn(self, env: dict[str, str], workers: int = 2, name: str = "gunicorn") -> Gunicorn:
@@ -54,6 +56,11 @@ class Servers:
     def redis(self, name: str = "redis") -> RedisServer:
         server = RedisServer(self.tmp_path / name)
         self.redises.append(server)
+        return server.start()
+
+    def postgres(self) -> PostgresServer:
+        server = PostgresServer()
+        self.postgreses.append(server)
         return server.start()
 
     def sqlite_url(self, name: str = "optin.db") -> str:
@@ -82,6 +89,8 @@ class Servers:
                 server.stop()
             except Exception:  # keep stopping the others
                 pass
+        for server in self.postgreses:
+            server.cleanup()
 
 
 @pytest.fixture
@@ -351,12 +360,22 @@ KILL_AT = (1.0, 2.5)  # seconds into the load
 
 
 @pytest.mark.parametrize(
-    "backend", ["sqlite", pytest.param("redis", marks=pytest.mark.redis_server)]
+    "backend",
+    [
+        "sqlite",
+        pytest.param("redis", marks=pytest.mark.redis_server),
+        pytest.param("postgres", marks=pytest.mark.postgres_server),
+    ],
 )
 def test_sigkill_worker_under_load_loses_no_acknowledged_write(
     servers: Servers, backend: str
 ) -> None:
-    url = servers.sqlite_url() if backend == "sqlite" else servers.redis().url
+    urls = {
+        "sqlite": servers.sqlite_url,
+        "redis": lambda: servers.redis().url,
+        "postgres": lambda: servers.postgres().url(),
+    }
+    url = urls[backend]()
     server = servers.gunicorn({"OPTIN_STORAGE_URL": url}, workers=2)
     wait_for_workers(server, 2, set())
 
@@ -479,7 +498,7 @@ def test_redis_outage_gives_fast_503_and_recovers_without_restart(
 
 def check_outage_and_recovery(
     servers: Servers,
-    redis_server: RedisServer,
+    storage_server: RedisServer | PostgresServer,
     server: Gunicorn,
     http: requests.Session,
     outage: str,
@@ -494,9 +513,9 @@ def check_outage_and_recovery(
     assert readyz.status_code == 200, readyz.text + log_tail(server)
 
     if outage == "sigterm":
-        redis_server.stop()  # refuses connections
+        storage_server.stop()  # refuses connections
     else:
-        servers.sigstop(redis_server)  # accepts connections, never answers
+        servers.sigstop(storage_server)  # accepts connections, never answers
 
     latencies = {}
     requests_during_outage = {
@@ -512,9 +531,9 @@ def check_outage_and_recovery(
     assert healthz.status_code == 200, healthz.text + log_tail(server)
 
     if outage == "sigterm":
-        redis_server.start()  # same workdir and port
+        storage_server.start()  # same workdir and port
     else:
-        servers.sigcont(redis_server)
+        servers.sigcont(storage_server)
 
     recovery = {
         "readyz": poll_until_ok(
@@ -537,7 +556,7 @@ def check_outage_and_recovery(
     assert after == before, f"{measured}: written before the outage {before}, now {after}" + (
         log_tail(server)
     )
-    # A PUT answered 503 may still have reached Redis (a hung server reads it on SIGCONT):
+    # A PUT answered 503 may still have reached storage (a hung server reads it on SIGCONT):
     # 503 means "unknown", so either outcome is allowed, but only with the status sent.
     late = get(http, base, "during-outage")
     assert late.status_code == 404 or late.json()["LOYALTY_OPTIN"] == "declined", (
@@ -547,6 +566,50 @@ def check_outage_and_recovery(
         f"{measured}: workers changed {workers} -> {server.worker_pids()}" + log_tail(server)
     )
     print(f"{measured}; the PUT answered 503 later reads {late.status_code} {late.text}")
+
+
+@pytest.mark.postgres_server
+def test_postgres_outage_gives_fast_503_and_recovers_without_restart(servers: Servers) -> None:
+    """pg_ctl stop (fast: clients are disconnected), then start on the same port."""
+    postgres = servers.postgres()
+    server = servers.gunicorn({"OPTIN_STORAGE_URL": postgres.url()}, workers=2)
+    master, workers = server.proc.pid, wait_for_workers(server, 2, set())
+    with requests.Session() as http:
+        check_outage_and_recovery(servers, postgres, server, http, "sigterm", master, workers)
+
+
+@pytest.mark.postgres_server
+def test_postgres_read_only_answers_writes_503_and_reads_200(servers: Servers) -> None:
+    """A server turned read-only (as a standby is): PUT and /readyz answer 503 fast, GET
+    still answers; writable again, it all answers 200 without a worker restart."""
+    postgres = servers.postgres()
+    server = servers.gunicorn({"OPTIN_STORAGE_URL": postgres.url()}, workers=2)
+    master, workers = server.proc.pid, wait_for_workers(server, 2, set())
+    base = server.base
+    with requests.Session() as http:
+        assert_put_ok(server, http, "member-ro", "accepted")
+        before = read_state(server, http, "member-ro")
+        postgres.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+        postgres.reload()
+        time.sleep(0.3)  # sessions take the new setting when they next go idle
+        for name, request in {
+            "PUT": lambda: put(http, base, "member-ro", "declined"),
+            "readyz": lambda: http.get(f"{base}/readyz", timeout=TIMEOUT),
+        }.items():
+            for _ in range(4):  # both workers, whichever answers
+                resp, elapsed = timed(server, f"{name} on a read-only server", request)
+                assert_unavailable(server, resp, elapsed, f"{name} on a read-only server")
+        for _ in range(4):
+            assert read_state(server, http, "member-ro") == before
+        postgres.execute("ALTER SYSTEM RESET default_transaction_read_only")
+        postgres.reload()
+        poll_until_ok(server, lambda: put(http, base, "member-ro", "declined"), "PUT")
+        for i in range(6):
+            assert_put_ok(server, http, f"after-ro-{i}", STATUSES[i % 2])
+            readyz = http.get(f"{base}/readyz", timeout=TIMEOUT)
+            assert readyz.status_code == 200, readyz.text + log_tail(server)
+        assert read_state(server, http, "member-ro")["LOYALTY_OPTIN"] == "declined"
+    assert server.proc.pid == master and server.worker_pids() == workers, log_tail(server)
 
 
 def _rounded(seconds: dict[str, float]) -> dict[str, float]:
