@@ -12,6 +12,11 @@ script ``optin migrate --to ...`` as a subprocess each way, so the peak RSS
 measured (``wait4`` on that child) is the CLI's own. It checks the summary line's
 counts, compares the final SQLite copy with the source row for row, prints a
 table and writes ``bench/results/migrate.json``.
+
+``--postgres`` puts PostgreSQL in the middle instead of Redis (SQLite -> PostgreSQL
+-> SQLite): a server of its own (Debian's postgresql, ``initdb`` and ``pg_ctl`` as
+the ``postgres`` user, its default settings: fsync and synchronous_commit on), with
+a target of 100,000 events/s each way; results in ``bench/results/migrate-postgres.json``.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 LOOPBACK = "127.0.0.1"
 RESULTS = ROOT / "bench" / "results" / "migrate.json"
 TARGET_RATE = 50_000  # events/s, each way
+TARGET_RATE_POSTGRES = 100_000
 TARGET_RSS_MB = 150
 GENERATE_BATCH = 100_000
 SOURCES = ("API", "WEB", "CLI", "SMS")
@@ -164,6 +170,21 @@ def redis_info(url: str) -> dict[str, object]:
         client.close()
 
 
+def start_postgres():
+    """A PostgreSQL server of its own (the tests' PostgresServer: initdb, pg_ctl)."""
+    from tests.servers import PostgresServer
+
+    return PostgresServer().start()
+
+
+def postgres_info(server) -> dict[str, object]:
+    version, events, size = server.execute(
+        "SELECT current_setting('server_version'), (SELECT count(*) FROM optin_event), "
+        "pg_database_size(current_database())"
+    )[0]
+    return {"version": version, "events": events, "database_mb": round(size / 2**20, 1)}
+
+
 def hiredis_in_use() -> bool:
     """Whether redis-py in the CLI's interpreter parses replies with hiredis (C)."""
     code = "import redis.utils; print(redis.utils.HIREDIS_AVAILABLE)"
@@ -262,8 +283,14 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, help="where to put the files (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir afterwards")
     parser.add_argument("--no-verify", action="store_true", help="skip the row-by-row check")
+    parser.add_argument(
+        "--postgres", action="store_true", help="PostgreSQL in the middle instead of Redis"
+    )
     parser.add_argument("--generate-only", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    middle = "postgres" if args.postgres else "redis"
+    target_rate = TARGET_RATE_POSTGRES if args.postgres else TARGET_RATE
+    results = RESULTS.with_name("migrate-postgres.json") if args.postgres else RESULTS
     total = args.members * args.events_per_member
     if args.generate_only:
         generate(args.generate_only, args.members, args.events_per_member)
@@ -274,7 +301,7 @@ def main() -> int:
     source_db, target_db = workdir / "source.db", workdir / "target.db"
     for path in [*workdir.glob("source.db*"), *workdir.glob("target.db*")]:
         path.unlink()
-    redis_proc = None
+    redis_proc = postgres = None
     started = time.monotonic()
     try:
         log(f"generating {args.members:,} members x {args.events_per_member} events in {workdir}")
@@ -283,17 +310,22 @@ def main() -> int:
         generate_seconds = generate_in_child(source_db, args.members, args.events_per_member)
         log(f"  {total:,} events in {generate_seconds:.1f} s")
 
-        redis_proc, port = start_redis(workdir)
-        redis_url = f"redis://{LOOPBACK}:{port}/0?prefix=bench:"
-        log(f"redis-server on {LOOPBACK}:{port}, AOF off, no RDB snapshots")
+        if args.postgres:
+            postgres = start_postgres()
+            middle_url = postgres.url()
+            log(f"postgresql on {LOOPBACK}:{postgres.port}, default settings")
+        else:
+            redis_proc, port = start_redis(workdir)
+            middle_url = f"redis://{LOOPBACK}:{port}/0?prefix=bench:"
+            log(f"redis-server on {LOOPBACK}:{port}, AOF off, no RDB snapshots")
 
-        log("optin migrate: sqlite -> redis")
-        to_redis = migrate(f"sqlite:///{source_db}", redis_url, total, workdir)
-        log(f"  {to_redis['summary']}")
-        redis_after = redis_info(redis_url)
+        log(f"optin migrate: sqlite -> {middle}")
+        to_middle = migrate(f"sqlite:///{source_db}", middle_url, total, workdir)
+        log(f"  {to_middle['summary']}")
+        middle_after = postgres_info(postgres) if postgres else redis_info(middle_url)
 
-        log("optin migrate: redis -> sqlite")
-        to_sqlite = migrate(redis_url, f"sqlite:///{target_db}", total, workdir)
+        log(f"optin migrate: {middle} -> sqlite")
+        to_sqlite = migrate(middle_url, f"sqlite:///{target_db}", total, workdir)
         log(f"  {to_sqlite['summary']}")
 
         differences = None
@@ -306,14 +338,16 @@ def main() -> int:
         if redis_proc is not None:
             redis_proc.terminate()
             redis_proc.wait(30)
+        if postgres is not None:
+            postgres.cleanup()
         if not args.keep and not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     total_seconds = time.monotonic() - started
 
-    runs = {"sqlite_to_redis": to_redis, "redis_to_sqlite": to_sqlite}
+    runs = {f"sqlite_to_{middle}": to_middle, f"{middle}_to_sqlite": to_sqlite}
     passed = {
         name: {
-            "rate": run["events_per_second_wall"] >= TARGET_RATE,
+            "rate": run["events_per_second_wall"] >= target_rate,
             "rss": run["peak_rss_mb"] < TARGET_RSS_MB,
         }
         for name, run in runs.items()
@@ -327,29 +361,34 @@ def main() -> int:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "platform": platform.platform(),
-            "redis": redis_after["version"],
+            middle: middle_after["version"],
             "hiredis": hiredis,
         },
-        "redis_persistence": "none (appendonly no, save '')",
+        f"{middle}_persistence": (
+            "defaults (fsync on, synchronous_commit on)"
+            if postgres
+            else "none (appendonly no, save '')"
+        ),
         "target_sqlite_url_options": "none (synchronous=FULL, WAL)",
         "load_average_before": [round(x, 2) for x in load_before],
         "generate_seconds": round(generate_seconds, 1),
-        "redis_after_first_copy": redis_after,
+        f"{middle}_after_first_copy": middle_after,
         "runs": runs,
         "verified_rows_differing": differences,
-        "targets": {"events_per_second": TARGET_RATE, "peak_rss_mb": TARGET_RSS_MB},
+        "targets": {"events_per_second": target_rate, "peak_rss_mb": TARGET_RSS_MB},
         "passed": passed,
         "total_seconds": round(total_seconds, 1),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(result, indent=2) + "\n")
 
     print()
     print(
         f"optin migrate, {total:,} events ({args.members:,} members x "
         f"{args.events_per_member}); {os.cpu_count()} CPUs, load average "
-        f"{load_before[0]:.2f} before; redis {redis_after['version']} with AOF off and no "
-        f"snapshots; hiredis {'on' if hiredis else 'off'}"
+        f"{load_before[0]:.2f} before; {middle} {middle_after['version']} with "
+        + ("default settings" if postgres else "AOF off and no snapshots")
+        + f"; hiredis {'on' if hiredis else 'off'}"
     )
     header = (
         "direction", "events/s", "copy loop", "wall s", "CPU s", "events/CPU-s", "peak RSS MB",
@@ -381,13 +420,13 @@ def main() -> int:
         "events/CPU-s: events per second of that CPU time, the rate with a core to itself "
         "(an upper bound for events/s on a busy machine)."
     )
-    print(f"targets: >= {TARGET_RATE:,} events/s each way, peak RSS < {TARGET_RSS_MB} MB")
+    print(f"targets: >= {target_rate:,} events/s each way, peak RSS < {TARGET_RSS_MB} MB")
     if not all(run["peak_rss_is_the_clis_own"] for run in runs.values()):
         print("WARNING: peak RSS not above this script's own peak; it may be inherited")
     if differences is not None:
         print("the SQLite copy equals the source row for row (events and current states)")
     print(f"source generated in {generate_seconds:.1f} s; total {total_seconds:.1f} s")
-    print(f"results: {RESULTS.relative_to(ROOT)}")
+    print(f"results: {results.relative_to(ROOT)}")
     return 0 if all(all(p.values()) for p in passed.values()) else 1
 
 
