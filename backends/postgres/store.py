@@ -6,7 +6,6 @@ import contextlib
 import itertools
 import logging
 import os
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
@@ -71,7 +70,6 @@ class PostgresStore(OptInStore):
         # The server's statement_timeout fires first while it answers; this bounds
         # what it does not (a COMMIT waiting for a synchronous standby, a hung server).
         self._deadline = opts.statement_timeout_ms / 1000 + 0.5
-        self._schema_lock = threading.Lock()
         self._schema_pid: int | None = None  # the process that checked the schema
         self._writes = 0
 
@@ -114,10 +112,11 @@ class PostgresStore(OptInStore):
             raise wrap(exc) from exc
 
     def _check_schema(self, conn: Connection) -> None:
-        with self._schema_lock:
-            if self._schema_pid != os.getpid():
-                schema.ensure(conn)
-                self._schema_pid = os.getpid()
+        # No lock: threads starting at once may each check (creating the tables is
+        # serialised by an advisory lock), and a lock held across a fork would hang
+        # the child.
+        schema.ensure(conn)
+        self._schema_pid = os.getpid()
 
     def upgrade(self) -> tuple[int, int]:
         """Bring the tables to this release's version (``optin db upgrade``):

@@ -47,15 +47,22 @@ class Watchdog:
         self.grace = grace
         self._lock = threading.Lock()
         self._entries: dict[int, _Entry] = {}
-        self._pid: int | None = None
+        self._pid: int | None = None  # the process whose thread runs
+        # A child starts with none of its parent's threads, and maybe with a lock
+        # one of them held at the fork: it starts afresh.
+        os.register_at_fork(after_in_child=self._forget_parent)
+
+    def _forget_parent(self) -> None:
+        self._lock = threading.Lock()
+        self._entries = {}
+        self._pid = None
 
     def arm(self, conn: psycopg.Connection, seconds: float) -> _Entry:
         """Watch ``conn`` until :meth:`disarm`; act ``seconds`` from now."""
         entry = _Entry(conn, time.monotonic() + seconds)
         with self._lock:
-            if self._pid != os.getpid():  # first use in this process (a fork has no threads)
+            if self._pid != os.getpid():  # the first deadline in this process
                 self._pid = os.getpid()
-                self._entries = {}
                 threading.Thread(
                     target=self._run, name="optin-postgres-watchdog", daemon=True
                 ).start()
