@@ -330,6 +330,7 @@ def test_db_upgrade_on_a_store_without_a_schema_does_nothing(make_backend, kind)
     assert result.stderr.endswith("has no schema to upgrade\n"), result.stderr
 
 
+@pytest.mark.slow  # a second's wait for a connection
 def test_db_upgrade_with_storage_down_ends_with_one_error_line():
     url = f"postgresql://127.0.0.1:{free_port()}/optin"
     app = create_app({"TESTING": True, "OPTIN_STORAGE_URL": url})

@@ -131,6 +131,7 @@ def test_the_app_logs_the_url_without_its_password(caplog):
 # --- an unreachable server ---------------------------------------------------------------
 
 
+@pytest.mark.slow  # 8 waits of a second for a connection
 @pytest.mark.parametrize(
     "call",
     [
@@ -616,6 +617,20 @@ def test_migrate_sqlite_to_postgres_and_back_row_for_row(postgres_url, tmp_path)
             store.close()
 
 
+def test_without_psycopg_the_scheme_says_what_to_install():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['psycopg'] = None; "  # as if it were not installed
+        "from optin_service.registry import store_from_url\n"
+        "try:\n    store_from_url('postgresql://h/db')\n"
+        "except LookupError as exc:\n    print(exc)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "pip install 'optin-service[postgres]'" in out.stdout, out
+
+
 def test_psycopg_is_loaded_only_for_postgres_urls(tmp_path):
     """The embedded default needs nothing of PostgreSQL's."""
     import subprocess
@@ -658,6 +673,7 @@ def test_put_get_history_and_readyz_through_the_api(postgres_url):
         app.extensions["optin"].store.close()
 
 
+@pytest.mark.slow  # 3 waits of a second for a connection
 def test_the_api_answers_503_with_the_server_down():
     from optin_service import create_app
     from tests.test_api import PATH, envelope, put
