@@ -591,7 +591,11 @@ def test_postgres_read_only_answers_writes_503_and_reads_200(servers: Servers) -
         before = read_state(server, http, "member-ro")
         postgres.execute("ALTER SYSTEM SET default_transaction_read_only = on")
         postgres.reload()
-        time.sleep(0.3)  # sessions take the new setting when they next go idle
+        # The server's sessions apply the reload a moment later: until a write fails.
+        for _ in range(100):
+            if put(http, base, "probe", "accepted").status_code == 503:
+                break
+            time.sleep(0.05)
         for name, request in {
             "PUT": lambda: put(http, base, "member-ro", "declined"),
             "readyz": lambda: http.get(f"{base}/readyz", timeout=TIMEOUT),
