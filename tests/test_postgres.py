@@ -57,6 +57,22 @@ def _schema_of(url: str) -> str:
     return url.rsplit("search_path%3D", 1)[1]
 
 
+def _raises(kind: type[Exception], call) -> bool:
+    try:
+        call()
+    except kind:
+        return True
+    return False
+
+
+def _until(condition, what: str, timeout: float = 10.0) -> None:
+    """Poll ``condition`` until it holds (a server applies a reload a moment later)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not {what} after {timeout} s"
+        time.sleep(0.05)
+
+
 # --- the URL ---------------------------------------------------------------------------
 
 
@@ -351,6 +367,48 @@ def test_an_import_stopped_halfway_leaves_the_batch_out_and_the_store_usable(sto
     assert sorted(store.rows()) == sorted([good, later.row])
 
 
+def _open_transactions(server: PostgresServer) -> list[tuple]:
+    return server.execute(
+        "SELECT state, query FROM pg_stat_activity "
+        "WHERE application_name = 'optin-service' AND state LIKE 'idle in transaction%'"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.postgres_server
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        (("m3", 2**63, "r3", "accepted", "API", ""), StorageError),  # refused by COPY
+        (("m3", 3, "r3", "maybe", "API", ""), StorageError),  # refused by the merge
+        (None, ZeroDivisionError),  # the stream itself fails
+    ],
+)
+def test_an_import_failing_in_a_later_batch_keeps_the_batches_before_it(
+    postgres_url, postgres_server, bad, error
+):
+    """Batches of 2, two in flight: batch 1 commits; batch 2 fails (while staged, while
+    merged, or as its rows are read) and is rolled back, and so is batch 3 if staged."""
+    store = PostgresStore(postgres_url, import_batch=2)
+    good = [_record(f"m{i}", rid=f"r{i}").row for i in range(6)]
+
+    def rows():
+        yield from good[:3]
+        if bad is None:
+            raise ZeroDivisionError("the source failed")
+        yield bad
+        yield from good[3:]
+
+    try:
+        with pytest.raises(error):
+            store.import_rows(rows())
+        assert sorted(store.rows()) == sorted(good[:2])
+        assert _open_transactions(postgres_server) == []
+        assert store.import_rows(good) == 4  # usable, and nothing of batch 2 or 3 was kept
+    finally:
+        store.close()
+
+
 @pytest.mark.slow
 @pytest.mark.postgres_server
 def test_export_reads_through_a_server_side_cursor(store, postgres_server):
@@ -463,6 +521,8 @@ def test_a_cancelled_wait_for_a_synchronous_standby_is_unavailable(own_server):
         store.set(_record("warm-up"))  # the tables exist before replication is required
         own_server.execute("ALTER SYSTEM SET synchronous_standby_names = 'nosuch'")
         own_server.reload()
+        # The server applies the setting a moment after the reload: until a write waits.
+        _until(lambda: _raises(StorageUnavailable, store.check), "replication required")
         first = _record()
         started = time.monotonic()
         with pytest.raises(StorageUnavailable, match="synchronous replication"):
@@ -475,6 +535,7 @@ def test_a_cancelled_wait_for_a_synchronous_standby_is_unavailable(own_server):
         assert store.get("member-1") == first  # committed here: visible on this server
         own_server.execute("ALTER SYSTEM RESET synchronous_standby_names")
         own_server.reload()
+        _until(lambda: not _raises(StorageUnavailable, store.check), "replication not required")
         assert store.set(_record(rid="r3"), idempotency_key="k") == first
         assert store.history("member-1", 10) == [first]
         store.check()
@@ -491,7 +552,7 @@ def test_a_read_only_server_refuses_writes_and_answers_reads(own_server):
         store.set(first)
         own_server.execute("ALTER SYSTEM SET default_transaction_read_only = on")
         own_server.reload()
-        time.sleep(0.2)  # sessions read the new setting when they next go idle
+        _until(lambda: _raises(StorageUnavailable, store.check), "read-only")
         for write in (
             lambda: store.set(_record(rid="r2", at=STAMP + _US)),
             lambda: store.set(_record(rid="r3", at=STAMP + _US), idempotency_key="k"),
@@ -507,8 +568,7 @@ def test_a_read_only_server_refuses_writes_and_answers_reads(own_server):
             "ALTER SYSTEM RESET default_transaction_read_only",
         )
         own_server.reload()
-        time.sleep(0.2)
-        store.check()
+        _until(lambda: not _raises(StorageUnavailable, store.check), "writable")
     finally:
         store.close()
 
