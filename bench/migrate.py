@@ -185,6 +185,31 @@ def postgres_info(server) -> dict[str, object]:
     return {"version": version, "events": events, "database_mb": round(size / 2**20, 1)}
 
 
+def server_cpu_seconds(server) -> float:
+    """CPU the PostgreSQL server used so far: its processes, and those that exited."""
+    tick = os.sysconf("SC_CLK_TCK")
+    pids = [server.pid] + [
+        int(p.name) for p in Path("/proc").iterdir()
+        if p.name.isdigit() and (p / "stat").exists()
+        and _stat(p.name)[1] == str(server.pid)
+    ]  # fmt: skip
+    total = 0
+    for pid in pids:
+        fields = _stat(str(pid))
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+        if pid == server.pid:
+            total += int(fields[13]) + int(fields[14])  # cutime, cstime: exited children
+    return total / tick
+
+
+def _stat(pid: str) -> list[str]:
+    """/proc/<pid>/stat from the state on (field 3), so fields[1] is the ppid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return ["X", "0"] + ["0"] * 20
+
+
 def hiredis_in_use() -> bool:
     """Whether redis-py in the CLI's interpreter parses replies with hiredis (C)."""
     code = "import redis.utils; print(redis.utils.HIREDIS_AVAILABLE)"
@@ -320,12 +345,18 @@ def main() -> int:
             log(f"redis-server on {LOOPBACK}:{port}, AOF off, no RDB snapshots")
 
         log(f"optin migrate: sqlite -> {middle}")
+        cpu = server_cpu_seconds(postgres) if postgres else 0.0
         to_middle = migrate(f"sqlite:///{source_db}", middle_url, total, workdir)
+        if postgres:
+            to_middle["server_cpu_seconds"] = round(server_cpu_seconds(postgres) - cpu, 2)
         log(f"  {to_middle['summary']}")
         middle_after = postgres_info(postgres) if postgres else redis_info(middle_url)
 
         log(f"optin migrate: {middle} -> sqlite")
+        cpu = server_cpu_seconds(postgres) if postgres else 0.0
         to_sqlite = migrate(middle_url, f"sqlite:///{target_db}", total, workdir)
+        if postgres:
+            to_sqlite["server_cpu_seconds"] = round(server_cpu_seconds(postgres) - cpu, 2)
         log(f"  {to_sqlite['summary']}")
 
         differences = None
@@ -420,6 +451,13 @@ def main() -> int:
         "events/CPU-s: events per second of that CPU time, the rate with a core to itself "
         "(an upper bound for events/s on a busy machine)."
     )
+    for name, run in runs.items():
+        if "server_cpu_seconds" in run:
+            server = run["server_cpu_seconds"]
+            print(
+                f"{name.replace('_to_', ' -> ')}: the PostgreSQL server used {server:.1f} CPU s "
+                f"({total / server if server else 0:,.0f} events per server CPU-second)"
+            )
     print(f"targets: >= {target_rate:,} events/s each way, peak RSS < {TARGET_RSS_MB} MB")
     if not all(run["peak_rss_is_the_clis_own"] for run in runs.values()):
         print("WARNING: peak RSS not above this script's own peak; it may be inherited")

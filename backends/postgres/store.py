@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from datetime import datetime, timedelta
 
 import psycopg
@@ -231,22 +232,55 @@ class PostgresStore(OptInStore):
     def import_rows(self, rows: Iterable[EventRow]) -> int:
         """Batches of ``import_batch`` rows, each one transaction: ``COPY`` into a
         temporary stage, then one merge (:data:`~.queries.MERGE`). Rows stream
-        from ``rows`` into the COPY: nothing is held in memory."""
+        from ``rows`` into the COPY: nothing is held in memory.
+
+        Two batches are in flight, each on a connection of its own: while the
+        server merges one, the next is copied. Merges still run one after the
+        other, in stream order (a batch's merge starts once the previous one
+        committed), so the first of two events with one identity wins.
+        """
         added = 0
         size = self.options.import_batch
         iterator = iter(rows)
-        for first in iterator:
-            batch = itertools.chain((first,), itertools.islice(iterator, size - 1))
-            with self._session(write=True, watch=False) as conn, conn.transaction():
-                for setting in _BULK_SETTINGS:
-                    conn.execute(setting)
-                conn.execute(queries.STAGE)
-                with conn.cursor() as cursor:
-                    with cursor.copy(queries.STAGE_COPY) as copy:
-                        for row in batch:
-                            copy.write_row(row)
-                    added += cursor.execute(queries.MERGE).fetchone()[0]
+        pending: Future[int] | None = None
+        with ThreadPoolExecutor(1, thread_name_prefix="optin-merge") as merger:
+            try:
+                for first in iterator:
+                    batch = itertools.chain((first,), itertools.islice(iterator, size - 1))
+                    stack, conn = self._stage(batch)
+                    try:
+                        if pending is not None:
+                            added += pending.result()
+                    except BaseException:
+                        with stack:  # rolls this batch back
+                            raise
+                    pending = merger.submit(self._merge, stack, conn)
+                if pending is not None:
+                    added += pending.result()
+            finally:
+                if pending is not None:
+                    wait([pending])  # never return while a merge runs
         return added
+
+    def _stage(self, batch: Iterable[EventRow]) -> tuple[contextlib.ExitStack, Connection]:
+        """A transaction on a connection of its own, with ``batch`` copied into its stage;
+        the stack that ends the transaction and returns the connection."""
+        with contextlib.ExitStack() as stack:
+            conn = stack.enter_context(self._session(write=True, watch=False))
+            stack.enter_context(conn.transaction())
+            for setting in _BULK_SETTINGS:
+                conn.execute(setting)
+            conn.execute(queries.STAGE)
+            with conn.cursor().copy(queries.STAGE_COPY) as copy:
+                for row in batch:
+                    copy.write_row(row)
+            return stack.pop_all(), conn  # kept open for _merge
+
+    @staticmethod
+    def _merge(stack: contextlib.ExitStack, conn: Connection) -> int:
+        """Merge a staged batch and commit (or roll back) its transaction; the new events."""
+        with stack:
+            return conn.execute(queries.MERGE).fetchone()[0]
 
     def events(self, since: datetime | None = None) -> Iterator[OptInRecord]:
         return map(OptInRecord.from_row, self.rows(since))
