@@ -75,8 +75,8 @@ class PostgresStore(OptInStore):
         self._writes = 0
 
     @classmethod
-    def from_url(cls, url: str) -> PostgresStore:
-        return cls(url)
+    def from_url(cls, url: str, **options: int) -> PostgresStore:
+        return cls(url, **options)
 
     # --- connections ---------------------------------------------------------------
 
