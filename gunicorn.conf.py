@@ -6,6 +6,7 @@ or through ``GUNICORN_CMD_ARGS``.
 
 import os
 import shutil
+import sys
 import tempfile
 from urllib.parse import urlsplit
 
@@ -34,6 +35,7 @@ _MADE = "OPTIN_METRICS_FOLDER_MADE"
 
 
 def _metrics_enabled() -> bool:
+    # optin_service.defaults loads nothing of the app (see optin_service/__init__.py).
     from optin_service.defaults import flag
 
     return flag("OPTIN_METRICS", os.environ.get("OPTIN_METRICS"), default=True)
@@ -50,6 +52,16 @@ def on_starting(server) -> None:  # noqa: ANN001 - gunicorn's Arbiter
             shutil.rmtree(path, ignore_errors=True)
             os.makedirs(path)
         else:
+            # prometheus-client reads the variable once, when first imported, and
+            # the workers inherit the master's modules: imported before this point
+            # (by --preload, say), every worker would count alone, /metrics empty.
+            if "prometheus_client" in sys.modules:
+                raise RuntimeError(
+                    "prometheus_client was imported before PROMETHEUS_MULTIPROC_DIR "
+                    "was set (--preload?), so /metrics could not sum the workers. "
+                    "Set PROMETHEUS_MULTIPROC_DIR to an empty folder, drop --preload, "
+                    "or set OPTIN_METRICS=false."
+                )
             path = tempfile.mkdtemp(prefix="optin-metrics-")
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ[_MADE] = path
         server.log.info("metrics of all workers collected in %s", path)
@@ -94,10 +106,34 @@ def _refuse_memory_with_several_workers(server) -> None:  # noqa: ANN001
         )
 
 
+def _optin_state(worker):  # noqa: ANN001, ANN202 - gunicorn's Worker; OptInState or None
+    """The opt-in state of the app this worker loaded (None before it is loaded, or for
+    an app that is not a Flask app carrying the extension)."""
+    app = getattr(worker, "wsgi", None)
+    return getattr(app, "extensions", {}).get("optin") if app is not None else None
+
+
+def _refuse_waits_beyond_the_worker_timeout(worker) -> None:  # noqa: ANN001
+    """Refuse a store that may block one call longer than half gunicorn's worker timeout:
+    past the timeout, gunicorn kills the worker mid-request (the client gets an empty
+    reply, not a 503), and the other half leaves room for the rest of the request."""
+    state = _optin_state(worker)
+    wait = state.store.max_wait if state is not None else None
+    limit = worker.cfg.timeout  # 0: gunicorn never kills a worker
+    if wait is not None and limit and wait > limit / 2:
+        raise RuntimeError(
+            f"the opt-in store ({state.store_name}) may wait {wait:g} s for storage, "
+            f"but gunicorn kills a worker after {limit:g} s: lower the store's wait to "
+            f"at most {limit / 2:g} s (half the worker timeout), or raise --timeout"
+        )
+
+
 def post_worker_init(worker) -> None:  # noqa: ANN001 - gunicorn's Worker
-    """Answer what gunicorn refuses itself (a request it cannot parse, a request line
-    over its limit) with the API's JSON envelope and the seed's headers, not gunicorn's
-    HTML page: gunicorn has no setting for that page, only this one function."""
+    """Refuse a store whose waits the worker timeout cannot cover; then answer what
+    gunicorn refuses itself (a request it cannot parse, a request line over its limit)
+    with the API's JSON envelope and the seed's headers, not gunicorn's HTML page:
+    gunicorn has no setting for that page, only this one function."""
+    _refuse_waits_beyond_the_worker_timeout(worker)
     from gunicorn import util
 
     from optin_service.errors import http_error
@@ -110,8 +146,7 @@ def post_worker_init(worker) -> None:  # noqa: ANN001 - gunicorn's Worker
 
 def worker_exit(server, worker) -> None:  # noqa: ANN001 - gunicorn's Arbiter and Worker
     """Close the store's connections when a worker stops."""
-    app = getattr(worker, "wsgi", None)
-    state = getattr(app, "extensions", {}).get("optin") if app is not None else None
+    state = _optin_state(worker)
     if state is not None:
         state.store.close()
         server.log.info("worker %s closed its store", worker.pid)

@@ -10,19 +10,24 @@ import bisect
 import threading
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
+from typing import Any
 
 from optin_service.storage import (
     IDEMPOTENCY_TTL,
+    EventRow,
     IdempotencyKeyReused,
     OptInRecord,
     OptInStore,
+    batched,
 )
 
 
 class MemoryStore(OptInStore):
     """Opt-in state and history in dicts. Every ``from_url`` call gives a new, empty store."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, import_batch: int = 5000) -> None:
+        #: Events imported per hold of the lock (a documented knob for the contract suite).
+        self.import_batch = import_batch
         # Per member, in one dict: its only event (which is then its current state),
         # or ``[current, events]`` once it has two, events sorted by position
         # (searched with bisect's key=). Most members answer once: no list and no
@@ -32,8 +37,8 @@ class MemoryStore(OptInStore):
         self._lock = threading.Lock()
 
     @classmethod
-    def from_url(cls, url: str) -> MemoryStore:
-        return cls()
+    def from_url(cls, url: str, **options: Any) -> MemoryStore:
+        return cls(**options)
 
     def get(self, correlation_id: str) -> OptInRecord | None:
         with self._lock:
@@ -44,7 +49,7 @@ class MemoryStore(OptInStore):
         cid = record.correlation_id
         with self._lock:
             if idempotency_key is not None:
-                now = datetime.now(timezone.utc)
+                now = _now()
                 self._forget_expired_keys(now)
                 seen = self._keys.get((cid, idempotency_key))
                 if seen is not None:
@@ -98,16 +103,19 @@ class MemoryStore(OptInStore):
             )
             return events[max(0, end - limit) : end][::-1]
 
-    def import_events(self, records: Iterable[OptInRecord]) -> int:
-        with self._lock:
-            return sum(self._add(record) for record in records)
+    def import_rows(self, rows: Iterable[EventRow]) -> int:
+        added = 0
+        for batch in batched(rows, self.import_batch):  # the lock is held a batch at a time
+            with self._lock:
+                added += sum(self._add(OptInRecord.from_row(row)) for row in batch)
+        return added
 
-    def events(self, since: datetime | None = None) -> Iterator[OptInRecord]:
+    def rows(self, since: datetime | None = None) -> Iterator[EventRow]:
         with self._lock:
             snapshot = [e for member in self._members.values() for e in _events(member)]
         for event in snapshot:
             if since is None or event.updated_at >= since:
-                yield event
+                yield event.row
 
     def count_events(self) -> int:
         with self._lock:
@@ -116,10 +124,17 @@ class MemoryStore(OptInStore):
             )
 
     def check(self) -> None:
+        # Dicts in this process: readable and writable whenever the process runs.
         return None
 
     def close(self) -> None:
         return None
+
+
+def _now() -> datetime:
+    """The clock idempotency keys are timed by: one function, so tests can move it
+    (as ``backends.sqlite._now_us``) without replacing ``datetime`` in this module."""
+    return datetime.now(timezone.utc)
 
 
 def _position(record: OptInRecord) -> tuple[int, str]:

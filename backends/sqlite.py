@@ -13,9 +13,17 @@ Correct under several gunicorn workers on one file:
   (survives a crash of the process, not of the machine).
 - One connection per thread, opened on first use in the process that uses it,
   so connections never cross a ``fork``.
+- Bound to one file: the store remembers which file (device and inode) it found
+  at its path, and every call checks, with one ``stat``, that the path still
+  names it. Once the file is deleted or replaced (its folder removed, a restore
+  gone wrong), every call raises :class:`StorageUnavailable` instead of writing
+  into the unlinked file or a new empty one, until the file is back. A write
+  checks again after its COMMIT, so a write whose file vanished meanwhile is
+  never acknowledged (the client retries it with its ``Idempotency-Key``).
+- Creates no folders: the path's folder must exist when the store is built.
 
-Query options: ``synchronous`` (FULL, NORMAL), ``timeout`` (seconds to wait for
-a lock, default 5).
+Query options: ``synchronous`` (FULL, NORMAL), ``timeout`` (seconds a call may
+wait for the write lock, in all, default 5).
 """
 
 from __future__ import annotations
@@ -26,8 +34,9 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
+from typing import Any
 from urllib.parse import parse_qsl
 
 from optin_service.storage import (
@@ -70,19 +79,23 @@ CREATE INDEX IF NOT EXISTS optin_idempotency_created ON optin_idempotency (creat
 """
 _COLUMNS = "correlation_id, updated_us, request_id, status, source, client"
 _INSERT_EVENT = f"INSERT OR IGNORE INTO optin_event ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
-# The current state moves only to an event that takes precedence: newer; as new
-# and "declined" over "accepted"; then the greater request id (OptInRecord.precedence).
-# It is copied from the stored event, so an import whose event was already
-# stored (same identity, other fields) cannot put a state in place that no
-# stored event holds.
-_APPLY_CURRENT = (
-    f"INSERT INTO optin ({_COLUMNS}) SELECT {_COLUMNS} FROM optin_event "
-    "WHERE correlation_id = ? AND updated_us = ? AND request_id = ? "
+# The precedence rule (OptInRecord.precedence), the one place it is written in SQL:
+# an upsert into the current state moves it only to an event that takes precedence:
+# newer; as new and "declined" over "accepted"; then the greater request id.
+_UPSERT_CURRENT = (
     "ON CONFLICT (correlation_id) DO UPDATE SET status = excluded.status, "
     "updated_us = excluded.updated_us, request_id = excluded.request_id, "
     "source = excluded.source, client = excluded.client "
     "WHERE (excluded.updated_us, excluded.status = 'declined', excluded.request_id) "
     "> (optin.updated_us, optin.status = 'declined', optin.request_id)"
+)
+# The state is copied from the stored event, so an import whose event was already
+# stored (same identity, other fields) cannot put a state in place that no stored
+# event holds. ("WHERE true" tells SQLite's parser the ON CONFLICT is the upsert's.)
+_APPLY_CURRENT = (
+    f"INSERT INTO optin ({_COLUMNS}) SELECT {_COLUMNS} FROM optin_event "
+    "WHERE correlation_id = ? AND updated_us = ? AND request_id = ? "
+    f"{_UPSERT_CURRENT}"
 )
 # Bulk import (import_rows): a stage, sorted by a covering index (the merge reads
 # the index alone), merged in chunks copied out in key order; the chunk's rowid
@@ -99,10 +112,10 @@ _STAGE_INDEX = (
     "CREATE INDEX temp.optin_staged_key ON optin_staged "
     "(correlation_id, updated_us, request_id, seq, status, source, client)"
 )
-_STAGE_BATCH = 5000  # rows per insert into the stage
-# Events per write transaction of the merge: each holds the write lock (about 65 ms
-# here; 50,000 held it up to half a second for the API writing beside an import).
-_MERGE_CHUNK = 10_000
+_STAGE_BATCH = 5000  # rows per insert into the stage, at most
+# Events per write transaction of the merge, by default: each holds the write lock,
+# so API writes beside an import wait for one chunk at most.
+IMPORT_BATCH = 10_000
 _MERGE_PAUSE = 0.002  # seconds between merge transactions
 _CHUNK_FILL = (
     f"INSERT INTO temp.optin_chunk ({_COLUMNS}) SELECT {_COLUMNS} FROM temp.optin_staged "
@@ -120,13 +133,6 @@ _CHUNK_EVENTS = (
 # Every event of the chunk in turn; the state moves only to one that takes
 # precedence, so it ends on the greatest. Used when every row of the chunk was
 # new, hence is exactly what is stored.
-_UPSERT_CURRENT = (
-    "ON CONFLICT (correlation_id) DO UPDATE SET status = excluded.status, "
-    "updated_us = excluded.updated_us, request_id = excluded.request_id, "
-    "source = excluded.source, client = excluded.client "
-    "WHERE (excluded.updated_us, excluded.status = 'declined', excluded.request_id) "
-    "> (optin.updated_us, optin.status = 'declined', optin.request_id)"
-)
 _CHUNK_CURRENT = (
     f"INSERT INTO optin ({_COLUMNS}) SELECT {_COLUMNS} FROM temp.optin_chunk "
     f"WHERE true ORDER BY rowid {_UPSERT_CURRENT}"
@@ -157,12 +163,32 @@ _PRUNE_EVERY = 1000  # writes between deletions of expired idempotency keys
 _NEWEST = (2**63 - 1, "")  # a position after every event: the first history page
 _SYNCHRONOUS = ("FULL", "NORMAL", "EXTRA")
 _MAX_TIMEOUT = (2**31 - 1) // 1000  # busy_timeout takes a C int of milliseconds
+# check(): one row, rewritten by every readiness check; a table of its own, so the
+# evidence tables are never touched, created by the first check (a read-only database
+# the store only reads needs no new table).
+_HEALTH_TABLE = (
+    "CREATE TABLE IF NOT EXISTS optin_health (id INTEGER PRIMARY KEY, checked_us INTEGER)"
+)
+_HEALTH_WRITE = "INSERT OR REPLACE INTO optin_health (id, checked_us) VALUES (1, ?)"
 
 
 class SQLiteStore(OptInStore):
-    """Opt-in state in one SQLite file, safe across processes and threads."""
+    """Opt-in state in one SQLite file, safe across processes and threads.
 
-    def __init__(self, path: str, *, synchronous: str = "FULL", timeout: float = 5.0) -> None:
+    ``import_batch`` is how many events one write transaction of a bulk import
+    merges (API writes beside an import wait for one such transaction at most).
+    """
+
+    driver_errors = (sqlite3.Error,)
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        synchronous: str = "FULL",
+        timeout: float = 5.0,
+        import_batch: int = IMPORT_BATCH,
+    ) -> None:
         if path in ("", ":memory:") or path.startswith("file:"):
             raise ValueError(
                 "sqlite:// needs a file path (sqlite:///relative.db or sqlite:////abs.db); "
@@ -174,8 +200,19 @@ class SQLiteStore(OptInStore):
         if not 0 <= timeout <= _MAX_TIMEOUT:  # also rejects NaN
             raise ValueError(f"timeout must be 0 to {_MAX_TIMEOUT} seconds, not {timeout!r}")
         self.path = os.path.abspath(path)
+        folder = os.path.dirname(self.path)
+        if not os.path.isdir(folder):
+            raise ValueError(
+                f"sqlite: cannot use {self.path}: its folder {folder} does not exist "
+                "(create it first; the store creates no folders)"
+            )
+        if import_batch < 1:
+            raise ValueError(f"import_batch must be 1 or more, not {import_batch}")
         self.synchronous = synchronous
         self.timeout = timeout
+        self.import_batch = import_batch
+        #: A call waits at most ``timeout`` for the write lock (see :class:`_Transaction`).
+        self.max_wait = timeout
         self._local = threading.local()
         self._lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
@@ -183,9 +220,19 @@ class SQLiteStore(OptInStore):
         self._write_lock = threading.Lock()
         self._queue_fd: int | None = None
         self._writes = 0
+        # The file this store is bound to: the one at its path now, else the one its
+        # first connection creates. Kept across fork: a worker uses its master's file.
+        self._identity = _identity(self.path)
 
     @classmethod
-    def from_url(cls, url: str) -> SQLiteStore:
+    def wrap_error(cls, exc: BaseException) -> StorageError:
+        # OperationalError covers locks, I/O and a vanished file: worth retrying later.
+        if isinstance(exc, sqlite3.OperationalError):
+            return StorageUnavailable(f"sqlite: {exc}")
+        return StorageError(f"sqlite: {exc}")
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> SQLiteStore:
         # Split by hand: a "#" in a folder's name is part of the path, not a fragment.
         _scheme, slashes, rest = url.partition("://")
         if not slashes or not rest.startswith("/"):
@@ -194,14 +241,15 @@ class SQLiteStore(OptInStore):
                 + (" (it has a host part)" if rest else "")
             )
         path, _, query = rest[1:].partition("?")
-        options = dict(parse_qsl(query, keep_blank_values=True))
-        unknown = set(options) - {"synchronous", "timeout"}
+        found = dict(parse_qsl(query, keep_blank_values=True))
+        unknown = set(found) - {"synchronous", "timeout"}
         if unknown:
             raise ValueError(f"unknown sqlite URL option(s): {', '.join(sorted(unknown))}")
         return cls(
             path,
-            synchronous=options.get("synchronous", "FULL"),
-            timeout=float(options.get("timeout", 5.0)),
+            synchronous=found.get("synchronous", "FULL"),
+            timeout=float(found.get("timeout", 5.0)),
+            **options,
         )
 
     def _forget_parent(self) -> None:
@@ -215,27 +263,40 @@ class SQLiteStore(OptInStore):
             self._queue_fd = None
             self._pid = os.getpid()
 
-    def _connection(self) -> sqlite3.Connection:
+    def _connection(self, deadline: float | None = None) -> sqlite3.Connection:
+        """This thread's connection, once the path still names the store's file.
+        Opening it waits until ``deadline`` at most (default: ``timeout`` from now)."""
         self._forget_parent()
+        self._check_file()
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._open()
+            conn = self._open(time.monotonic() + self.timeout if deadline is None else deadline)
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
         return conn
 
-    def _open(self) -> sqlite3.Connection:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    def _check_file(self) -> None:
+        """Raise :class:`StorageUnavailable` unless the path names the file this store
+        is bound to (no file yet is fine before the first connection creates it)."""
+        if self._identity is not None and _identity(self.path) != self._identity:
+            raise StorageUnavailable(
+                f"sqlite: {self.path} is no longer the database file this store started "
+                "with (deleted or replaced); nothing is written until it is back",
+                reason="the database file was deleted or replaced while the service ran",
+            )
+
+    def _open(self, deadline: float) -> sqlite3.Connection:
+        # Creates the file if there is none yet (never a folder: the folder must exist).
         conn = sqlite3.connect(
             self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
         )
         try:
-            conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
             # Switching to WAL needs a moment of exclusive access, and SQLite does
-            # not always apply the busy handler to it: retry while workers start.
-            deadline = time.monotonic() + self.timeout
+            # not always apply the busy handler to it: retry while workers start,
+            # all before the deadline.
             while True:
+                _busy_timeout(conn, deadline - time.monotonic())
                 try:
                     conn.execute("PRAGMA journal_mode = WAL")
                     conn.executescript(_SCHEMA)
@@ -244,20 +305,28 @@ class SQLiteStore(OptInStore):
                     if "locked" not in str(exc) or time.monotonic() > deadline:
                         raise
                     time.sleep(0.01)
+            _busy_timeout(conn, self.timeout)
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
             # A bulk import stages every row in TEMP tables: on disk (TMPDIR), not in
             # memory, whatever this SQLite build's default, so memory stays constant.
             conn.execute("PRAGMA temp_store = FILE")
-        except sqlite3.Error as exc:
+        except sqlite3.Error:
             conn.close()
-            raise _wrap(exc) from exc
+            raise
+        try:
+            with self._lock:
+                if self._identity is None:  # the first connection: bind to its file
+                    self._identity = _identity(self.path)
+            if self._identity is None:
+                raise StorageUnavailable(f"sqlite: {self.path} vanished as it was opened")
+            self._check_file()  # the file just opened is the one the store is bound to
+        except StorageUnavailable:
+            conn.close()
+            raise
         return conn
 
     def get(self, correlation_id: str) -> OptInRecord | None:
-        try:
-            row = self._connection().execute(_SELECT, (correlation_id,)).fetchone()
-        except sqlite3.Error as exc:
-            raise _wrap(exc) from exc
+        row = self._connection().execute(_SELECT, (correlation_id,)).fetchone()
         return None if row is None else OptInRecord.from_row(row)
 
     def set(self, record: OptInRecord, *, idempotency_key: str | None = None) -> OptInRecord:
@@ -286,18 +355,12 @@ class SQLiteStore(OptInStore):
         self, correlation_id: str, limit: int, before: tuple[int, str] | None = None
     ) -> list[OptInRecord]:
         us, rid = before or _NEWEST
-        try:
-            rows = self._connection().execute(_HISTORY, (correlation_id, us, rid, limit))
-            return [OptInRecord.from_row(row) for row in rows]
-        except sqlite3.Error as exc:
-            raise _wrap(exc) from exc
-
-    def import_events(self, records: Iterable[OptInRecord]) -> int:
-        return self.import_rows(record.row for record in records)
+        rows = self._connection().execute(_HISTORY, (correlation_id, us, rid, limit))
+        return [OptInRecord.from_row(row) for row in rows]
 
     def import_rows(self, rows: Iterable[EventRow]) -> int:
         """Stage every row in a TEMP table (no lock on the file), sort it with an
-        index, then merge it in key order, :data:`_MERGE_CHUNK` events per write
+        index, then merge it in key order, :attr:`import_batch` events per write
         transaction. Rows arriving in random order (a Redis SCAN) would otherwise
         dirty a page of the file per event in every transaction; in key order a
         transaction appends to a few pages. Memory stays constant: SQLite's temp
@@ -307,7 +370,7 @@ class SQLiteStore(OptInStore):
             for table, create in (("optin_staged", _STAGE), ("optin_chunk", _CHUNK)):
                 conn.execute(f"DROP TABLE IF EXISTS temp.{table}")
                 conn.execute(create)
-            for batch in batched(rows, _STAGE_BATCH):
+            for batch in batched(rows, min(_STAGE_BATCH, self.import_batch)):
                 conn.execute("BEGIN")  # touches the temp database only: no lock on the file
                 conn.executemany(_STAGE_INSERT, batch)
                 conn.execute("COMMIT")
@@ -317,7 +380,7 @@ class SQLiteStore(OptInStore):
             while after is not None:
                 with self._transaction() as conn:
                     conn.execute("DELETE FROM temp.optin_chunk")
-                    filled = conn.execute(_CHUNK_FILL, (*after, _MERGE_CHUNK)).rowcount
+                    filled = conn.execute(_CHUNK_FILL, (*after, self.import_batch)).rowcount
                     after = conn.execute(_CHUNK_LAST).fetchone()
                     if after is not None:
                         new = conn.execute(_CHUNK_EVENTS).rowcount
@@ -327,8 +390,6 @@ class SQLiteStore(OptInStore):
                 # pause lets them in between chunks, else they wait out the whole merge.
                 time.sleep(_MERGE_PAUSE)
             return added
-        except sqlite3.Error as exc:
-            raise _wrap(exc) from exc
         finally:
             # Whatever stopped it (a driver error, a row SQLite cannot take, an
             # interrupt), no transaction stays open on this thread's connection.
@@ -345,27 +406,17 @@ class SQLiteStore(OptInStore):
         if since is not None:
             query += " WHERE updated_us >= ?"
             params = (OptInRecord("-", "accepted", since).updated_at_us,)
-        try:
-            cursor = self._connection().execute(query, params)
-            while batch := cursor.fetchmany(1000):
-                yield from batch
-        except sqlite3.Error as exc:
-            raise _wrap(exc) from exc
-
-    def events(self, since: datetime | None = None) -> Iterator[OptInRecord]:
-        for row in self.rows(since):
-            yield OptInRecord.from_row(row)
+        cursor = self._connection().execute(query, params)
+        while batch := cursor.fetchmany(1000):
+            yield from batch
 
     def count_events(self) -> int:
-        try:
-            return self._connection().execute("SELECT COUNT(*) FROM optin_event").fetchone()[0]
-        except sqlite3.Error as exc:
-            raise _wrap(exc) from exc
+        return self._connection().execute("SELECT COUNT(*) FROM optin_event").fetchone()[0]
 
     def _transaction(self) -> _Transaction:
         """One write transaction, holding the write lock from its start; all or nothing."""
         self._forget_parent()
-        return _Transaction(self._connection, self._write_lock, self.timeout, self._queue)
+        return _Transaction(self)
 
     def _queue(self) -> int | None:
         """This process's descriptor of ``<file>-lock``, where writers queue (None if it
@@ -385,10 +436,13 @@ class SQLiteStore(OptInStore):
         return fd
 
     def check(self) -> None:
-        try:
-            self._connection().execute("SELECT 1 FROM optin LIMIT 1").fetchall()
-        except sqlite3.Error as exc:
-            raise StorageUnavailable(f"sqlite {self.path}: {exc}") from exc
+        """Write and commit one row, as a PUT would: through the same lock, deadline and
+        file check. This fails where reading alone would pass: a database that can only
+        be read, a write lock held past the timeout, a file deleted under an open
+        connection, a full disk."""
+        with self._transaction() as conn:
+            conn.execute(_HEALTH_TABLE)
+            conn.execute(_HEALTH_WRITE, (_now_us(),))
 
     def close(self) -> None:
         with self._lock:
@@ -405,6 +459,9 @@ class _Transaction:
     """``with store._transaction() as conn:`` BEGIN IMMEDIATE, then COMMIT, or ROLLBACK
     on any exception. A class, not ``@contextmanager``: no generator per write.
 
+    All of its waiting shares one deadline, ``timeout`` from its start, so a call
+    gives up within ``timeout`` (:attr:`SQLiteStore.max_wait`), whatever holds it up.
+
     Threads of one process take turns on a lock first: SQLite's busy handler
     sleeps and retries, which is unfair under load (a thread can lose every
     round until its timeout); a queue on a lock is not.
@@ -413,38 +470,32 @@ class _Transaction:
     polled every 50 µs doubling to 1 ms: SQLite's busy handler sleeps 1, 2, 5,
     10 ms... between tries, so a worker that finds the write lock taken sleeps
     at least a millisecond while the transaction it waits for (a WAL append and,
-    with synchronous=FULL, one fsync) is usually over in a tenth of that. If the
-    queue is not free within the timeout, BEGIN IMMEDIATE waits through
-    ``busy_timeout`` as before; writers that do not queue (another program) are
-    waited for by SQLite as before.
+    with synchronous=FULL, one fsync) is usually over in a tenth of that. Then
+    BEGIN IMMEDIATE waits through ``busy_timeout``, set to what is left before
+    the deadline, for writers that do not queue (another program) or for the lock
+    when the queue was not free in time.
+
+    After COMMIT the store checks its file is still at its path: a commit into a
+    file deleted meanwhile raises :class:`StorageUnavailable`, never returns.
     """
 
-    __slots__ = ("_conn", "_connect", "_lock", "_queue", "_queued", "_timeout")
+    __slots__ = ("_conn", "_lock", "_queued", "_store")
 
-    def __init__(
-        self,
-        connect: Callable[[], sqlite3.Connection],
-        lock: threading.Lock,
-        timeout: float,
-        queue: Callable[[], int | None],
-    ) -> None:
-        self._connect = connect
-        self._lock = lock
-        self._timeout = timeout
-        self._queue = queue
+    def __init__(self, store: SQLiteStore) -> None:
+        self._store = store
+        self._lock = store._write_lock
 
     def __enter__(self) -> sqlite3.Connection:
-        deadline = time.monotonic() + self._timeout
-        if not self._lock.acquire(timeout=self._timeout):
+        store = self._store
+        deadline = time.monotonic() + store.timeout
+        if not self._lock.acquire(timeout=store.timeout):
             raise StorageUnavailable("sqlite: another thread held the write lock too long")
         self._queued = None
         try:
-            self._queued = _queue_up(self._queue(), deadline)
-            conn = self._conn = self._connect()
+            conn = self._conn = store._connection(deadline)
+            self._queued = _queue_up(store._queue(), deadline)
+            _busy_timeout(conn, deadline - time.monotonic())
             conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            self._leave()
-            raise _wrap(exc) from exc
         except BaseException:
             self._leave()
             raise
@@ -467,17 +518,23 @@ class _Transaction:
 
     def _finish(self, kind: type[BaseException] | None, exc: BaseException | None) -> None:
         conn = self._conn
-        if kind is None:
-            try:
-                conn.execute("COMMIT")
+        try:
+            if kind is None:
+                try:
+                    conn.execute("COMMIT")
+                except sqlite3.Error:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    raise
+                self._store._check_file()
                 return
-            except sqlite3.Error as error:
-                kind, exc = type(error), error
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-        if isinstance(exc, sqlite3.Error):
-            raise _wrap(exc) from exc
-        # Any other exception propagates as it is.
+            # The exception of the block propagates as it is, after the rollback.
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        finally:
+            # Reads on this connection wait the full timeout again.
+            with contextlib.suppress(sqlite3.Error):
+                _busy_timeout(conn, self._store.timeout)
 
 
 def _queue_up(fd: int | None, deadline: float) -> int | None:
@@ -498,12 +555,21 @@ def _queue_up(fd: int | None, deadline: float) -> int | None:
             return None
 
 
+def _busy_timeout(conn: sqlite3.Connection, seconds: float) -> None:
+    """Let SQLite wait up to ``seconds`` (0 if none are left) for a lock on ``conn``."""
+    conn.execute(f"PRAGMA busy_timeout = {max(0, int(seconds * 1000))}")
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """Which file ``path`` names (device, inode), or None if there is none."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # its folder unreadable, say: cannot tell, so cannot use it
+        raise StorageUnavailable(f"sqlite: {path}: {exc.strerror}") from exc
+    return (found.st_dev, found.st_ino)
+
+
 def _now_us() -> int:
     return time.time_ns() // 1000
-
-
-def _wrap(exc: sqlite3.Error) -> StorageError:
-    # OperationalError covers locks, I/O and a vanished file: worth retrying later.
-    if isinstance(exc, sqlite3.OperationalError):
-        return StorageUnavailable(f"sqlite: {exc}")
-    return StorageError(f"sqlite: {exc}")

@@ -1,26 +1,36 @@
-"""CPU per request inside the WSGI app, without gunicorn or the network.
+"""In-process benchmark: the request path's cost per PUT, without gunicorn or the network.
 
-From the repository root:
+Each configuration (``bench/configs.py``; the reference always comes first) runs
+in its own process, set up as a gunicorn worker would be: ``PROMETHEUS_MULTIPROC_DIR``
+an empty folder, stderr (where the JSON access lines go) to a file. The process
+calls the WSGI app directly with the PUTs ``bench/put.lua`` sends (a random member
+of a million, a random answer; the random sequence is seeded, so every run sends
+the same PUTs) and reports, per PUT:
 
-    .venv/bin/python bench/inproc.py                           # reference and service, memory://
-    .venv/bin/python bench/inproc.py --configs memory,sqlite-normal --requests 50000
+- **calls**: the Python and built-in function calls ``cProfile`` counts over
+  ``--count-requests`` PUTs, divided by their number, after 1,000 PUTs of warm-up.
+  It is the same from run to run for the same code and options (hash seed fixed,
+  garbage collector paused while counting), however busy the machine: a change
+  that adds work to the request path shows as a larger number. Compare it only
+  between runs with the same ``--count-requests``.
+- **CPU µs**: ``time.process_time`` per PUT, the median of ``--repeats`` batches of
+  ``--requests`` PUTs, run after the count without the profiler. It moves with the
+  machine's load far less than requests/s do, but it does move.
+- **wall µs**, the bytes of access log written per PUT, and the statuses answered.
 
-The load benchmark (``bench/load.py``) is the one that counts; this one is its
-microscope. Each configuration runs in its own process, set up as a gunicorn
-worker would be (``PROMETHEUS_MULTIPROC_DIR`` pointing at an empty folder,
-stderr, where the JSON access log goes, redirected to a file). The process calls
-the WSGI app directly with the same PUTs as ``bench/put.lua`` (random member,
-random answer), after a warm-up, and reports the CPU time per request
-(``time.process_time``), the median of ``--repeats`` batches. On a shared,
-noisy machine CPU time moves far less than requests/s.
+About 4 seconds per configuration with the defaults; results also go to
+``bench/results/inproc.json``. Not part of the test suite: speed is checked here.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
+import gc
 import io
 import json
-import os
+import pstats
 import random
 import statistics
 import subprocess
@@ -30,18 +40,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import load  # noqa: E402  (bench/load.py)
+from configs import CONFIGS, Config, reference
+from servers import RESULTS, ROOT, benchmark_env, redis_server
 
 BODIES = (b'{"LOYALTY_OPTIN": "accepted"}', b'{"LOYALTY_OPTIN": "declined"}')
+WARMUP = 1000
 
 
-def put_caller(app: Callable, statuses: dict[str, int] | None = None) -> Callable[[], None]:
-    """A function calling ``app`` with one PUT as ``bench/put.lua`` sends it (random member,
-    random answer), counting the statuses in ``statuses``. Werkzeug's test module is
-    imported here, after the app, so the app's own imports happen as in a worker."""
+def put_caller(app: Callable, statuses: dict[str, int]) -> Callable[[], None]:
+    """A function calling ``app`` with one PUT as ``bench/put.lua`` sends it, counting the
+    statuses answered. Werkzeug's test module is imported here, after the app, so the
+    app's own imports happen as in a worker."""
     from werkzeug.test import EnvironBuilder
 
     base = EnvironBuilder(
@@ -49,10 +58,9 @@ def put_caller(app: Callable, statuses: dict[str, int] | None = None) -> Callabl
     ).get_environ()
     base["REMOTE_ADDR"] = "127.0.0.1"
     rng = random.Random(1)
-    counts = statuses if statuses is not None else {}
 
     def start_response(status: str, headers: list, exc_info: object = None) -> None:
-        counts[status] = counts.get(status, 0) + 1
+        statuses[status] = statuses.get(status, 0) + 1
 
     def one() -> None:
         environ = dict(base)
@@ -68,15 +76,38 @@ def put_caller(app: Callable, statuses: dict[str, int] | None = None) -> Callabl
     return one
 
 
-def child(app_spec: str, requests: int, repeats: int) -> dict:
-    sys.path.insert(0, str(ROOT))
-    module, _, name = app_spec.partition(":")
-    app = getattr(__import__(module, fromlist=[name]), name)
-    statuses: dict[str, int] = {}
-    one = put_caller(app, statuses)
+def load_app(spec: str) -> Callable:
+    """gunicorn's app spec: ``module:name`` or ``module:factory()``."""
+    module, _, name = spec.partition(":")
+    factory = name.endswith("()")
+    target = getattr(__import__(module, fromlist=[name]), name.removesuffix("()"))
+    return target() if factory else target
 
-    for _ in range(min(2000, requests)):  # warm-up
+
+def calls_per_request(one: Callable[[], None], requests: int) -> float:
+    """Function calls per PUT under cProfile; the collector is paused so that no
+    finalizer runs at a moment that depends on anything but the code."""
+    gc.collect()
+    gc.disable()
+    profiler = cProfile.Profile()
+    try:
+        profiler.enable()
+        for _ in range(requests):
+            one()
+        profiler.disable()
+    finally:
+        gc.enable()
+    return pstats.Stats(profiler).total_calls / requests
+
+
+def child(app_spec: str, count_requests: int, requests: int, repeats: int) -> dict:
+    """In the configuration's own process: warm up, count calls, then time."""
+    sys.path.insert(0, str(ROOT))
+    statuses: dict[str, int] = {}
+    one = put_caller(load_app(app_spec), statuses)
+    for _ in range(WARMUP):
         one()
+    calls = calls_per_request(one, count_requests)
     cpu, wall = [], []
     for _ in range(repeats):
         c0, w0 = time.process_time(), time.perf_counter()
@@ -85,26 +116,30 @@ def child(app_spec: str, requests: int, repeats: int) -> dict:
         cpu.append((time.process_time() - c0) / requests * 1e6)
         wall.append((time.perf_counter() - w0) / requests * 1e6)
     return {
+        "calls_per_request": calls,
         "cpu_us": statistics.median(cpu),
         "cpu_us_min": min(cpu),
         "wall_us": statistics.median(wall),
         "statuses": statuses,
+        "requests": WARMUP + count_requests + requests * repeats,
     }
 
 
-def run(config: load.Config, requests: int, repeats: int, workdir: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPTIN_", "PROMETHEUS_"))}
+def run(config: Config, args, workdir: Path, redis_port: int | None) -> dict:
+    """``child`` for one configuration in a fresh interpreter, set up as a worker."""
+    env = benchmark_env()
+    env["PYTHONHASHSEED"] = "0"  # set iteration order, hence the calls, the same every run
     metrics = workdir / f"metrics-{config.name}"
     metrics.mkdir()
     env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
-    if config.storage:
-        env["OPTIN_STORAGE_URL"] = config.storage.format(
-            dir=workdir, redis_port=os.environ.get("BENCH_REDIS_PORT")
-        )
-    env.update(config.env)
-    with open(workdir / f"{config.name}.stderr", "wb") as err:
+    storage = config.storage_url(workdir, redis_port)
+    if storage:
+        env["OPTIN_STORAGE_URL"] = storage
+    counts = (args.count_requests, args.requests, args.repeats)
+    log_path = workdir / f"{config.name}.stderr"
+    with open(log_path, "wb") as err:
         out = subprocess.run(
-            [sys.executable, __file__, "--child", config.app, str(requests), str(repeats)],
+            [sys.executable, __file__, "--child", config.app, *map(str, counts)],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -112,38 +147,61 @@ def run(config: load.Config, requests: int, repeats: int, workdir: Path) -> dict
             check=True,
         )
     result = json.loads(out.stdout)
-    result["stderr_bytes_per_request"] = (workdir / f"{config.name}.stderr").stat().st_size / (
-        requests * repeats + min(2000, requests)
-    )
+    result["log_bytes_per_request"] = log_path.stat().st_size / result["requests"]
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
-        print(json.dumps(child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
-        return 0
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", default="memory")
-    parser.add_argument("--requests", type=int, default=20000, help="per batch")
-    parser.add_argument("--repeats", type=int, default=5, help="batches; the median is kept")
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench/inproc.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--configs",
+        default="memory",
+        help=f"comma-separated, beside the reference, from: {', '.join(CONFIGS)} (memory)",
+    )
+    parser.add_argument(
+        "--count-requests", type=int, default=2000, help="PUTs counted under cProfile (2,000)"
+    )
+    parser.add_argument("--requests", type=int, default=5000, help="PUTs per timed batch (5,000)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed batches; the median (5)")
+    parser.add_argument("--out", default=str(RESULTS / "inproc.json"), help="the JSON results")
     args = parser.parse_args(argv)
-    configs = [load.reference(1)] + [load.CONFIGS[c] for c in args.configs.split(",") if c]
+    unknown = [n for n in args.configs.split(",") if n and n not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configs: {', '.join(unknown)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] == ["--child"]:
+        spec, *counts = sys.argv[2:]
+        print(json.dumps(child(spec, *map(int, counts))))
+        return 0
+    args = parse_args(argv)
+    configs = [reference(1)] + [CONFIGS[name] for name in args.configs.split(",") if name]
     results = {}
     with tempfile.TemporaryDirectory(prefix="optin-inproc-") as tmp:
-        for config in configs:
-            r = run(config, args.requests, args.repeats, Path(tmp))
-            results[config.name] = r
-            print(
-                f"{config.name:<18} {r['cpu_us']:7.1f} µs CPU/request (min {r['cpu_us_min']:.1f}), "
-                f"{r['wall_us']:7.1f} µs wall, "
-                f"{r['stderr_bytes_per_request']:.0f} B of log/request, "
-                f"statuses {r['statuses']}",
-                flush=True,
-            )
-    load.RESULTS.mkdir(parents=True, exist_ok=True)
-    (load.RESULTS / "inproc.json").write_text(
-        json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": results}, indent=2)
-    )
+        workdir = Path(tmp)
+        with contextlib.ExitStack() as stack:
+            redis_port = None
+            if any(c.uses_redis for c in configs):
+                redis_port = stack.enter_context(redis_server(workdir))
+            for config in configs:
+                r = results[config.name] = run(config, args, workdir, redis_port)
+                print(
+                    f"{config.name:<22} {r['calls_per_request']:8.1f} calls/PUT  "
+                    f"{r['cpu_us']:7.1f} µs CPU/PUT (min {r['cpu_us_min']:.1f})  "
+                    f"{r['wall_us']:7.1f} µs wall  "
+                    f"{r['log_bytes_per_request']:.0f} B of log/PUT  statuses {r['statuses']}",
+                    flush=True,
+                )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "args": vars(args), "results": results}
+    out.write_text(json.dumps(doc, indent=2) + "\n")
     return 0
 
 

@@ -1,41 +1,32 @@
-"""Load benchmark: the service on each backend beside a bare Flask reference, in one run.
-
-From the repository root:
-
-    .venv/bin/python bench/load.py                       # 3 rounds of 10 s per server
-    .venv/bin/python bench/load.py --rounds 1 --duration 5 --configs memory
+"""Load benchmark: the service on each backend beside a bare Flask reference and its ceilings.
 
 Every server is started the same way, from the repository root, with the shipped
-config: ``gunicorn -c gunicorn.conf.py <module>:app``, bound to a free port on
-127.0.0.1, sync workers, stderr (the app's JSON access log) redirected to a file
-as in production. The reference is ``bench/reference_app.py`` (the same PUT into
-a dict, in plain Flask). Each service configuration is paired with a reference
-of the same worker count: both are started fresh (empty storage), warmed up,
-then loaded by ``wrk`` with ``bench/put.lua`` (PUTs of random member ids) in
-alternating slices, reference then service, ``--slice`` seconds each (A B A B
-...), until each has had ``--duration`` seconds. On this shared 2-core machine
-the load from other processes moves within seconds: slicing makes that drift
-hit both sides of each ratio alike. Rounds repeat every pair.
+config (``gunicorn -c gunicorn.conf.py <app>``: sync workers, stderr to a file) on
+a free loopback port. Each configuration (``bench/configs.py``) is paired with the
+reference (``bench/reference_app.py``) of its worker count: both start on empty
+storage, get ``--warmup`` seconds of load, then ``wrk -t1 -c16`` with
+``bench/put.lua`` (PUTs of random members) loads them in turn, ``--slice`` seconds
+each (A B A B ...) until each had ``--duration`` seconds, so the drift of a shared
+machine falls on both sides of each ratio. ``--rounds`` repeats every pair.
 
-It prints requests/s, p50 and p99 latency (the median of the per-slice
-percentiles), RSS per worker after the load, the workers' CPU time per request,
-and each one's ratio to the paired reference, per round and summed up (median, min, max over the
-rounds), and writes the same to ``bench/results/load.json`` (and a timestamped
-copy). The exit code is 0 whether or not targets are met: the table says.
+Per server: requests/s, p50 and p99 latency (median of the slices' percentiles),
+RSS per worker after the load, the workers' CPU time per request; each as a ratio
+to its paired reference, per round, then median [min, max] over the rounds; and
+each service over its ceiling (requests/s and p99) when both ran. The default run
+(10 configurations, 3 rounds of 10 s) takes about 15 minutes: each pair costs
+about 2 x (warmup + duration) + 6 seconds. Results go to ``bench/results/load.json``
+and a timestamped copy. Needs ``wrk`` (Debian's) and, for Redis, ``redis-server``.
+The exit code is 0 whether or not targets are met: the tables say.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
-import http.client
 import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,344 +34,24 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
-LUA = ROOT / "bench" / "put.lua"
-BIN = Path(sys.executable).parent
-REFERENCE_APP = "bench.reference_app:app"
-SERVICE_APP = "wsgi:app"
-PUT_PATH = "/client/users/bench-ready/profile/optin"
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    name: str
-    app: str
-    workers: int
-    storage: str | None = None  # OPTIN_STORAGE_URL template ({dir}, {redis_port})
-    env: tuple[tuple[str, str], ...] = ()
-    #: Targets: requests/s ratio to the paired reference (None for a reference).
-    target: float | None = None
-    note: str = ""
-    #: Given to gunicorn after the shipped config, for this server and its reference.
-    gunicorn_args: tuple[str, ...] = ()
-
-    @property
-    def is_reference(self) -> bool:
-        return self.app == REFERENCE_APP
-
-
-def reference(workers: int, gunicorn_args: tuple[str, ...] = ()) -> Config:
-    suffix = "-" + "".join(gunicorn_args[1:2]) if gunicorn_args else ""
-    return Config(
-        f"reference-{workers}w{suffix}",
-        REFERENCE_APP,
-        workers,
-        note="bench/reference_app.py",
-        gunicorn_args=gunicorn_args,
-    )
-
-
-# Threaded workers, which keep connections alive (wrk reuses its 16): not the shipped
-# default; run beside the sync rows to see what the choice of worker class costs.
-GTHREAD = ("--worker-class", "gthread", "--threads", "4")
-
-
-CONFIGS: dict[str, Config] = {
-    c.name: c
-    for c in (
-        Config("memory", SERVICE_APP, 1, "memory://", target=0.92, note="1 worker vs 1"),
-        Config(
-            "sqlite-full",
-            SERVICE_APP,
-            2,
-            "sqlite:///{dir}/full.db",
-            target=0.70,
-            note="synchronous=FULL (default)",
-        ),
-        Config(
-            "sqlite-normal",
-            SERVICE_APP,
-            2,
-            "sqlite:///{dir}/normal.db?synchronous=NORMAL",
-            target=0.85,
-            note="synchronous=NORMAL",
-        ),
-        Config(
-            "redis",
-            SERVICE_APP,
-            2,
-            "redis://127.0.0.1:{redis_port}/0?prefix=bench:",
-            target=0.80,
-            note="local redis-server, AOF off",
-        ),
-        # The reference answering with the contract's headers: the ceiling of memory://
-        # (a dict store needs no more than the reference's).
-        Config(
-            "reference-headers",
-            "bench.reference_headers_app:app",
-            1,
-            target=0.92,
-            note="reference + the 15 response headers",
-        ),
-        # Not in the default run: what the metrics and the access log cost.
-        Config(
-            "memory-nometrics",
-            SERVICE_APP,
-            1,
-            "memory://",
-            env=(("OPTIN_METRICS", "false"),),
-            note="OPTIN_METRICS=false",
-        ),
-        Config(
-            "memory-nolog",
-            "bench.service_variants:nolog",
-            1,
-            "memory://",
-            note="no access log line",
-        ),
-        Config(
-            "memory-bare",
-            "bench.service_variants:nolog",
-            1,
-            "memory://",
-            env=(("OPTIN_METRICS", "false"),),
-            note="no access log, OPTIN_METRICS=false",
-        ),
-        # Not in the default run: the same with gthread workers and keep-alive.
-        *(
-            Config(
-                f"{name}-gthread",
-                SERVICE_APP,
-                workers,
-                storage,
-                note="gthread, 4 threads per worker, keep-alive",
-                gunicorn_args=GTHREAD,
-            )
-            for name, workers, storage in (
-                ("memory", 1, "memory://"),
-                ("sqlite-full", 2, "sqlite:///{dir}/full.db"),
-                ("sqlite-normal", 2, "sqlite:///{dir}/normal.db?synchronous=NORMAL"),
-                ("redis", 2, "redis://127.0.0.1:{redis_port}/0?prefix=bench:"),
-            )
-        ),
-        # The ceilings (bench/ceiling_app.py): the reference plus one write to the
-        # storage, with the contract's headers or without; with a history event in the
-        # same write; with DESIGN.md's libraries imported (RSS). Some run by default.
-        *(
-            Config(
-                f"ceiling{suffix}-{name}",
-                f"bench.ceiling_app:{factory}()",
-                2,
-                storage,
-                target=target,
-                note=f"reference + one {name} write{note}",
-            )
-            for name, storage, target in (
-                ("sqlite-full", "sqlite:///{dir}/full.db", 0.70),
-                ("sqlite-normal", "sqlite:///{dir}/normal.db?synchronous=NORMAL", 0.85),
-                ("redis", "redis://127.0.0.1:{redis_port}/0", 0.80),
-            )
-            for suffix, factory, note in (
-                ("", "headers", " + the 15 headers"),
-                ("-bare", "bare", ""),
-                ("-history", "history", " and its history event + the 15 headers"),
-                ("-libs", "libraries", " + the 15 headers + DESIGN.md's libraries"),
-            )
-        ),
-    )
-}
-# Each target's service, then its ceiling: what the reference does plus the least
-# the contract and the storage add (no implementation of the service can do better).
-DEFAULT_CONFIGS = (
-    "memory",
-    "reference-headers",
-    "sqlite-full",
-    "ceiling-sqlite-full",
-    "sqlite-normal",
-    "ceiling-sqlite-normal",
-    "redis",
-    "ceiling-redis",
-    "ceiling-history-redis",
-    "ceiling-libs-redis",
+from configs import CEILING_OF, CONFIGS, DEFAULT_CONFIGS, P99_TARGET, RSS_TARGET, Config, reference
+from servers import (
+    RESULTS,
+    ROOT,
+    Gunicorn,
+    cpu_seconds,
+    fsync_latency_us,
+    redis_server,
+    rss_mib,
+    run_wrk,
 )
-P99_TARGET = 1.5
-RSS_TARGET = 1.25
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_put(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    """Until the server answers a PUT with 200 (or dies, or time runs out)."""
-    deadline = time.monotonic() + timeout
-    body = b'{"LOYALTY_OPTIN": "accepted"}'
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before answering")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("PUT", PUT_PATH, body, {"Content-Type": "application/json"})
-            status = conn.getresponse().status
-            conn.close()
-            if status == 200:
-                return
-            raise RuntimeError(f"server answered {status} to the readiness PUT")
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"server did not answer within {timeout:.0f} s")
-
-
-def worker_pids(master: int) -> list[int]:
-    path = Path(f"/proc/{master}/task/{master}/children")
-    return [int(p) for p in path.read_text().split()]
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for {pid}")
-
-
-CLOCK_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of these processes so far."""
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / CLOCK_TICK
-
-
-def fsync_latency_us(folder: Path, count: int = 50) -> dict:
-    """What one fsync of a 4 KiB append costs in ``folder`` now (p50, p90): with
-    synchronous=FULL, SQLite pays one per committed write."""
-    path = folder / "fsync.probe"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    times = []
-    try:
-        for _ in range(count):
-            os.write(fd, b"x" * 4096)
-            started = time.perf_counter()
-            os.fsync(fd)
-            times.append((time.perf_counter() - started) * 1e6)
-    finally:
-        os.close(fd)
-        path.unlink()
-    times.sort()
-    return {"p50": round(times[count // 2]), "p90": round(times[count * 9 // 10])}
-
-
-def run_wrk(port: int, threads: int, connections: int, seconds: int) -> dict:
-    cmd = [
-        "wrk",
-        f"-t{threads}",
-        f"-c{connections}",
-        f"-d{seconds}s",
-        "--timeout",
-        "5s",
-        "-s",
-        str(LUA),
-        f"http://127.0.0.1:{port}",
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 30)
-    line = next(x for x in out.stdout.splitlines() if x.startswith("BENCH "))
-    data = json.loads(line[len("BENCH ") :])
-    data["rps"] = data["requests"] / (data["duration_us"] / 1e6)
-    return data
-
-
-class Server:
-    """One gunicorn, started from the repo root with the shipped gunicorn.conf.py."""
-
-    def __init__(self, config: Config, workdir: Path, redis_port: int | None, tag: str) -> None:
-        self.config = config
-        self.port = free_port()
-        self.log_path = workdir / f"{tag}.stderr"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPTIN_", "PROMETHEUS_"))}
-        env.pop("GUNICORN_CMD_ARGS", None)
-        env["WEB_CONCURRENCY"] = str(config.workers)
-        env["OPTIN_BIND"] = f"127.0.0.1:{self.port}"
-        if config.storage:
-            env["OPTIN_STORAGE_URL"] = config.storage.format(dir=workdir, redis_port=redis_port)
-        env.update(config.env)
-        self.env = env
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> Server:
-        gunicorn = str(BIN / "gunicorn")
-        self._log = open(self.log_path, "wb")  # closed in __exit__
-        self.proc = subprocess.Popen(
-            [gunicorn, "-c", "gunicorn.conf.py", *self.config.gunicorn_args, self.config.app],
-            cwd=ROOT,
-            env=self.env,
-            stdout=self._log,
-            stderr=self._log,
-        )
-        wait_for_put(self.port, self.proc)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=35)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
-
-
-@contextlib.contextmanager
-def redis_server(workdir: Path):
-    """A private redis-server on a free port: AOF off, no snapshots."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--appendonly",
-            "no",
-            "--save",
-            "",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    import redis
-
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise
-            time.sleep(0.05)
-    try:
-        yield port, client
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+# --- one pair: the reference and a server, in alternating slices ---------------------------
 
 
 def reset_storage(config: Config, workdir: Path, redis_client) -> None:
     """Each server starts on empty storage."""
-    if config.storage and config.storage.startswith("redis"):
+    if config.uses_redis:
         redis_client.flushall()
     for name in ("full.db", "normal.db"):
         for suffix in ("", "-wal", "-shm"):
@@ -388,100 +59,96 @@ def reset_storage(config: Config, workdir: Path, redis_client) -> None:
                 (workdir / (name + suffix)).unlink()
 
 
+def alternate_slices(servers: list[Gunicorn], pids: list[list[int]], args) -> dict:
+    """wrk on each server in turn, ``--slice`` seconds each, until each had ``--duration``.
+
+    Returns each server's slices (wrk's figures) and its workers' CPU seconds during
+    them (per worker, to see how evenly they shared the load), and the load average
+    before and after every turn.
+    """
+    slices: list[list[dict]] = [[] for _ in servers]
+    cpu_per_worker = [[0.0] * len(each) for each in pids]
+    loads = [os.getloadavg()[0]]
+    for _ in range(max(1, round(args.duration / args.slice))):
+        for i, server in enumerate(servers):
+            before = [cpu_seconds(pid) for pid in pids[i]]
+            slices[i].append(run_wrk(server.port, args.threads, args.connections, args.slice))
+            for k, pid in enumerate(pids[i]):
+                cpu_per_worker[i][k] += cpu_seconds(pid) - before[k]
+        loads.append(os.getloadavg()[0])
+    return {"slices": slices, "cpu_per_worker": cpu_per_worker, "loads": loads}
+
+
+def server_result(config: Config, slices: list[dict], cpu_per_worker: list[float]) -> dict:
+    """One server's figures over its slices."""
+    requests = sum(x["requests"] for x in slices)
+    seconds = sum(x["duration_us"] for x in slices) / 1e6
+    cpu = sum(cpu_per_worker)
+    return {
+        "config": config.name,
+        "workers": config.workers,
+        "requests": requests,
+        "seconds": seconds,
+        "rps": requests / seconds,
+        "latency_us": {
+            q: statistics.median(x["latency_us"][q] for x in slices) for q in ("p50", "p90", "p99")
+        },
+        "errors": {k: sum(x["errors"][k] for x in slices) for k in slices[0]["errors"]},
+        "cpu_us_per_request": cpu / max(requests, 1) * 1e6,
+        # The busiest worker's share of the workers' CPU time (0.5 is even for 2).
+        "busiest_worker_cpu_share": max(cpu_per_worker) / cpu if cpu else float("nan"),
+        "slices": slices,
+    }
+
+
 def measure_pair(
     configs: tuple[Config, Config], args, workdir: Path, redis_port, redis_client, tag: str
 ) -> list[dict]:
-    """The reference and a service, both started fresh and warmed up, then loaded in
-    alternating slices (A B A B ...) of ``--slice`` seconds until each had
-    ``--duration`` seconds: drift of the machine within the pair hits both."""
+    """The reference and a server, both started fresh and warmed up, then sliced."""
     for config in configs:
         reset_storage(config, workdir, redis_client)
     with contextlib.ExitStack() as stack:
         servers = [
-            stack.enter_context(Server(c, workdir, redis_port, f"{tag}-{c.name}")) for c in configs
+            stack.enter_context(
+                Gunicorn(
+                    c.app,
+                    c.workers,
+                    workdir / f"{tag}-{c.name}.stderr",
+                    c.storage_url(workdir, redis_port),
+                    c.gunicorn_args,
+                )
+            )
+            for c in configs
         ]
-        pids = [worker_pids(s.proc.pid) for s in servers]  # type: ignore[union-attr]
+        pids = [server.worker_pids() for server in servers]
         if args.warmup > 0:
             for server in servers:
                 run_wrk(server.port, args.threads, args.connections, args.warmup)
         fsync = fsync_latency_us(workdir)
-        slices: list[list[dict]] = [[], []]
-        cpu_each = [[0.0] * len(each) for each in pids]  # per worker: how evenly they share
-        loads = [os.getloadavg()[0]]
-        n_slices = max(1, round(args.duration / args.slice))
-        for _ in range(n_slices):
-            for i, server in enumerate(servers):
-                before = [cpu_seconds([pid]) for pid in pids[i]]
-                slices[i].append(run_wrk(server.port, args.threads, args.connections, args.slice))
-                for k, pid in enumerate(pids[i]):
-                    cpu_each[i][k] += cpu_seconds([pid]) - before[k]
-            loads.append(os.getloadavg()[0])
-        cpu = [sum(each) for each in cpu_each]
+        load = alternate_slices(servers, pids, args)
         rss = [[rss_mib(pid) for pid in each] for each in pids]
     results = []
     for i, (config, server) in enumerate(zip(configs, servers, strict=True)):
-        log_bytes = server.log_path.stat().st_size
+        result = server_result(config, load["slices"][i], load["cpu_per_worker"][i])
+        result["rss_mib"] = statistics.mean(rss[i])
+        result["rss_mib_each"] = rss[i]
+        result["load"] = statistics.mean(load["loads"])
+        result["stderr_bytes"] = server.log_path.stat().st_size
+        result["fsync_us"] = fsync
         server.log_path.unlink()
-        requests = sum(x["requests"] for x in slices[i])
-        seconds = sum(x["duration_us"] for x in slices[i]) / 1e6
-        results.append(
-            {
-                "config": config.name,
-                "workers": config.workers,
-                "requests": requests,
-                "seconds": seconds,
-                "rps": requests / seconds,
-                # Per-slice percentiles, their median over the slices.
-                "latency_us": {
-                    q: statistics.median(x["latency_us"][q] for x in slices[i])
-                    for q in ("p50", "p90", "p99")
-                },
-                "errors": {
-                    k: sum(x["errors"][k] for x in slices[i]) for k in slices[i][0]["errors"]
-                },
-                "cpu_us_per_request": cpu[i] / max(requests, 1) * 1e6,
-                # The busiest worker's share of the workers' CPU time (0.5 is even for 2).
-                "busiest_worker_cpu_share": max(cpu_each[i]) / cpu[i] if cpu[i] else float("nan"),
-                "rss_mib": statistics.mean(rss[i]),
-                "rss_mib_each": rss[i],
-                "load": statistics.mean(loads),
-                "stderr_bytes": log_bytes,
-                "fsync_us": fsync,
-                "slices": slices[i],
-            }
-        )
+        results.append(result)
     return results
+
+
+# --- the figures of a round, and over the rounds -----------------------------------------
 
 
 def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
-def summarize(pairs: list[dict]) -> list[dict]:
-    """Per config: median, min and max over rounds of each ratio."""
-    out = []
-    for name in dict.fromkeys(p["config"] for p in pairs):
-        rows = [p for p in pairs if p["config"] == name]
-        row = {"config": name, "workers": rows[0]["workers"], "rounds": len(rows)}
-        medians = ("rps", "p50_ms", "p99_ms", "rss_mib", "cpu_us")
-        for key in (*medians, *("ref_" + k for k in medians)):
-            row[key] = statistics.median(r[key] for r in rows)
-        for key in ("rps_ratio", "p99_ratio", "rss_ratio", "cpu_ratio"):
-            values = [r[key] for r in rows]
-            row[key] = statistics.median(values)
-            row[key + "_min"] = min(values)
-            row[key + "_max"] = max(values)
-        row["target"] = rows[0]["target"]
-        row["met"] = {
-            "rps": None if row["target"] is None else row["rps_ratio"] >= row["target"],
-            "p99": row["p99_ratio"] <= P99_TARGET,
-            "rss": row["rss_ratio"] <= RSS_TARGET,
-        }
-        out.append(row)
-    return out
-
-
 def pair_row(config: Config, ref: dict, svc: dict, round_no: int) -> dict:
+    """A server beside its reference in one round."""
     return {
         "round": round_no,
         "config": config.name,
@@ -508,14 +175,92 @@ def pair_row(config: Config, ref: dict, svc: dict, round_no: int) -> dict:
     }
 
 
+def median_min_max(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
+
+
+def summarize(pairs: list[dict]) -> list[dict]:
+    """Per config: the median of its figures over the rounds, and of each ratio [min, max]."""
+    out = []
+    for name in dict.fromkeys(p["config"] for p in pairs):
+        rows = [p for p in pairs if p["config"] == name]
+        row = {"config": name, "workers": rows[0]["workers"], "rounds": len(rows)}
+        figures = ("rps", "p50_ms", "p99_ms", "rss_mib", "cpu_us")
+        for key in (*figures, *("ref_" + k for k in figures)):
+            row[key] = statistics.median(r[key] for r in rows)
+        for key in ("rps_ratio", "p99_ratio", "rss_ratio", "cpu_ratio"):
+            row[key], row[key + "_min"], row[key + "_max"] = median_min_max([r[key] for r in rows])
+        row["target"] = rows[0]["target"]
+        row["met"] = {
+            "rps": None if row["target"] is None else row["rps_ratio"] >= row["target"],
+            "p99": row["p99_ratio"] <= P99_TARGET,
+            "rss": row["rss_ratio"] <= RSS_TARGET,
+        }
+        out.append(row)
+    return out
+
+
+def over_ceilings(pairs: list[dict]) -> list[dict]:
+    """Each service over its ceiling, round by round (both ran in the same rounds)."""
+    by_round = {(p["round"], p["config"]): p for p in pairs}
+    out = []
+    for service, (ceiling, rps_target, p99_target) in CEILING_OF.items():
+        rounds = sorted(r for r, name in by_round if name == service and (r, ceiling) in by_round)
+        if not rounds:
+            continue
+        svc = [by_round[r, service] for r in rounds]
+        top = [by_round[r, ceiling] for r in rounds]
+        rps = median_min_max([ratio(s["rps"], c["rps"]) for s, c in zip(svc, top, strict=True)])
+        p99 = median_min_max(
+            [ratio(s["p99_ms"], c["p99_ms"]) for s, c in zip(svc, top, strict=True)]
+        )
+        out.append(
+            {
+                "service": service,
+                "ceiling": ceiling,
+                "rounds": len(rounds),
+                "rps_ratio": rps,
+                "rps_target": rps_target,
+                "p99_ratio": p99,
+                "p99_target": p99_target,
+            }
+        )
+    return out
+
+
+# --- printing -----------------------------------------------------------------------------
+
+
+def mark(ok: bool | None) -> str:
+    return "" if ok is None else (" ✓" if ok else " ✗")
+
+
+def spread(figures: tuple[float, float, float], bold: bool = False) -> str:
+    """``median [min, max]``, the median in bold if asked."""
+    median = f"**{figures[0]:.2f}**" if bold else f"{figures[0]:.2f}"
+    return f"{median} [{figures[1]:.2f}, {figures[2]:.2f}]"
+
+
+def print_progress(round_no: int, result: dict) -> None:
+    print(
+        f"  round {round_no} {result['config']:<16} {result['rps']:7.0f} req/s  "
+        f"p50 {result['latency_us']['p50'] / 1000:6.2f} ms  "
+        f"p99 {result['latency_us']['p99'] / 1000:6.2f} ms  "
+        f"RSS {result['rss_mib']:5.1f} MiB  "
+        f"CPU {result['cpu_us_per_request']:4.0f} µs/req  "
+        f"busiest worker {result['busiest_worker_cpu_share']:.2f}  "
+        f"load {result['load']:.1f}  fsync p50 {result['fsync_us']['p50']} µs",
+        flush=True,
+    )
+
+
 def print_rounds(pairs: list[dict]) -> None:
-    head = (
+    print(
         f"{'round':>5} {'config':<16} {'w':>1} {'ref req/s':>9} {'req/s':>7} {'ratio':>6} "
         f"{'ref p50':>7} {'p50':>6} {'ref p99':>7} {'p99':>6} {'p99 x':>6} "
         f"{'ref RSS':>7} {'RSS':>6} {'RSS x':>6} "
         f"{'ref CPU':>7} {'CPU':>5} {'CPU x':>5} {'errors':>6}"
     )
-    print(head)
     for p in pairs:
         errors = sum(p["errors"].values())
         print(
@@ -527,14 +272,10 @@ def print_rounds(pairs: list[dict]) -> None:
         )
 
 
-def markdown_table(summary: list[dict]) -> str:
-    """The README table: medians over the rounds, ratios with [min, max]."""
-
-    def mark(ok: bool | None) -> str:
-        return "" if ok is None else (" ✓" if ok else " ✗")
-
+def reference_table(summary: list[dict]) -> str:
+    """Markdown: each server over its reference, medians over the rounds with [min, max]."""
     lines = [
-        "| Service (workers) | req/s (ref) | req/s ratio [min, max] | target | "
+        "| Server (workers) | req/s (ref) | req/s ratio [min, max] | target | "
         "p99 ms (ref) | p99 ratio [min, max] | RSS/worker MiB (ref) | RSS ratio [min, max] | "
         "CPU µs/req (ref) |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -542,55 +283,59 @@ def markdown_table(summary: list[dict]) -> str:
     for r in summary:
         met = r["met"]
         target = "-" if r["target"] is None else f"≥ {r['target']:.2f}"
+        figures = {
+            k: (r[f"{k}_ratio"], r[f"{k}_ratio_min"], r[f"{k}_ratio_max"])
+            for k in ("rps", "p99", "rss")
+        }
         lines.append(
             f"| {r['config']} ({r['workers']}) | {r['rps']:,.0f} ({r['ref_rps']:,.0f}) | "
-            f"**{r['rps_ratio']:.2f}** [{r['rps_ratio_min']:.2f}, {r['rps_ratio_max']:.2f}]"
-            f"{mark(met['rps'])} | {target} | {r['p99_ms']:.1f} ({r['ref_p99_ms']:.1f}) | "
-            f"{r['p99_ratio']:.2f} [{r['p99_ratio_min']:.2f}, {r['p99_ratio_max']:.2f}]"
+            f"{spread(figures['rps'], bold=True)}{mark(met['rps'])} | {target} | "
+            f"{r['p99_ms']:.1f} ({r['ref_p99_ms']:.1f}) | {spread(figures['p99'])}"
             f"{mark(met['p99'])} | {r['rss_mib']:.1f} ({r['ref_rss_mib']:.1f}) | "
-            f"{r['rss_ratio']:.2f} [{r['rss_ratio_min']:.2f}, {r['rss_ratio_max']:.2f}]"
-            f"{mark(met['rss'])} | {r['cpu_us']:.0f} ({r['ref_cpu_us']:.0f}) |"
+            f"{spread(figures['rss'])}{mark(met['rss'])} | "
+            f"{r['cpu_us']:.0f} ({r['ref_cpu_us']:.0f}) |"
         )
     return "\n".join(lines)
 
 
-def git_state() -> dict:
+def ceiling_table(rows: list[dict]) -> str:
+    """Markdown: each service over its ceiling, medians over the rounds with [min, max]."""
+    lines = [
+        "| Service | its ceiling | req/s ratio [min, max] | target "
+        "| p99 ratio [min, max] | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        rps_ok = None if r["rps_target"] is None else r["rps_ratio"][0] >= r["rps_target"]
+        p99_ok = None if r["p99_target"] is None else r["p99_ratio"][0] <= r["p99_target"]
+        rps_target = "-" if r["rps_target"] is None else f"≥ {r['rps_target']:.2f}"
+        p99_target = "-" if r["p99_target"] is None else f"≤ {r['p99_target']:.2f}"
+        lines.append(
+            f"| {r['service']} | {r['ceiling']} | "
+            f"{spread(r['rps_ratio'], bold=True)}{mark(rps_ok)} | "
+            f"{rps_target} | {spread(r['p99_ratio'])}{mark(p99_ok)} | {p99_target} |"
+        )
+    return "\n".join(lines)
+
+
+# --- the run ------------------------------------------------------------------------------
+
+
+def run_metadata(args) -> dict:
     def git(*cmd: str) -> str:
         return subprocess.run(
             ["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=False
         ).stdout.strip()
 
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--duration", type=int, default=10, help="seconds of load per run")
-    parser.add_argument("--warmup", type=int, default=2, help="seconds of load before each")
-    parser.add_argument(
-        "--slice", type=int, default=2, help="seconds per slice: A and B alternate by slice"
-    )
-    parser.add_argument("--threads", type=int, default=1, help="wrk threads (-t)")
-    parser.add_argument("--connections", type=int, default=16, help="wrk connections (-c)")
-    parser.add_argument(
-        "--configs",
-        default=",".join(DEFAULT_CONFIGS),
-        help=f"comma-separated, from: {', '.join(CONFIGS)}",
-    )
-    parser.add_argument("--out", default=str(RESULTS / "load.json"))
-    args = parser.parse_args(argv)
-    if shutil.which("wrk") is None:
-        parser.error("wrk is not installed (apt-get install wrk)")
-    chosen = [CONFIGS[name.strip()] for name in args.configs.split(",") if name.strip()]
     try:
         import hiredis  # noqa: F401
 
         has_hiredis = True
     except ImportError:
         has_hiredis = False
-    meta = {
+    return {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(["bench/load.py", *sys.argv[1:]]),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "hiredis": has_hiredis,
@@ -598,59 +343,92 @@ def main(argv: list[str] | None = None) -> int:
         "warmup_s": args.warmup,
         "slice_s": args.slice,
         "rounds": args.rounds,
-        "worker_class": "sync",
-        **git_state(),
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": bool(git("status", "--porcelain")),
     }
-    print(
-        f"{meta['started']}  python {meta['python']}  {meta['cpus']} CPUs  hiredis={has_hiredis}  "
-        f"wrk {meta['wrk']}  commit {meta['commit'][:10]}{' (dirty)' if meta['dirty'] else ''}",
-        flush=True,
-    )
+
+
+def run_rounds(chosen: list[Config], args, workdir: Path) -> tuple[list[dict], list[dict]]:
+    """Every chosen configuration beside its reference, ``--rounds`` times."""
     runs: list[dict] = []
     pairs: list[dict] = []
+    with contextlib.ExitStack() as stack:
+        redis_port = redis_client = None
+        if any(c.uses_redis for c in chosen):
+            import redis
+
+            redis_port = stack.enter_context(redis_server(workdir))
+            redis_client = stack.enter_context(redis.Redis(port=redis_port))
+        for round_no in range(1, args.rounds + 1):
+            for config in chosen:
+                pair = (reference(config.workers, config.gunicorn_args), config)
+                done = measure_pair(pair, args, workdir, redis_port, redis_client, f"r{round_no}")
+                for result in done:
+                    result["round"] = round_no
+                    runs.append(result)
+                    print_progress(round_no, result)
+                pairs.append(pair_row(config, done[0], done[1], round_no))
+    return runs, pairs
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench/load.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="times every pair runs (3)")
+    parser.add_argument("--duration", type=int, default=10, help="seconds of load per server (10)")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of load before (2)")
+    parser.add_argument("--slice", type=int, default=2, help="seconds per wrk run in turn (2)")
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads, -t (1)")
+    parser.add_argument("--connections", type=int, default=16, help="wrk connections, -c (16)")
+    parser.add_argument(
+        "--configs",
+        default=",".join(DEFAULT_CONFIGS),
+        help=f"comma-separated, from: {', '.join(CONFIGS)} (default: {','.join(DEFAULT_CONFIGS)})",
+    )
+    parser.add_argument("--out", default=str(RESULTS / "load.json"), help="the JSON results")
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.configs.split(",") if n.strip() and n.strip() not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configs: {', '.join(unknown)}")
+    if shutil.which("wrk") is None:
+        parser.error("wrk is not installed (apt-get install wrk)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    chosen = [CONFIGS[name.strip()] for name in args.configs.split(",") if name.strip()]
+    meta = run_metadata(args)
+    print(
+        f"{meta['started']}  python {meta['python']}  {meta['cpus']} CPUs  "
+        f"hiredis={meta['hiredis']}  wrk {meta['wrk']}  "
+        f"commit {meta['commit'][:10]}{' (dirty)' if meta['dirty'] else ''}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="optin-load-") as tmp:
-        workdir = Path(tmp)
-        needs_redis = any(c.storage and c.storage.startswith("redis") for c in chosen)
-        with contextlib.ExitStack() as stack:
-            redis_port = redis_client = None
-            if needs_redis:
-                redis_port, redis_client = stack.enter_context(redis_server(workdir))
-            for round_no in range(1, args.rounds + 1):
-                for config in chosen:
-                    ref_config = reference(config.workers, config.gunicorn_args)
-                    done = measure_pair(
-                        (ref_config, config),
-                        args,
-                        workdir,
-                        redis_port,
-                        redis_client,
-                        f"r{round_no}",
-                    )
-                    for result in done:
-                        result["round"] = round_no
-                        runs.append(result)
-                        print(
-                            f"  round {round_no} {result['config']:<16} "
-                            f"{result['rps']:7.0f} req/s  "
-                            f"p50 {result['latency_us']['p50'] / 1000:6.2f} ms  "
-                            f"p99 {result['latency_us']['p99'] / 1000:6.2f} ms  "
-                            f"RSS {result['rss_mib']:5.1f} MiB  "
-                            f"CPU {result['cpu_us_per_request']:4.0f} µs/req  "
-                            f"busiest worker {result['busiest_worker_cpu_share']:.2f}  "
-                            f"load {result['load']:.1f}  "
-                            f"fsync p50 {result['fsync_us']['p50']} µs",
-                            flush=True,
-                        )
-                    pairs.append(pair_row(config, done[0], done[1], round_no))
+        runs, pairs = run_rounds(chosen, args, Path(tmp))
     summary = summarize(pairs)
+    ceilings = over_ceilings(pairs)
+    tables = reference_table(summary)
+    if ceilings:
+        tables += "\n\nEach service over its ceiling, same rounds:\n\n" + ceiling_table(ceilings)
     print()
     print_rounds(pairs)
     print()
-    table = markdown_table(summary)
-    print(table)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    doc = {"meta": meta, "summary": summary, "pairs": pairs, "runs": runs, "markdown": table}
+    print(tables)
+    doc = {
+        "meta": meta,
+        "summary": summary,
+        "over_ceilings": ceilings,
+        "pairs": pairs,
+        "runs": runs,
+        "markdown": tables,
+    }
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
     stamped = out.with_name(f"{out.stem}-{time.strftime('%Y%m%d-%H%M%S')}{out.suffix}")
     stamped.write_text(json.dumps(doc, indent=2) + "\n")

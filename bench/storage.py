@@ -1,10 +1,5 @@
 """Storage benchmark: bytes per member in Redis and in the SQLite file.
 
-From the repository root:
-
-    .venv/bin/python bench/storage.py                  # 100,000 members
-    .venv/bin/python bench/storage.py --members 20000  # quicker
-
 Both stores get ``--members`` members with one consent event each, written
 through the backend itself (``import_events``, in batches), so the layout is
 exactly the one the service writes. Then:
@@ -22,7 +17,8 @@ exactly the one the service writes. Then:
   ``optin_event`` table the history). Also after ``VACUUM`` (pages packed full,
   a lower bound: rows written in random order leave pages partly empty).
 
-Prints a table and writes ``bench/results/storage.json``.
+Prints a table and writes ``bench/results/storage.json``. About 15 seconds for
+the default 100,000 members; needs ``redis-server``.
 """
 
 from __future__ import annotations
@@ -41,15 +37,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
-import load  # noqa: E402  (bench/load.py)
+from servers import RESULTS, redis_server  # noqa: E402  (bench/servers.py)
 
 from backends.redis import RedisStore  # noqa: E402
 from backends.sqlite import SQLiteStore  # noqa: E402
 from optin_service.storage import OptInRecord  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 REDIS_TARGET = 120  # bytes per member, current state
 BATCH = 5000
 
@@ -85,7 +79,9 @@ def used_memory(client) -> int:
 
 def bench_redis(recs: list[OptInRecord], workdir: Path) -> dict:
     n = len(recs)
-    with load.redis_server(workdir) as (port, client):
+    import redis
+
+    with redis_server(workdir) as port, redis.Redis(port=port) as client:
         store = RedisStore.from_url(f"redis://127.0.0.1:{port}/0")
         client.flushall()
         empty = used_memory(client)
@@ -188,9 +184,15 @@ def bench_sqlite(recs: list[OptInRecord], workdir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--members", type=int, default=100_000)
-    parser.add_argument("--out", default=str(RESULTS / "storage.json"))
+    parser = argparse.ArgumentParser(
+        prog="bench/storage.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--members", type=int, default=100_000, help="members, one event each (100,000)"
+    )
+    parser.add_argument("--out", default=str(RESULTS / "storage.json"), help="the JSON results")
     args = parser.parse_args(argv)
     recs = records(args.members)
     with tempfile.TemporaryDirectory(prefix="optin-storage-") as tmp:

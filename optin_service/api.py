@@ -1,26 +1,36 @@
 """The blueprint: the seed's PUT, the GET of current state, and health checks.
 
-Routes stay thin: check the id, validate the body, call the store.
+Routes stay thin: check the id, validate the body, call the store. Each view
+carries its own OpenAPI :class:`~.operation.Operation` (what it takes, what it
+answers); ``openapi.py`` adds what every route shares.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from contextlib import AbstractContextManager, nullcontext
-from typing import IO
 
-from flask import Blueprint, Request, Response, current_app, request
-from werkzeug.exceptions import ClientDisconnected, NotFound, RequestEntityTooLarge
+from flask import Blueprint, Response, current_app, request
+from werkzeug.exceptions import NotFound
 
 from .auth import check_request, client_name
+from .body import read_body
 from .errors import ApiError, register_error_handlers
-from .headers import ApiResponse, no_https_redirect, request_id
+from .headers import no_https_redirect, request_id
 from .metrics import consent_changed, exposition, storage_operation
+from .openapi import document
+from .operation import Operation, Parameter
 from .schemas import (
     CORRELATION_ID,
+    CORRELATION_ID_RULE,
     IDEMPOTENCY_KEY,
     SOURCE,
+    HealthSchema,
+    HistoryPageSchema,
+    HistoryQuerySchema,
+    OptInRequestSchema,
+    OptInStateSchema,
+    OptInUpdatedSchema,
     dump_page,
     dump_state,
     encode_cursor,
@@ -35,11 +45,57 @@ bp = Blueprint("optin", __name__)
 register_error_handlers(bp)
 bp.before_request(check_request)
 
+
+@bp.before_request
+def _options() -> Response | None:
+    """OPTIONS on an API path: 204 with ``Allow``, and no body, so no Content-Type
+    (Flask's automatic answer is an empty ``text/html`` 200)."""
+    if request.method != "OPTIONS":
+        return None
+    allowed = current_app.make_default_options_response().allow
+    response = Response(status=204, headers={"Allow": ", ".join(sorted(allowed))})
+    del response.headers["Content-Type"]
+    return response
+
+
 OPTIN_PATH = "/client/users/<correlation_id>/profile/optin"
 #: Path prefixes of the API when mounted without a url_prefix (its 404s and 405s).
 API_PATHS = ("/client/users/", "/healthz", "/readyz", "/metrics", "/openapi.json")
 #: The seed's 200 body, exactly these 29 bytes (``jsonify`` would add a newline).
 UPDATED_BODY = b'{"message":"Opt-in updated."}'
+
+#: The parameters the views take, as the document describes and the views check them.
+MEMBER = Parameter(
+    "correlation_id",
+    "path",
+    f"The member: {CORRELATION_ID_RULE}",
+    CORRELATION_ID,
+    128,
+    example="member-42",
+)
+CONSENT_SOURCE = Parameter(
+    "X-Consent-Source",
+    "header",
+    "The channel the consent came through, stored with the event (default API)",
+    SOURCE,
+    32,
+    example="STORE_42",
+)
+IDEMPOTENCY = Parameter(
+    "Idempotency-Key",
+    "header",
+    "Makes a retry safe: the same key with the same answer for the same member within 24 "
+    "hours returns the same 200 and records nothing new; the same key with another answer "
+    "is a 422 IDEMPOTENCY_KEY_REUSED",
+    IDEMPOTENCY_KEY,
+    255,
+)
+#: What every route of a member can answer, besides its own.
+MEMBER_ERRORS = {
+    400: f"A correlation_id that is not {CORRELATION_ID_RULE}",
+    500: "A bug or a storage fault (no details; see the log)",
+    503: "Storage is unreachable or busy: retry after Retry-After",
+}
 
 
 def store() -> OptInStore:
@@ -55,108 +111,99 @@ def _timed(operation: str) -> AbstractContextManager[None]:
 
 
 def _json(body: object, status: int = 200) -> Response:
-    return ApiResponse(json.dumps(body, separators=(",", ":")), status, mimetype="application/json")
+    return Response(json.dumps(body, separators=(",", ":")), status, mimetype="application/json")
 
 
 def _checked_id(correlation_id: str) -> str:
     if not CORRELATION_ID.fullmatch(correlation_id):
-        raise ApiError(400, "correlation_id must be 1 to 128 characters of A-Z a-z 0-9 . _ : @ -")
+        raise ApiError(400, f"correlation_id must be {CORRELATION_ID_RULE}")
     return correlation_id
 
 
-def _body(req: Request, limit: int) -> bytes:
-    """The request body, at most ``limit`` (``OPTIN_MAX_BODY_BYTES``) long (else 413)."""
-    # Set per request (Flask >= 3.1) so a host app's own limit is left alone. One
-    # byte of headroom: a body without Content-Length (chunked) is cut at the limit
-    # silently, and that extra byte tells a body that fits from one that does not.
-    req.max_content_length = limit + 1
-    environ = req.environ
-    length = environ.get("CONTENT_LENGTH")
-    if (
-        "wsgi.input_terminated" in environ
-        and "HTTP_TRANSFER_ENCODING" not in environ
-        and length is not None
-        and length.isascii()
-        and length.isdigit()
-        and int(length) <= limit
-    ):
-        data = _read_terminated(environ["wsgi.input"], limit + 1)
-    else:
-        data = req.get_data(cache=False)
-    if len(data) > limit:
-        raise RequestEntityTooLarge()
-    return data
-
-
-def _read_terminated(stream: IO[bytes], most: int) -> bytes:
-    """What ``request.get_data()`` reads from a server-terminated stream, without its layers.
-
-    With ``wsgi.input_terminated`` (gunicorn sets it) and a Content-Length within
-    the limit, Werkzeug reads the raw stream until it ends or ``most`` bytes
-    have come, and answers a failing read with ``ClientDisconnected``; so does
-    this, with the same calls to the stream, without building a ``LimitedStream``.
-    """
-    chunks = []
-    remaining = most
-    while remaining > 0:
-        try:
-            chunk = stream.read(remaining)
-        except (OSError, ValueError):
-            raise ClientDisconnected() from None
-        if not chunk:
-            break
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def _header(name: str, pattern: re.Pattern[str], rule: str) -> str | None:
-    value = request.headers.get(name)
-    if value is not None and not pattern.fullmatch(value):
-        raise ApiError(400, f"{name} must be {rule}")
+def _header(parameter: Parameter, rule: str) -> str | None:
+    """The header's value if sent, checked as its documentation says; ``rule`` in words."""
+    value = request.headers.get(parameter.name)
+    if value is not None and not parameter.pattern.fullmatch(value):
+        raise ApiError(400, f"{parameter.name} must be {rule}")
     return value
 
 
 @bp.put(OPTIN_PATH)
 @no_https_redirect
+@Operation(
+    "putOptIn",
+    "Record the member's answer",
+    tag="consent",
+    description=(
+        "Stores the answer as an immutable event (with the server's time, the request id "
+        "and the source) and makes it the member's current state."
+    ),
+    parameters=[MEMBER, CONSENT_SOURCE, IDEMPOTENCY],
+    body=OptInRequestSchema,
+    body_example={"LOYALTY_OPTIN": "accepted"},
+    ok="Recorded as a new consent event (or an idempotent replay): always these 29 bytes",
+    returns=OptInUpdatedSchema,
+    example={"message": "Opt-in updated."},
+    links={
+        "GetOptIn": {
+            "operationId": "getOptIn",
+            "parameters": {"correlation_id": "$request.path.correlation_id"},
+        }
+    },
+    errors={
+        **MEMBER_ERRORS,
+        400: "A bad correlation_id, X-Consent-Source or Idempotency-Key; a body that is not one "
+        "JSON object (NaN, Infinity and duplicate keys are refused); LOYALTY_OPTIN missing, "
+        "or not exactly accepted or declined; a malformed chunked body, or one shorter "
+        "than its Content-Length",
+        408: "The body did not all arrive within OPTIN_BODY_TIMEOUT_SECONDS",
+        413: "A body over OPTIN_MAX_BODY_BYTES",
+        415: "A Content-Type other than application/json",
+        422: (
+            "The Idempotency-Key was already used for this member with another answer",
+            "IDEMPOTENCY_KEY_REUSED",
+        ),
+    },
+)
 def put_optin(correlation_id: str) -> Response:
     """Record the member's answer as a new event; the body is the seed's, byte for byte."""
     correlation_id = _checked_id(correlation_id)
-    # Flask's request and current_app are proxies resolved on every use: once here.
-    req = request._get_current_object()  # type: ignore[attr-defined]
-    app = current_app._get_current_object()  # type: ignore[attr-defined]
-    # Most PUTs carry neither optional header: look for each in the WSGI environ
-    # (where request.headers reads it from) before the header lookup proper.
-    environ = req.environ
-    source = key = None
-    if "HTTP_X_CONSENT_SOURCE" in environ:
-        source = _header("X-Consent-Source", SOURCE, "1 to 32 characters of A-Z a-z 0-9 _ -")
-    if "HTTP_IDEMPOTENCY_KEY" in environ:
-        key = _header("Idempotency-Key", IDEMPOTENCY_KEY, "1 to 255 printable ASCII characters")
-    if environ.get("CONTENT_TYPE") != "application/json" and req.mimetype != "application/json":
+    source = _header(CONSENT_SOURCE, "1 to 32 characters of A-Z a-z 0-9 _ -")
+    key = _header(IDEMPOTENCY, "1 to 255 printable ASCII characters")
+    if request.mimetype != "application/json":
         raise ApiError(415, "Content-Type must be application/json")
-    status = load_optin_status(_body(req, app.config["OPTIN_MAX_BODY_BYTES"]))
+    config = current_app.config
+    body = read_body(request, config["OPTIN_MAX_BODY_BYTES"], config["OPTIN_BODY_TIMEOUT_SECONDS"])
+    status = load_optin_status(body)
     record = OptInRecord.now(
         correlation_id, status, request_id(), source or DEFAULT_SOURCE, client_name()
     )
-    state = app.extensions["optin"]
-    metrics_on = app.config["OPTIN_METRICS"]
     try:
-        with storage_operation(state.backend, "set") if metrics_on else nullcontext():
-            current = state.store.set(record, idempotency_key=key)
+        with _timed("set"):
+            current = store().set(record, idempotency_key=key)
     except IdempotencyKeyReused:
         raise ApiError(
             422,
             "Idempotency-Key was already used for this member with a different request",
             "IDEMPOTENCY_KEY_REUSED",
         ) from None
-    if metrics_on and current.request_id == record.request_id:
+    if current_app.config["OPTIN_METRICS"] and current.request_id == record.request_id:
         consent_changed(status)
-    return ApiResponse(UPDATED_BODY, 200, mimetype="application/json")
+    return Response(UPDATED_BODY, 200, mimetype="application/json")
 
 
 @bp.get(OPTIN_PATH)
 @no_https_redirect
+@Operation(
+    "getOptIn",
+    "The member's current answer",
+    tag="consent",
+    parameters=[MEMBER],
+    ok="The member's current answer and when it was recorded (UTC, microseconds)",
+    returns=OptInStateSchema,
+    example={"LOYALTY_OPTIN": "accepted", "updatedAt": "2026-11-26T12:00:00.123456Z"},
+    errors={**MEMBER_ERRORS, 404: "Nothing was ever recorded for this member"},
+)
 def get_optin(correlation_id: str) -> Response:
     """The member's current answer and when it was recorded."""
     with _timed("get"):
@@ -168,6 +215,30 @@ def get_optin(correlation_id: str) -> Response:
 
 @bp.get(OPTIN_PATH + "/history")
 @no_https_redirect
+@Operation(
+    "getOptInHistory",
+    "The member's consent events, a page at a time",
+    tag="consent",
+    parameters=[MEMBER],
+    query=HistoryQuerySchema,
+    ok="The member's consent events, newest first; `next` is null on the last page",
+    returns=HistoryPageSchema,
+    links={
+        "NextPage": {
+            "operationId": "getOptInHistory",
+            "parameters": {
+                "correlation_id": "$request.path.correlation_id",
+                "cursor": "$response.body#/next",
+            },
+        }
+    },
+    errors={
+        **MEMBER_ERRORS,
+        400: "A bad correlation_id, a limit that is not a whole number from 1 to 100, "
+        "or a cursor this service did not give out",
+        404: "No events for this member",
+    },
+)
 def get_history(correlation_id: str) -> Response:
     """The member's consent events, newest first, a page at a time."""
     correlation_id = _checked_id(correlation_id)
@@ -183,6 +254,14 @@ def get_history(correlation_id: str) -> Response:
 
 @bp.get("/healthz")
 @no_https_redirect
+@Operation(
+    "getHealth",
+    "Liveness",
+    tag="operations",
+    ok="The process is up (storage is not checked)",
+    returns=HealthSchema,
+    example={"status": "ok"},
+)
 def healthz() -> Response:
     """The process is up (says nothing about storage)."""
     return _json({"status": "ok"})
@@ -190,6 +269,15 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 @no_https_redirect
+@Operation(
+    "getReadiness",
+    "Readiness",
+    tag="operations",
+    ok="Storage answers",
+    returns=HealthSchema,
+    example={"status": "ready"},
+    errors={503: "Storage does not answer: retry after Retry-After"},
+)
 def readyz() -> Response:
     """The store answers; 503 (with Retry-After) while it does not."""
     with _timed("check"):
@@ -199,19 +287,35 @@ def readyz() -> Response:
 
 @bp.get("/metrics")
 @no_https_redirect
+@Operation(
+    "getMetrics",
+    "Prometheus metrics",
+    tag="operations",
+    ok="Prometheus text exposition, summed over the workers",
+    returns={"type": "string"},
+    media="text/plain",
+    enabled_by="OPTIN_METRICS",
+)
 def metrics() -> Response:
     """Prometheus metrics (summed over gunicorn workers); 404 when OPTIN_METRICS is off."""
     if not current_app.config["OPTIN_METRICS"]:
         raise NotFound()
     body, content_type = exposition()
-    return ApiResponse(body, 200, content_type=content_type)
+    return Response(body, 200, content_type=content_type)
 
 
 @bp.get("/openapi.json", endpoint="openapi")
 @no_https_redirect
+@Operation(
+    "getOpenApi",
+    "This document",
+    tag="operations",
+    ok="This document (OpenAPI 3.1)",
+    returns={"type": "object"},
+)
 def openapi_document() -> Response:
     """This API's OpenAPI 3.1 document, built once per app."""
-    from .openapi import document  # imports this module: loaded on first use
-
-    app = current_app._get_current_object()  # type: ignore[attr-defined]
-    return ApiResponse(document(app), 200, mimetype="application/json")
+    state = current_app.extensions["optin"]
+    if state.openapi is None:  # built on first use: every blueprint is registered by then
+        state.openapi = document(current_app)
+    return Response(state.openapi, 200, mimetype="application/json")

@@ -32,7 +32,7 @@ from flask import Request, current_app, g, request
 from .errors import ApiError
 from .schemas import CLIENT
 
-if TYPE_CHECKING:  # PyJWT and cryptography weigh ~10 MiB per worker: loaded for OPTIN_AUTH=jwt only
+if TYPE_CHECKING:  # PyJWT and cryptography are heavy: loaded for OPTIN_AUTH=jwt only
     import jwt
 
 log = logging.getLogger(__name__)
@@ -183,10 +183,22 @@ class JwtBearer:
             ) from None
         except (jwt.PyJWTError, ValueError) as exc:
             raise unauthorized(f"Invalid token: {exc}") from None
-        scopes = claims.get("scope", claims.get("scp", ""))
-        if isinstance(scopes, str):
-            scopes = scopes.split()
-        return Principal(_client_name(claims), frozenset(s for s in scopes if isinstance(s, str)))
+        return Principal(_client_name(claims), _scopes(claims))
+
+
+def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
+    """The token's scopes: ``scope`` as a space-separated string (RFC 8693), else ``scp``
+    as such a string or a list of strings. Any other value grants nothing: a token
+    whose scopes cannot be read is a token without them."""
+    if "scope" in claims:
+        value = claims["scope"]
+        return frozenset(value.split()) if isinstance(value, str) else frozenset()
+    value = claims.get("scp")
+    if isinstance(value, str):
+        return frozenset(value.split())
+    if isinstance(value, list) and all(isinstance(scope, str) for scope in value):
+        return frozenset(value)
+    return frozenset()
 
 
 #: The claims that may name a token's client, in the order they are tried.
@@ -237,6 +249,33 @@ def build_authenticator(config: Mapping[str, Any]) -> Authenticator | None:
 def required_scope(method: str) -> str:
     """The scope a request method needs."""
     return READ if method in ("GET", "HEAD") else WRITE
+
+
+def security_schemes(config: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """The OpenAPI security schemes of ``OPTIN_AUTH``: where its authenticator reads
+    credentials, and which scopes a token needs."""
+    bearer = {"type": "http", "scheme": "bearer"}
+    if config["OPTIN_AUTH"] == "api-key":
+        return {
+            "bearerAuth": {**bearer, "description": "An API key, as `Authorization: Bearer <key>`"},
+            "apiKeyAuth": {
+                "type": "apiKey",
+                "in": "header",
+                "name": "x-api-key",
+                "description": "An API key, as `x-api-key: <key>`",
+            },
+        }
+    if config["OPTIN_AUTH"] != "jwt":
+        return {}
+    text = (
+        "An OAuth 2.0 access token (JWT, client credentials) "
+        f"with scope `{WRITE}` for PUT and `{READ}` for GET"
+    )
+    if config.get("OPTIN_JWT_ISSUER"):
+        text += f"; issuer `{config['OPTIN_JWT_ISSUER']}`"
+    if config.get("OPTIN_JWT_AUDIENCE"):
+        text += f", audience `{config['OPTIN_JWT_AUDIENCE']}`"
+    return {"bearerAuth": {**bearer, "bearerFormat": "JWT", "description": text}}
 
 
 def check_request() -> None:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
+import stat
 import sys
 import time
 import uuid
@@ -23,10 +23,10 @@ from typing import IO, Any
 
 import click
 from flask import current_app
-from flask.cli import AppGroup
+from flask.cli import AppGroup, with_appcontext
 
 from .registry import redact, store_from_url
-from .schemas import CORRELATION_ID, SOURCE, SUBMICROSECOND, dump_event, load_event
+from .schemas import CORRELATION_ID, SOURCE, SUBMICROSECOND, cut, dump_event, load_event
 from .storage import (
     EARLIEST,
     LATEST,
@@ -36,6 +36,7 @@ from .storage import (
     OptInStore,
     StorageError,
 )
+from .version import __version__
 
 
 class _OptInGroup(AppGroup):
@@ -49,9 +50,14 @@ class _OptInGroup(AppGroup):
             raise click.ClickException(f"storage: {exc}") from None
 
 
-optin = _OptInGroup(
-    "optin", help="Read and write opt-in records; export, import, migrate; upgrade the schema."
-)
+@click.group("optin", cls=_OptInGroup)
+@click.version_option(__version__, prog_name="optin-service")
+@with_appcontext
+def optin() -> None:
+    """Read and write opt-in records; export, import, migrate; upgrade the schema."""
+    # Which store a command uses is never a guess: one line on stderr, first
+    # (stdout stays the command's own output).
+    click.echo(f"opt-in storage: {current_app.extensions['optin'].store_name}", err=True)
 
 
 def _store() -> OptInStore:
@@ -84,7 +90,7 @@ def _line(record: OptInRecord) -> str:
 
 def _check(value: str, pattern: Any, what: str) -> str:
     if not pattern.fullmatch(value):
-        raise click.BadParameter(f"{value!r} is not a valid {what}")
+        raise click.BadParameter(f"{cut(value, quote=True)} is not a valid {what}")
     return value
 
 
@@ -116,11 +122,11 @@ def _parse_since(ctx: click.Context, param: click.Parameter, value: str | None) 
     if value is None:
         return None
     if SUBMICROSECOND.search(value):  # it would be cut: earlier events would pass
-        raise click.BadParameter(f"{value!r} has more than six fractional digits")
+        raise click.BadParameter(f"{cut(value, quote=True)} has more than six fractional digits")
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not an ISO 8601 time") from None
+        raise click.BadParameter(f"{cut(value, quote=True)} is not an ISO 8601 time") from None
     moment = moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
     if not EARLIEST <= moment <= LATEST:
         raise click.BadParameter(
@@ -131,29 +137,70 @@ def _parse_since(ctx: click.Context, param: click.Parameter, value: str | None) 
 
 @contextlib.contextmanager
 def _replaced_when_done(path: str) -> Iterator[IO[str]]:
-    """``path`` ("-": stdout) to write, through a file beside it that is moved over it
-    only if the block ends without error: a failed export (storage down halfway)
-    leaves the previous file as it was. (click's atomic files replace it anyway.)"""
+    """``path`` to write: "-" is stdout; a FIFO or a character device (named, or reached
+    through a symbolic link) is written through; a regular file, or a new one, is
+    written beside it and moved over it only if the block ends without error, so a
+    failed export (storage down halfway) leaves the previous file as it was. (click's
+    atomic files replace it anyway.) A new file is created 0600 (an export is every
+    member's consent); a replaced one keeps its mode. Nothing else is ever replaced:
+    a symbolic link to a regular file, or any other kind of file, is refused."""
     if path == "-":
         with click.open_file("-", "w") as out:
+            yield out
+        return
+    try:
+        kind = os.lstat(path).st_mode
+    except FileNotFoundError:
+        kind = None
+    except OSError as exc:
+        raise _bad_output(path, exc.strerror) from None
+    if kind is not None and not stat.S_ISREG(kind):
+        with _written_through(path) as out:
             yield out
         return
     folder, name = os.path.split(os.path.abspath(path))
     temporary = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
-        raise click.BadParameter(f"{path!r}: {exc.strerror}", param_hint="'-o'") from None
+        raise _bad_output(path, exc.strerror) from None
     try:
         with open(fd, "w", encoding="utf-8") as out:
             yield out
-        if os.path.exists(path):
+        if kind is not None:
             shutil.copymode(path, temporary)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+@contextlib.contextmanager
+def _written_through(path: str) -> Iterator[IO[str]]:
+    """``path``, which is not a regular file, opened as it is if it is a FIFO or a
+    character device (no O_CREAT, no O_TRUNC: the node is never created or replaced;
+    the kernel's checks on following links apply)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOCTTY)
+    except FileNotFoundError:  # only a link to nothing gets here
+        raise _bad_output(path, f"a symbolic link to nothing; {_NAME_THE_FILE}") from None
+    except OSError as exc:
+        raise _bad_output(path, exc.strerror) from None
+    kind = os.fstat(fd).st_mode
+    if not (stat.S_ISFIFO(kind) or stat.S_ISCHR(kind)):
+        os.close(fd)
+        what = "a symbolic link to a regular file" if stat.S_ISREG(kind) else "not a file"
+        raise _bad_output(path, f"{what}; {_NAME_THE_FILE}")
+    with open(fd, "w", encoding="utf-8") as out:
+        yield out
+
+
+_NAME_THE_FILE = "name the file itself, which is replaced once the export is complete"
+
+
+def _bad_output(path: str, reason: str | None) -> click.BadParameter:
+    return click.BadParameter(f"{path!r}: {reason}", param_hint="'-o'")
 
 
 @optin.command("export")
@@ -167,7 +214,10 @@ def _replaced_when_done(path: str) -> Iterator[IO[str]]:
     "--output",
     type=click.Path(dir_okay=False, allow_dash=True),
     default="-",
-    help="File to write (default: stdout); replaced only once the export is complete.",
+    help=(
+        "File to write (default: stdout); replaced only once the export is complete, "
+        "created 0600 if new. A FIFO or a device is written through."
+    ),
 )
 def export_command(since: datetime | None, output: str) -> None:
     """Write every event as JSON Lines, streamed in constant memory."""
@@ -226,7 +276,7 @@ def migrate_command(target_url: str) -> None:
     """Copy every member's events to another backend, in batches; verify counts."""
     source = _store()
     try:
-        target = store_from_url(target_url)
+        target = store_from_url(target_url, current_app.config)
     except (LookupError, ValueError) as exc:  # an unknown scheme, a bad URL option
         raise click.ClickException(str(exc)) from None
     try:
@@ -286,15 +336,3 @@ def upgrade_command() -> None:
         click.echo(f"schema version {after}: up to date", err=True)
     else:
         click.echo(f"schema upgraded from version {before} to {after}", err=True)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """The ``optin`` console script: the same commands, on ``create_app()``'s store."""
-    from . import create_app
-
-    # The service's start-up lines (storage in use, authentication mode) are noise
-    # around a command's own output; errors still show.
-    logging.getLogger("optin_service").setLevel(logging.ERROR)
-    app = create_app()
-    with app.app_context():
-        optin.main(args=argv, prog_name="optin")

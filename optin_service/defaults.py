@@ -7,16 +7,21 @@ own config when the extension is embedded).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 #: Which backend and where (``memory://``, ``sqlite:///rel.db``, ``redis://host:6379/0``...).
-#: ``None`` means an SQLite file named ``optin.db`` in the Flask instance folder.
+#: ``None`` means an SQLite file named ``optin.db`` in the Flask instance folder, made if
+#: missing: ``./instance`` for ``create_app`` (the service, ``optin``), the host's when embedded.
 OPTIN_STORAGE_URL: str | None = None
 
 #: Largest request body accepted, in bytes (becomes Flask's ``MAX_CONTENT_LENGTH``).
 OPTIN_MAX_BODY_BYTES: int = 16384
+
+#: Seconds a client has to send the whole request body, then 408. Keep it well below
+#: gunicorn's worker timeout (30 s in gunicorn.conf.py): a worker stuck past that is killed.
+#: Enforced where the server gives the app its socket (gunicorn does).
+OPTIN_BODY_TIMEOUT_SECONDS: int = 5
 
 #: Seconds a client is told to wait (``Retry-After``) when storage is unavailable.
 OPTIN_RETRY_AFTER_SECONDS: int = 1
@@ -86,8 +91,10 @@ def _from_env(name: str, default: Any, environ: Mapping[str, str]) -> Any:
 
 
 def apply(config: MutableMapping[str, Any], environ: Mapping[str, str] | None = None) -> None:
-    """Fill every ``OPTIN_*`` key ``config`` lacks, from the environment or the default."""
-    environ = os.environ if environ is None else environ
+    """Fill every ``OPTIN_*`` key ``config`` lacks: from ``environ`` if given and it has
+    the name (``create_app`` passes ``os.environ``), else the default. An embedded
+    ``OptIn`` passes none: it reads only its host's config."""
+    environ = environ or {}
     for name, default in DEFAULTS.items():
         if name in config:
             continue

@@ -14,21 +14,29 @@ from http import HTTPStatus
 from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException, default_exceptions
 
-from .headers import RESPONSE_HEADERS, ApiResponse, new_request_id, request_id
+from .headers import REQUEST_ID_HEADERS, RESPONSE_HEADERS, new_request_id, request_id
 from .storage import StorageError, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
+#: The ``errorCode`` of each status the API answers, gunicorn's own included (it
+#: refuses some requests before the app runs: 400, 414, 417, 431, 501; see
+#: ``http_error``). The README's error table lists the same.
 ERROR_CODES: dict[int, str] = {
     400: "INVALID_REQUEST",
     401: "UNAUTHORIZED",
     403: "FORBIDDEN",
     404: "NOT_FOUND",
     405: "METHOD_NOT_ALLOWED",
+    408: "REQUEST_TIMEOUT",
     413: "PAYLOAD_TOO_LARGE",
+    414: "REQUEST_URI_TOO_LONG",
     415: "UNSUPPORTED_MEDIA_TYPE",
+    417: "EXPECTATION_FAILED",
     429: "TOO_MANY_REQUESTS",
+    431: "REQUEST_HEADER_FIELDS_TOO_LARGE",
     500: "INTERNAL_ERROR",
+    501: "NOT_IMPLEMENTED",
     503: "SERVICE_UNAVAILABLE",
 }
 
@@ -57,7 +65,7 @@ def error_response(
 ) -> Response:
     """The envelope as a response. Codes not in the table are derived from the reason."""
     body = envelope(status, message, error_code)
-    return ApiResponse(body, status, headers=headers, mimetype="application/json")
+    return Response(body, status, headers=headers, mimetype="application/json")
 
 
 def envelope(status: int, message: str, error_code: str | None = None) -> str:
@@ -83,8 +91,7 @@ def http_error(status: int, reason: str, message: str) -> bytes:
         "Content-Type: application/json",
         f"Content-Length: {len(body)}",
         *(f"{name}: {value}" for name, value in RESPONSE_HEADERS),
-        f"x-amzn-RequestId: {rid}",
-        f"X-Request-Id: {rid}",
+        *(f"{name}: {rid}" for name in REQUEST_ID_HEADERS),
     ]
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
 
@@ -124,11 +131,10 @@ def handle_storage_unavailable(exc: StorageUnavailable) -> Response:
     rid = request_id()
     log.warning("storage unavailable (request id %s): %s", rid, exc, extra={"request_id": rid})
     retry_after = str(current_app.config.get("OPTIN_RETRY_AFTER_SECONDS", 1))
-    return error_response(
-        503,
-        "Storage is unavailable, please retry later",
-        headers={"Retry-After": retry_after},
-    )
+    message = "Storage is unavailable, please retry later"
+    if exc.reason:
+        message += f": {exc.reason}"
+    return error_response(503, message, headers={"Retry-After": retry_after})
 
 
 def handle_unexpected(exc: Exception) -> Response:

@@ -14,7 +14,7 @@ import os
 import time
 import weakref
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from flask import Flask, Request, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException
@@ -24,7 +24,7 @@ from .api import API_PATHS, bp
 from .auth import Authenticator, build_authenticator
 from .cli import optin as optin_cli
 from .errors import handle_http_exception, register_error_handlers
-from .headers import apply_headers, request_id
+from .headers import RESPONSE_HEADERS, SEED_HEADERS, apply_headers, request_id
 from .logs import ACCESS
 from .metrics import observe_request
 from .ratelimit import init_rate_limit
@@ -50,10 +50,14 @@ class OptInState:
     standalone: bool
     #: The backend's name in metrics and logs (the URL scheme, or the store's class).
     backend: str
+    #: The store as the start-up log and every ``optin`` command name it (no password).
+    store_name: str = ""
     #: Checks credentials (``None`` with ``OPTIN_AUTH=none``).
     authenticator: Authenticator | None = None
     #: Counts requests (``None`` without ``OPTIN_RATE_LIMIT``).
     limiter: Limiter | None = None
+    #: The OpenAPI document as served, built on its first request.
+    openapi: bytes | None = None
 
     def owns(self, req: Request) -> bool:
         """Whether ``req`` is the opt-in API's to answer (envelope, headers, request id)."""
@@ -70,7 +74,8 @@ _BELOW_API_PATHS = tuple(p.rstrip("/") + "/" for p in API_PATHS)
 
 
 def default_storage_url(app: Flask) -> str:
-    """An SQLite file in the app's instance folder: durable with nothing else installed."""
+    """An SQLite file in the app's instance folder: durable with nothing else installed.
+    ``create_app`` puts that folder at ``./instance``; a host app keeps its own."""
     return "sqlite:///" + os.path.join(os.path.abspath(app.instance_path), "optin.db")
 
 
@@ -109,18 +114,25 @@ class OptIn:
         if "optin" in app.extensions:
             raise RuntimeError("OptIn is already registered on this app")
         defaults.apply(app.config)
+        _check_body_timeout(app.config["OPTIN_BODY_TIMEOUT_SECONDS"])
         url = None
         if store is None:
             configured = app.config["OPTIN_STORAGE_URL"]
+            if not configured:
+                # The one folder made on demand: the default's. A configured path's
+                # folder must exist (the store refuses it otherwise).
+                os.makedirs(app.instance_path, exist_ok=True)
             url = configured or default_storage_url(app)
-            url = _with_min_replicas(url, app.config["OPTIN_REDIS_MIN_REPLICAS_ACKED"])
-            store = store_from_url(url)
+            store = store_from_url(url, app.config)
             weakref.finalize(app, store.close)
             how = "" if configured else " (default: OPTIN_STORAGE_URL is not set)"
-            log.info("opt-in storage: %s%s", redact(url), how)
+            store_name = redact(url) + how
+        else:
+            store_name = f"{type(store).__name__} (passed to OptIn)"
+        log.info("opt-in storage: %s", store_name)
         prefix = (url_prefix or "").rstrip("/")
         backend = urlsplit(url).scheme if url else type(store).__name__
-        state = OptInState(store, url, prefix, standalone, backend)
+        state = OptInState(store, url, prefix, standalone, backend, store_name)
         state.authenticator = build_authenticator(app.config)
         app.extensions["optin"] = state
         app.register_blueprint(bp, url_prefix=prefix or None)
@@ -154,18 +166,10 @@ def _routing_errors() -> Response | None:
     return None
 
 
-_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
-
-
-def _with_min_replicas(url: str, replicas: int) -> str:
-    """OPTIN_REDIS_MIN_REPLICAS_ACKED as the Redis URL's option, unless the URL sets it."""
-    parts = urlsplit(url)
-    if not replicas or parts.scheme not in _REDIS_SCHEMES:
-        return url
-    if "min_replicas_acked" in dict(parse_qsl(parts.query)):
-        return url
-    query = "&".join(filter(None, [parts.query, f"min_replicas_acked={int(replicas)}"]))
-    return urlunsplit(parts._replace(query=query))
+def _check_body_timeout(seconds: object) -> None:
+    """Refuse a deadline no body could meet (every PUT would answer 408)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise ValueError(f"OPTIN_BODY_TIMEOUT_SECONDS must be a positive number, not {seconds!r}")
 
 
 def _start() -> None:
@@ -174,46 +178,32 @@ def _start() -> None:
 
 def _finish(response: Response) -> Response:
     """The API's last word on each of its responses: headers, metrics, the access log."""
-    # Each name of flask's (request, current_app, g) is a proxy resolved on every
-    # use: resolve each once.
-    app = current_app._get_current_object()  # type: ignore[attr-defined]
-    req = request._get_current_object()  # type: ignore[attr-defined]
-    state = app.extensions["optin"]
-    if not state.owns(req):
+    state = current_app.extensions["optin"]
+    if not state.owns(request):
         return response
-    ctx = g._get_current_object()  # type: ignore[attr-defined]
-    apply_headers(response, ctx)
-    now = time.perf_counter()
-    seconds = now - ctx.get("optin_started", now)
-    rule = req.url_rule
+    # Standalone, Talisman has set its own headers already (see headers.py).
+    apply_headers(response, SEED_HEADERS if state.standalone else RESPONSE_HEADERS)
+    seconds = time.perf_counter() - g.get("optin_started", time.perf_counter())
+    rule = request.url_rule
     route = rule.rule if rule is not None else "unmatched"
-    method = req.method
     status = response.status_code
-    if app.config["OPTIN_METRICS"]:
-        observe_request(route, method, status, seconds)
-    if ACCESS.isEnabledFor(logging.INFO):
-        # What ACCESS.info() does, less its walk up the stack to find the caller,
-        # which is always this function.
-        record = ACCESS.makeRecord(
-            ACCESS.name,
-            logging.INFO,
-            __file__,
-            _FINISH_LINE,
-            "%s %s %s",
-            (method, route, status),
-            None,
-            "_finish",
-            {
-                "request_id": request_id(ctx),
-                "method": method,
-                "route": route,
-                "status": status,
-                "duration_ms": round(seconds * 1000, 3),
-                "backend": state.backend,
-            },
-        )
-        ACCESS.handle(record)
+    if current_app.config["OPTIN_METRICS"]:
+        observe_request(route, request.method, status, seconds)
+    ACCESS.info(
+        "%s %s %s",
+        request.method,
+        route,
+        status,
+        extra={
+            "request_id": request_id(),
+            "method": request.method,
+            "route": route,
+            "status": status,
+            "duration_ms": round(seconds * 1000, 3),
+            "backend": state.backend,
+            # Which gunicorn worker answered (the record's own ``process`` is
+            # not among the JSON line's fields).
+            "pid": os.getpid(),
+        },
+    )
     return response
-
-
-_FINISH_LINE = _finish.__code__.co_firstlineno

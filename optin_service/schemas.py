@@ -22,8 +22,12 @@ from .storage import DEFAULT_SOURCE, EARLIEST, LATEST, STATUSES, OptInRecord, St
 INVALID_OPTIN = "Invalid opt-in response provided"
 MISSING_OPTIN = "LOYALTY_OPTIN missing from body"
 
-#: A member id: what the path segment and the CLI accept.
-CORRELATION_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+#: A member id: what the path segment, the CLI and import accept. Not ``.`` or ``..``:
+#: clients remove those segments from a URL path, so such a member could never be read.
+#: (A lookahead with ``$`` rather than ``\Z``: the same in ECMA-262, for the OpenAPI pattern.)
+CORRELATION_ID = re.compile(r"(?!\.\.?$)[A-Za-z0-9._:@-]{1,128}")
+#: :data:`CORRELATION_ID` in words, for error messages and documentation.
+CORRELATION_ID_RULE = "1 to 128 characters of A-Z a-z 0-9 . _ : @ -, not . or .."
 #: ``X-Consent-Source``: the channel a consent came through.
 SOURCE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 #: ``Idempotency-Key``: printable ASCII, space included.
@@ -34,9 +38,32 @@ REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 CLIENT = re.compile(r"[\x20-\x7e]{0,128}")
 
 
-def _matches(pattern: re.Pattern[str]) -> validate.Regexp:
-    """A validator for the whole value (marshmallow's Regexp only anchors the start)."""
-    return validate.Regexp(rf"(?:{pattern.pattern})\Z", error="{input!r} is not valid")
+#: Characters of a value or a key an error message quotes: an import line can be
+#: megabytes long, and its message is one line of a terminal or a log. Longer than
+#: any valid id (128), so a value is cut only when its length alone is wrong.
+SHOWN = 130
+
+
+def cut(text: str, *, quote: bool = False, limit: int = SHOWN) -> str:
+    """``text`` for an error message (``repr`` with ``quote``): whole up to ``limit``
+    characters, else its start and its length."""
+    if len(text) <= limit:
+        return repr(text) if quote else text
+    head = repr(text[:limit]) if quote else text[:limit]
+    return f"{head}... ({len(text)} characters)"
+
+
+class _FullMatch(validate.Validator):
+    """The whole value matches ``pattern`` (marshmallow's Regexp only anchors the
+    start); the error quotes the value, cut to :data:`SHOWN` characters."""
+
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        self.pattern = pattern
+
+    def __call__(self, value: str) -> str:
+        if self.pattern.fullmatch(value) is None:
+            raise ValidationError(f"{cut(value, quote=True)} is not valid")
+        return value
 
 
 class _BadJSON(ValueError):
@@ -53,7 +80,7 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise _BadJSON(f"Duplicate key in JSON body: {key}")
+                raise _BadJSON(f"Duplicate key in JSON body: {cut(key)}")
             seen.add(key)
     return obj
 
@@ -133,28 +160,37 @@ class OptInRequestSchema(Schema):
     )
 
 
+# Response bodies (dumped, never loaded): every field is ``required`` because every
+# dump writes it, which is what the OpenAPI document then says.
+
+
 class OptInStateSchema(Schema):
     """The current state answered by ``GET``."""
 
-    LOYALTY_OPTIN = _status(attribute="status")
-    updatedAt = Timestamp(attribute="updated_at", metadata={"description": "When it was recorded"})
+    LOYALTY_OPTIN = _status(attribute="status", required=True)
+    updatedAt = Timestamp(
+        attribute="updated_at", required=True, metadata={"description": "When it was recorded"}
+    )
 
 
 class HistoryItemSchema(OptInStateSchema):
     """One consent event in a member's history."""
 
-    requestId = fields.String(attribute="request_id")
-    source = fields.String(metadata={"description": "X-Consent-Source of the request"})
+    requestId = fields.String(attribute="request_id", required=True)
+    source = fields.String(
+        required=True, metadata={"description": "X-Consent-Source of the request"}
+    )
     client = fields.String(
-        metadata={"description": "The authenticated client that recorded it (empty without auth)"}
+        required=True,
+        metadata={"description": "The authenticated client that recorded it (empty without auth)"},
     )
 
 
 class HistoryPageSchema(Schema):
     """A page of history, newest first, and the cursor of the next page (or null)."""
 
-    items = fields.List(fields.Nested(HistoryItemSchema))
-    next = fields.String(allow_none=True)
+    items = fields.List(fields.Nested(HistoryItemSchema), required=True)
+    next = fields.String(allow_none=True, required=True)
 
 
 class QueryInteger(fields.Integer):
@@ -177,8 +213,16 @@ class HistoryQuerySchema(Schema):
         load_default=20,
         validate=validate.Range(1, 100, error="limit must be a whole number from 1 to 100"),
         error_messages={"invalid": "limit must be a whole number from 1 to 100"},
+        metadata={"description": "Events per page, 1 to 100"},
     )
-    cursor = fields.String(load_default=None)
+    # An empty cursor is one this service never gave out: a 400, as the minLength says.
+    cursor = fields.String(
+        load_default=None,
+        metadata={
+            "description": "The `next` of the previous page; only cursors this service gave out",
+            "minLength": 1,
+        },
+    )
 
 
 #: Every ``errorCode`` the envelope carries: one per status, plus the PUT's 422.
@@ -201,6 +245,13 @@ class ErrorSchema(Schema):
     )
 
 
+class OptInUpdatedSchema(Schema):
+    """The PUT's 200 body, always the same 29 bytes: ``{"message":"Opt-in updated."}``
+    (written as those bytes, never dumped: this schema documents them)."""
+
+    message = fields.String(required=True, validate=validate.OneOf(["Opt-in updated."]))
+
+
 class HealthSchema(Schema):
     """``/healthz`` answers ``{"status": "ok"}``, ``/readyz`` ``{"status": "ready"}``."""
 
@@ -215,7 +266,7 @@ class EventSchema(Schema):
         ordered = True
 
     correlationId = fields.String(
-        attribute="correlation_id", required=True, validate=_matches(CORRELATION_ID)
+        attribute="correlation_id", required=True, validate=_FullMatch(CORRELATION_ID)
     )
     LOYALTY_OPTIN = _status(attribute="status", required=True)
     updatedAt = Timestamp(
@@ -223,9 +274,11 @@ class EventSchema(Schema):
         required=True,
         error_messages={"invalid_awareness": "needs a time zone, such as Z for UTC"},
     )
-    requestId = fields.String(attribute="request_id", required=True, validate=_matches(REQUEST_ID))
-    source = fields.String(load_default=DEFAULT_SOURCE, validate=_matches(SOURCE))
-    client = fields.String(load_default="", validate=_matches(CLIENT))
+    requestId = fields.String(
+        attribute="request_id", required=True, validate=_FullMatch(REQUEST_ID)
+    )
+    source = fields.String(load_default=DEFAULT_SOURCE, validate=_FullMatch(SOURCE))
+    client = fields.String(load_default="", validate=_FullMatch(CLIENT))
 
 
 _request_schema = OptInRequestSchema()
@@ -235,45 +288,15 @@ _query_schema = HistoryQuerySchema()
 _event_schema = EventSchema()
 
 
-def _schema_is_just_the_status() -> bool:
-    """Whether the request schema still returns a valid status as it is, and nothing else."""
-    if set(_request_schema.fields) != {"LOYALTY_OPTIN"}:
-        return False
-    try:
-        return all(
-            _request_schema.load({"LOYALTY_OPTIN": s}) == {"LOYALTY_OPTIN": s} for s in STATUSES
-        )
-    except ValidationError:
-        return False
-
-
-#: Checked once: the shortcut in :func:`load_optin_status` holds only while this is true.
-_STATUS_SHORTCUT = _schema_is_just_the_status()
-
-
 def load_optin_status(data: bytes) -> Status:
-    """The status a PUT body asks for, or an :class:`ApiError` with the seed's message.
-
-    ``OptInRequestSchema`` is the rule. When the body's ``LOYALTY_OPTIN`` is
-    already one of the two exact strings, the schema can only return it
-    (unknown keys are excluded, a string field keeps a string, and ``OneOf``
-    passes), so that answer is given without a trip through marshmallow; any
-    other body goes through the schema, which words the error.
-    """
+    """The status a PUT body asks for, or an :class:`ApiError` with the seed's message."""
     try:
-        obj = loads_object(data)
-    except ValueError as exc:
-        raise ApiError(400, str(exc)) from None
-    status = obj.get("LOYALTY_OPTIN")
-    if _STATUS_SHORTCUT and type(status) is str and status in STATUSES:
-        return status  # type: ignore[return-value]
-    try:
-        loaded = _request_schema.load(obj)
-    except ValueError as exc:
-        raise ApiError(400, str(exc)) from None
+        loaded = _request_schema.load(loads_object(data))
     except ValidationError as exc:
         messages = exc.messages_dict.get("LOYALTY_OPTIN") or [INVALID_OPTIN]
         raise ApiError(400, messages[0]) from None
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
     return loaded["LOYALTY_OPTIN"]
 
 
@@ -334,6 +357,10 @@ def load_event(line: str | bytes) -> OptInRecord:
 
 
 def _first_message(exc: ValidationError) -> str:
+    """The first field's first message, ``field: message``; both cut (an unknown key
+    is a field too, and can be the huge part of a line)."""
     field, messages = next(iter(exc.normalized_messages().items()))
     message = messages[0] if isinstance(messages, list) else str(messages)
-    return message if message.startswith(field) else f"{field}: {message}"
+    if message.startswith(field):
+        return cut(message, limit=2 * SHOWN)
+    return f"{cut(str(field))}: {cut(message, limit=2 * SHOWN)}"

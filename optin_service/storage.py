@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
+import inspect
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timedelta, timezone
-from typing import Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 Status = Literal["accepted", "declined"]
 T = TypeVar("T")
@@ -40,7 +42,16 @@ class StorageError(Exception):
 
 
 class StorageUnavailable(StorageError):
-    """The store cannot be reached right now (answered as a 503 with Retry-After)."""
+    """The store cannot be reached right now (answered as a 503 with Retry-After).
+
+    The message goes to the log only (it may name hosts and files). ``reason``,
+    when a backend gives one, is safe to show to clients: a state of the store an
+    operator must fix, which the 503's message then names.
+    """
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 #: The times a store can keep exactly: whole µs since the epoch, within ±2**53 µs
@@ -163,16 +174,51 @@ class OptInStore(abc.ABC):
     Contract for implementers:
 
     - ``from_url`` must not connect: connections open lazily on first use, so a
-      store built before gunicorn forks its workers is still safe.
+      store built before gunicorn forks its workers is still safe. Options come
+      from the URL and from keyword arguments (:attr:`config_options`), never
+      from the environment.
     - Every method is safe to call from several threads at once.
-    - Driver errors are raised as :class:`StorageUnavailable` (connection lost,
-      timeout, busy) or :class:`StorageError` (anything else), never raw.
+    - Driver errors never escape raw: list the driver's exception classes in
+      :attr:`driver_errors` and every public method of the subclass raises them
+      as :meth:`wrap_error` says (:class:`StorageUnavailable` when a retry may
+      succeed, else :class:`StorageError`), in this one place.
+    - A backend implements the bulk paths on tuples (:meth:`rows`,
+      :meth:`import_rows`); :meth:`events` and :meth:`import_events` build on them.
     """
+
+    #: The driver's exception classes, wrapped by every public method (see :meth:`wrap_error`).
+    driver_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+    #: App config settings this backend reads, as ``{config key: from_url keyword}``;
+    #: the extension passes each one the app's config holds (an option in the URL
+    #: wins over its keyword).
+    config_options: ClassVar[Mapping[str, str]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _WRAPPED_METHODS:
+            method = cls.__dict__.get(name)
+            if method is not None:
+                setattr(cls, name, _wrapping_driver_errors(method))
+
+    @classmethod
+    def wrap_error(cls, exc: BaseException) -> StorageError:
+        """The error to raise for one of :attr:`driver_errors` (override to tell the
+        transient ones, answered 503, from the rest, answered 500)."""
+        return StorageError(f"{cls.__name__}: {exc}")
+
+    #: The longest, in seconds, one call may block waiting for the storage (a lock,
+    #: the network) before it gives up with :class:`StorageUnavailable`; ``None`` if
+    #: the backend cannot say. The shipped ``gunicorn.conf.py`` refuses to start a
+    #: store that may wait longer than half gunicorn's worker timeout.
+    max_wait: float | None = None
 
     @classmethod
     @abc.abstractmethod
-    def from_url(cls, url: str) -> OptInStore:
-        """Build a store from its ``OPTIN_STORAGE_URL`` without connecting yet."""
+    def from_url(cls, url: str, **options: Any) -> OptInStore:
+        """Build a store from its ``OPTIN_STORAGE_URL`` without connecting yet.
+
+        ``options`` are the keywords :attr:`config_options` names.
+        """
 
     @abc.abstractmethod
     def get(self, correlation_id: str) -> OptInRecord | None:
@@ -204,37 +250,29 @@ class OptInStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    def import_events(self, records: Iterable[OptInRecord]) -> int:
-        """Store events in bulk (one batch), with the same ordering rule as :meth:`set`.
-
-        An event already stored (same member, time and request id) is skipped,
-        so importing twice changes nothing. Returns how many were new.
-        """
+    def rows(self, since: datetime | None = None) -> Iterator[EventRow]:
+        """Every stored event (at or after ``since``) as an :data:`EventRow`, streamed in
+        constant memory: what ``optin export`` and ``optin migrate`` read."""
 
     @abc.abstractmethod
-    def events(self, since: datetime | None = None) -> Iterator[OptInRecord]:
-        """Every stored event (at or after ``since``), streamed in constant memory."""
-
-    def rows(self, since: datetime | None = None) -> Iterator[EventRow]:
-        """:meth:`events` as :data:`EventRow` tuples: what ``optin migrate`` reads.
-
-        Backends may override it to skip building a record per event.
-        """
-        for record in self.events(since):
-            yield record.row
-
     def import_rows(self, rows: Iterable[EventRow]) -> int:
-        """:meth:`import_events` for a whole stream of :data:`EventRow` tuples, of any
-        length: the store batches it as suits it (``optin import`` and ``migrate``).
+        """Store a stream of events of any length, with the same ordering rule as :meth:`set`.
 
-        Same rules as :meth:`import_events`; returns how many events were new.
-        Backends may override it with a bulk path. Rows are trusted: they come
-        from another store or from :func:`~optin_service.schemas.load_event`.
+        The store batches the stream as suits it (``optin import`` and ``migrate``
+        call this), in constant memory. An event already stored (same member,
+        time and request id) is skipped, so importing twice changes nothing.
+        Returns how many events were new. Rows are trusted: they come from
+        another store or from :func:`~optin_service.schemas.load_event`.
         """
-        return sum(
-            self.import_events([OptInRecord.from_row(row) for row in batch])
-            for batch in batched(rows, 5000)
-        )
+
+    def events(self, since: datetime | None = None) -> Iterator[OptInRecord]:
+        """:meth:`rows` as records."""
+        for row in self.rows(since):
+            yield OptInRecord.from_row(row)
+
+    def import_events(self, records: Iterable[OptInRecord]) -> int:
+        """:meth:`import_rows` for records."""
+        return self.import_rows(record.row for record in records)
 
     @abc.abstractmethod
     def count_events(self) -> int:
@@ -242,8 +280,45 @@ class OptInStore(abc.ABC):
 
     @abc.abstractmethod
     def check(self) -> None:
-        """Raise :class:`StorageUnavailable` unless the store answers right now."""
+        """Raise :class:`StorageUnavailable` unless the store can read and write right now."""
 
     @abc.abstractmethod
     def close(self) -> None:
         """Release connections; the store may be used again afterwards (it reopens)."""
+
+
+#: The public methods whose driver errors :class:`OptInStore` wraps.
+_WRAPPED_METHODS = (
+    "get",
+    "set",
+    "history",
+    "rows",
+    "import_rows",
+    "count_events",
+    "check",
+    "close",
+)
+
+
+def _wrapping_driver_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method``, raising its store's :attr:`~OptInStore.driver_errors` as
+    :meth:`~OptInStore.wrap_error` says (generators too, for the whole iteration)."""
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def generator(self: OptInStore, *args: Any, **kwargs: Any) -> Iterator[Any]:
+            try:
+                yield from method(self, *args, **kwargs)
+            except self.driver_errors as exc:
+                raise self.wrap_error(exc) from exc
+
+        return generator
+
+    @functools.wraps(method)
+    def wrapped(self: OptInStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except self.driver_errors as exc:
+            raise self.wrap_error(exc) from exc
+
+    return wrapped

@@ -9,6 +9,20 @@ import pytest
 from optin_service import create_app
 from tests.servers import PostgresServer, RedisServer
 
+#: Fixtures that start real servers (redis-server, Sentinels, a Cluster).
+SERVER_FIXTURES = frozenset({"redis_server", "sentinel_topology", "cluster_topology"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m "not slow" deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs a real redis-server is slow, whether it says so or not: marked
+    ``redis_server``, or using a fixture that starts one. A fixture a test fetches with
+    ``request.getfixturevalue`` is invisible here: such a test carries the marker."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if item.get_closest_marker("redis_server") or fixtures & SERVER_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory):

@@ -7,6 +7,7 @@ fixture that started it. Nothing here touches any other address.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -185,6 +187,7 @@ class Gunicorn:
             *extra,
             app,
         ]  # fmt: skip
+        self.cwd = ROOT
         self.proc: subprocess.Popen | None = None
         self.log_path: Path | None = None
 
@@ -195,7 +198,9 @@ class Gunicorn:
     def start(self, log_path: Path) -> Gunicorn:
         self.log_path = log_path
         with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=log, stderr=log)
+            self.proc = subprocess.Popen(
+                self.args, cwd=self.cwd, env=self.env, stdout=log, stderr=log
+            )
         wait_for_port(self.port, timeout=20, proc=self.proc)
         return self
 
@@ -205,6 +210,18 @@ class Gunicorn:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def access_lines(self) -> list[dict]:
+        """The app's JSON access lines logged so far, oldest first."""
+        return [
+            json.loads(line)
+            for line in self.log().splitlines()
+            if line.startswith("{") and '"optin_service.access"' in line
+        ]
+
+    def answering_pids(self, after: int = 0) -> set[int]:
+        """The pids of the workers that answered an API request (past the first ``after``)."""
+        return {line["pid"] for line in self.access_lines()[after:]}
 
     def stop(self) -> int | None:
         if self.proc is None:
@@ -218,6 +235,60 @@ class Gunicorn:
                 self.proc.wait()
         code, self.proc = self.proc.returncode, None
         return code
+
+
+def until_every_worker_answered(
+    server: Gunicorn,
+    send: Callable[[int], object],
+    *,
+    workers: int = 2,
+    at_least: int = 1,
+    limit: int = 200,
+) -> int:
+    """Call ``send(0)``, ``send(1)``... (one API request each, on a new connection) until
+    ``workers`` distinct worker pids have answered these requests, as their access lines
+    show, and at least ``at_least`` calls were made; return how many calls were made."""
+    before = len(server.access_lines())
+    sent = 0
+    while sent < at_least or len(server.answering_pids(after=before)) < workers:
+        if sent >= limit:
+            raise AssertionError(
+                f"{limit} requests did not reach {workers} workers:\n{server.log()}"
+            )
+        send(sent)
+        sent += 1
+    return sent
+
+
+class ReadmeGunicorn(Gunicorn):
+    """The README's first command, ``gunicorn wsgi:app``, as a user runs it from a clone.
+
+    No ``-c``, ``-w`` or ``-b``: gunicorn picks ``gunicorn.conf.py`` up from the working
+    directory, a copy of the clone's files in ``workdir`` (so the default store lands
+    there, never in the repo). The environment is a login shell's (``PATH``, ``HOME``)
+    plus ``OPTIN_BIND`` (the config's own setting, for a free port) and ``extra``:
+    nothing of the test run's leaks in (no ``PROMETHEUS_MULTIPROC_DIR``, no store).
+    """
+
+    def __init__(self, workdir: Path, **extra: str) -> None:
+        self.port = free_port()
+        for name in ("wsgi.py", "gunicorn.conf.py"):
+            shutil.copy(ROOT / name, workdir / name)
+        for package in ("optin_service", "backends"):  # the source tree a clone holds
+            shutil.copytree(
+                ROOT / package, workdir / package, ignore=shutil.ignore_patterns("__pycache__")
+            )
+        self.env = {
+            "PATH": os.environ["PATH"],
+            "HOME": os.environ.get("HOME", str(workdir)),
+            "OPTIN_BIND": f"{LOOPBACK}:{self.port}",
+            **extra,
+        }
+        # The venv's console script, as in ``.venv/bin/gunicorn wsgi:app``.
+        self.args = [str(Path(sys.executable).parent / "gunicorn"), "wsgi:app"]
+        self.cwd = workdir
+        self.proc = None
+        self.log_path = None
 
 
 def postgres_bin() -> Path:

@@ -1,4 +1,4 @@
-"""The HTTP contract through Flask's test client: every rule in DESIGN.md's "HTTP"."""
+"""The HTTP contract through Flask's test client: every rule of the README's "The API"."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ import logging
 import re
 import uuid
 
+import fakeredis
 import pytest
-from flask import Response
-from werkzeug.test import EnvironBuilder
+from flask import Flask
 
 from backends.memory import MemoryStore
-from optin_service import create_app
-from optin_service.headers import SEED_HEADERS, ApiResponse, apply_headers
+from backends.redis import RedisStore
+from backends.sqlite import SQLiteStore
+from optin_service import OptIn, create_app
+from optin_service.headers import SEED_HEADERS
 from optin_service.storage import StorageError, StorageUnavailable
 
 PATH = "/client/users/{}/profile/optin"
@@ -133,8 +135,10 @@ def test_allowed_correlation_ids(client, cid):
 
 
 @pytest.mark.parametrize(
-    "cid", ["A" * 129, "a%20b", "caf%C3%A9", "a+b", "a,b", "%7Bx%7D", "a%00b", "a%22b", "a%27"]
-)
+    "cid",
+    ["A" * 129, "a%20b", "caf%C3%A9", "a+b", "a,b", "%7Bx%7D", "a%00b", "a%22b", "a%27",
+     ".", "..", "%2E", "%2E%2E"],  # a client's path normalisation removes . and ..
+)  # fmt: skip
 @pytest.mark.parametrize("method", ["put", "get"])
 def test_rejected_correlation_ids(client, cid, method):
     if method == "put":
@@ -180,64 +184,6 @@ def test_limit_follows_config(monkeypatch):
     assert put(client, {"LOYALTY_OPTIN": "accepted"}).status_code == 200
 
 
-class _Stream:
-    """A WSGI input with only read(), as gunicorn's: its bytes, ``step`` at most per read,
-    then an error if given."""
-
-    def __init__(self, data: bytes, step: int = 1 << 20, error: Exception | None = None):
-        self.data, self.step, self.error = data, step, error
-
-    def read(self, size: int = -1) -> bytes:
-        if not self.data and self.error is not None:
-            raise self.error
-        size = len(self.data) if size < 0 else size
-        chunk, self.data = self.data[: min(size, self.step)], self.data[min(size, self.step) :]
-        return chunk
-
-
-_GOOD = b'{"LOYALTY_OPTIN": "accepted"}'
-
-
-@pytest.mark.parametrize(
-    ("length", "stream"),
-    [
-        (len(_GOOD), lambda: _Stream(_GOOD)),
-        (len(_GOOD), lambda: _Stream(_GOOD, step=3)),  # short reads
-        (len(_GOOD), lambda: _Stream(_GOOD[:10])),  # the client stopped early
-        (len(_GOOD), lambda: _Stream(_GOOD + b" " * 200)),  # the server let more through
-        (len(_GOOD), lambda: _Stream(_GOOD + b"x" * 200)),  # past the limit: 413
-        (len(_GOOD), lambda: _Stream(_GOOD[:10], error=OSError("reset"))),
-        (len(_GOOD), lambda: _Stream(b"", error=ValueError("closed"))),
-        (0, lambda: _Stream(b"")),
-        (100, lambda: _Stream(_GOOD + b" " * 71)),  # exactly at the limit
-    ],
-)
-def test_a_server_terminated_body_reads_as_werkzeug_reads_it(monkeypatch, length, stream):
-    """With wsgi.input_terminated, _body reads the raw stream itself: same answer as Werkzeug's."""
-    from werkzeug.wsgi import LimitedStream
-
-    import optin_service.api as api
-
-    def answer() -> tuple[str, bytes]:
-        app = create_app({"OPTIN_STORAGE_URL": "memory://", "OPTIN_MAX_BODY_BYTES": 100})
-        environ = EnvironBuilder(
-            URL, method="PUT", data=b"", content_type="application/json"
-        ).get_environ()
-        environ.update({"CONTENT_LENGTH": str(length), "wsgi.input": stream()})
-        environ["wsgi.input_terminated"] = True
-        seen = []
-        body = b"".join(app.wsgi_app(environ, lambda status, headers: seen.append(status)))
-        return seen[0], body
-
-    fast = answer()
-    werkzeug_way = api._read_terminated
-    monkeypatch.setattr(
-        api, "_read_terminated", lambda s, most: LimitedStream(s, most, is_max=True).read()
-    )
-    assert werkzeug_way is not api._read_terminated
-    assert fast == answer()
-
-
 @pytest.mark.parametrize(
     ("body", "message"),
     [
@@ -277,27 +223,69 @@ def test_malformed_bodies_are_400(client, body, message):
 
 
 BAD_REQUESTS = [
-    ({"LOYALTY_OPTIN": "nope"}, "application/json"),
-    ({}, "application/json"),
-    ('{"LOYALTY_OPTIN":"declined","LOYALTY_OPTIN":"declined"}', "application/json"),
-    ('{"LOYALTY_OPTIN":"declined","x":NaN}', "application/json"),
-    ('["declined"]', "application/json"),
-    ('{"LOYALTY_OPTIN":"declined"}', "text/plain"),
-    (json.dumps({"LOYALTY_OPTIN": "declined", "p": "x" * 20000}), "application/json"),
+    ({"LOYALTY_OPTIN": "nope"}, "application/json", {}),
+    ({}, "application/json", {}),
+    ('{"LOYALTY_OPTIN":"declined","LOYALTY_OPTIN":"declined"}', "application/json", {}),
+    ('{"LOYALTY_OPTIN":"declined","x":NaN}', "application/json", {}),
+    ('["declined"]', "application/json", {}),
+    ('{"LOYALTY_OPTIN":"declined"}', "text/plain", {}),
+    (json.dumps({"LOYALTY_OPTIN": "declined", "p": "x" * 20000}), "application/json", {}),
+    ({"LOYALTY_OPTIN": "declined"}, "application/json", {"X-Consent-Source": "two words"}),
+    ({"LOYALTY_OPTIN": "declined"}, "application/json", {"Idempotency-Key": "\u00e9"}),
 ]
 
 
-def test_bad_input_never_changes_stored_state(client):
+def _on_backend(kind: str, tmp_path):
+    """The standalone API over a fresh store of ``kind``."""
+    if kind == "memory":
+        store = MemoryStore()
+    elif kind == "sqlite":
+        store = SQLiteStore.from_url(f"sqlite:///{tmp_path}/optin.db")
+    else:
+        store = RedisStore(fakeredis.FakeRedis(server=fakeredis.FakeServer()))
+    app = Flask(__name__)
+    app.config["TESTING"] = True
+    OptIn(app, store=store, standalone=True)
+    return app, store
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "fakeredis"])
+def test_bad_input_never_changes_stored_state(kind, tmp_path):
+    """Every event, every member's state and the idempotency keys stay as they were."""
+    app, store = _on_backend(kind, tmp_path)
+    client = app.test_client()
     assert put(client, {"LOYALTY_OPTIN": "accepted"}).status_code == 200
-    before = client.get(URL).get_json()
-    for body, content_type in BAD_REQUESTS:
-        response = put(client, body, content_type=content_type)
-        assert response.status_code in (400, 413, 415), body
-        assert client.get(URL).get_json() == before
-    other = PATH.format("never-set")
-    for body, content_type in BAD_REQUESTS:
-        put(client, body, url=other, content_type=content_type)
-    assert client.get(other).status_code == 404
+    events, state = list(store.events()), store.get("member-1")
+    assert len(events) == 1
+    targets = [URL, PATH.format("never-set")]
+    for body, content_type, headers in BAD_REQUESTS:
+        for url in targets:
+            sent = {"Idempotency-Key": "refused-key", **headers}
+            response = put(client, body, url=url, content_type=content_type, headers=sent)
+            assert response.status_code in (400, 413, 415), (body, sent)
+            assert list(store.events()) == events, (body, sent)
+            assert store.get("member-1") == state
+            assert store.history("never-set", 10) == [] and store.get("never-set") is None
+    for cid in (".", ".."):  # ids refused before anything else
+        assert put(client, {"LOYALTY_OPTIN": "declined"}, url=PATH.format(cid)).status_code == 400
+    assert list(store.events()) == events
+    # No refused request kept its Idempotency-Key: a real answer under that key is new.
+    answer = {"LOYALTY_OPTIN": "declined"}
+    assert put(client, answer, headers={"Idempotency-Key": "refused-key"}).status_code == 200
+    assert len(list(store.events())) == 2
+    store.close()
+
+
+def test_the_readme_lists_every_error_code():
+    """The README's error table and ERROR_CODES (the OpenAPI enum's source) agree."""
+    from pathlib import Path
+
+    from optin_service.errors import ERROR_CODES
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = set(re.findall(r"^\| (\d{3}) \| `([A-Z_]+)` \|", readme, re.MULTILINE))
+    expected = {(str(status), code) for status, code in ERROR_CODES.items()}
+    assert rows == expected | {("422", "IDEMPOTENCY_KEY_REUSED")}
 
 
 # --- routing errors -------------------------------------------------------------
@@ -322,6 +310,20 @@ def test_health_endpoints_refuse_put(client):
     response = client.put("/healthz")
     assert response.status_code == 405
     assert "GET" in response.headers["Allow"]
+
+
+@pytest.mark.parametrize(("path", "methods"), [(URL, "GET, HEAD, OPTIONS, PUT"),
+                                                (URL + "/history", "GET, HEAD, OPTIONS"),
+                                                ("/healthz", "GET, HEAD, OPTIONS")])  # fmt: skip
+def test_options_is_an_empty_204_with_allow_and_the_api_headers(client, path, methods):
+    response = client.options(path)
+    assert response.status_code == 204
+    assert response.data == b""
+    assert "Content-Type" not in response.headers  # no body, so no type (it was text/html)
+    assert response.headers["Allow"] == methods
+    for name, value in SEED.items():
+        assert response.headers[name] == value, name
+    assert uuid.UUID(response.headers["x-amzn-RequestId"]).version == 4
 
 
 # --- storage failures and bugs ----------------------------------------------------
@@ -365,6 +367,21 @@ def test_storage_unavailable_is_503_with_retry_after():
         assert body["errorCode"] == "SERVICE_UNAVAILABLE"
         assert "refused" not in body["errorMessage"]
         assert response.headers["Retry-After"] == "1"
+
+
+def test_a_storage_state_an_operator_must_fix_is_named_in_the_503(tmp_path):
+    """The message of a StorageUnavailable stays in the log; its reason, a state of the
+    store safe to show, is named in the envelope (here: SQLite's file was deleted)."""
+    app = create_app({"TESTING": True, "OPTIN_STORAGE_URL": f"sqlite:///{tmp_path}/optin.db"})
+    client = app.test_client()
+    assert put(client, {"LOYALTY_OPTIN": "accepted"}).status_code == 200
+    (tmp_path / "optin.db").unlink()
+    for response in (put(client, {"LOYALTY_OPTIN": "declined"}), client.get("/readyz")):
+        assert response.status_code == 503
+        message = envelope(response)["errorMessage"]
+        assert message.startswith("Storage is unavailable, please retry later: ")
+        assert "deleted or replaced" in message and str(tmp_path) not in message
+    app.extensions["optin"].store.close()
 
 
 def test_healthz_does_not_touch_storage():
@@ -442,37 +459,6 @@ def test_https_gets_the_same_headers_and_plain_http_is_not_redirected(client):
     assert "Location" not in plain.headers
 
 
-@pytest.mark.parametrize(
-    ("status", "headers", "body"),
-    [
-        (200, {}, b"{}"),
-        (400, {"Retry-After": "1"}, b"{}"),
-        (201, {"Location": "/a b/\u00e9"}, b"{}"),
-        (200, {"content-location": "/x"}, b"{}"),
-        (204, {}, b""),
-        (304, {"Content-Type": "text/plain", "ETag": '"x"'}, b""),
-        (101, {}, b""),
-        (200, {}, None),  # streamed: no Content-Length to copy
-    ],
-)
-def test_api_response_sends_the_headers_werkzeug_would(status, headers, body):
-    """ApiResponse copies the header list without re-checking it: the result is Werkzeug's."""
-    environ = EnvironBuilder("/p", base_url="https://h.example/r/").get_environ()
-    made = []
-    for cls in (Response, ApiResponse):
-        response = cls(body if body is not None else iter([b"x"]), status, headers=headers)
-        with create_app({"OPTIN_STORAGE_URL": "memory://"}).test_request_context():
-            apply_headers(response)
-        made.append(response)
-    made[0].headers["x-amzn-RequestId"] = made[1].headers["x-amzn-RequestId"]
-    made[0].headers["X-Request-Id"] = made[1].headers["X-Request-Id"]
-    expected, got = (r.get_wsgi_headers(environ) for r in made)
-    assert type(got) is type(expected)
-    assert got.to_wsgi_list() == expected.to_wsgi_list()
-    got.add("X-After", "1")  # a copy: the response keeps its own list
-    assert "X-After" not in made[1].headers
-
-
 # --- health and config ------------------------------------------------------------
 
 
@@ -481,14 +467,22 @@ def test_health_and_readiness(client):
     assert client.get("/readyz").get_json() == {"status": "ready"}
 
 
-def test_default_storage_is_sqlite_in_the_instance_folder(monkeypatch, caplog):
+def test_default_storage_is_sqlite_in_instance_under_the_working_directory(
+    monkeypatch, caplog, tmp_path
+):
+    # Wherever the package is imported from (source tree, site-packages), as the README
+    # says: the service, `optin` and `flask optin` started here share ./instance/optin.db.
     monkeypatch.delenv("OPTIN_STORAGE_URL", raising=False)
+    monkeypatch.chdir(tmp_path)
     with caplog.at_level(logging.INFO, logger="optin_service"):
         app = create_app()
     state = app.extensions["optin"]
-    assert state.storage_url == "sqlite:///" + app.instance_path + "/optin.db"
+    db = tmp_path / "instance" / "optin.db"
+    assert state.storage_url == f"sqlite:///{db}"
     assert type(state.store).__name__ == "SQLiteStore"
-    assert any("optin.db" in r.getMessage() for r in caplog.records)
+    assert (tmp_path / "instance").is_dir()  # the default's folder is made on demand
+    assert any(str(db) in r.getMessage() for r in caplog.records)
+    app.extensions["optin"].store.close()
 
 
 def test_config_mapping_overrides_environment(monkeypatch):

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from optin_service import create_app
 from optin_service.schemas import dump_event, load_event
 from optin_service.storage import StorageUnavailable
-from tests.servers import LOOPBACK, Gunicorn
+from tests.servers import LOOPBACK, Gunicorn, until_every_worker_answered
 from tests.test_api import PATH, envelope, put
 
 URL = PATH.format("member-1")
@@ -214,6 +214,52 @@ def test_jwt_scopes_decide_between_read_and_write(jwt_client, rsa_key):
     assert jwt_client.get(URL + "/history", headers=writer).status_code == 403
 
 
+def _with_claims(key, **claims):
+    """A token with exactly these scope claims (``None`` stays a JSON null)."""
+    payload = {"iss": ISSUER, "aud": AUDIENCE, "exp": int(time.time()) + 300, "client_id": "c"}
+    return jwt.encode(payload | claims, key, algorithm="RS256", headers={"kid": "k1"})
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"scope": None},
+        {"scope": 5},
+        {"scope": True},
+        {"scope": {"optin:read": False, "optin:write": False}},
+        {"scope": ["optin:read", "optin:write"]},  # scope is a string (RFC 8693)
+        {"scope": None, "scp": "optin:read optin:write"},  # scope decides when present
+        {"scp": None},
+        {"scp": 5},
+        {"scp": {"optin:read": 1, "optin:write": 1}},
+        {"scp": ["optin:read", "optin:write", 5]},
+        {"scp": [["optin:read", "optin:write"]]},
+    ],
+    ids=repr,
+)
+def test_a_scope_claim_of_the_wrong_type_grants_nothing(jwt_client, rsa_key, claims):
+    headers = bearer(_with_claims(rsa_key, **claims))
+    for response in (
+        put(jwt_client, {"LOYALTY_OPTIN": "declined"}, headers=headers),
+        jwt_client.get(URL, headers=headers),
+    ):
+        assert response.status_code == 403, response.data
+        assert envelope(response)["errorCode"] == "FORBIDDEN"
+    assert jwt_client.application.extensions["optin"].store.get("member-1") is None
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [{"scope": "optin:read optin:write"}, {"scp": "optin:read optin:write"},
+     {"scp": ["optin:read", "optin:write"]}],
+    ids=repr,
+)  # fmt: skip
+def test_scopes_as_a_string_or_an_scp_list_of_strings(jwt_client, rsa_key, claims):
+    headers = bearer(_with_claims(rsa_key, **claims))
+    assert put(jwt_client, {"LOYALTY_OPTIN": "declined"}, headers=headers).status_code == 200
+    assert jwt_client.get(URL, headers=headers).status_code == 200
+
+
 def _other_rsa():
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
@@ -366,6 +412,16 @@ def test_forwarded_for_is_ignored_without_trusted_proxies():
     assert codes == [404, 404, 429]
 
 
+def test_a_redis_counter_store_gets_the_storage_backends_timeouts():
+    from backends.redis import CONNECT_TIMEOUT, SOCKET_TIMEOUT
+    from optin_service.ratelimit import REDIS_OPTIONS
+
+    assert REDIS_OPTIONS == {
+        "socket_timeout": SOCKET_TIMEOUT,
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+    }
+
+
 @pytest.mark.slow
 @pytest.mark.redis_server
 def test_a_limit_holds_across_two_gunicorn_workers_sharing_redis(tmp_path, redis_server):
@@ -381,16 +437,19 @@ def test_a_limit_holds_across_two_gunicorn_workers_sharing_redis(tmp_path, redis
     gunicorn = Gunicorn(env, workers=2).start(tmp_path / "gunicorn.log")
     try:
         codes = []
-        for i in range(16):
-            with requests.Session() as session:  # a new connection each time: both workers serve
-                response = session.put(
-                    f"{gunicorn.base}/client/users/r{i}/profile/optin",
-                    json={"LOYALTY_OPTIN": "accepted"},
-                    headers={"x-api-key": KEY},
-                    timeout=5,
-                )
-                codes.append(response.status_code)
-        assert codes.count(200) == 10 and codes.count(429) == 6, codes
-        assert len(gunicorn.worker_pids()) == 2
+
+        def put(i: int) -> None:
+            response = requests.put(  # a new connection each time: either worker may answer
+                f"{gunicorn.base}/client/users/r{i}/profile/optin",
+                json={"LOYALTY_OPTIN": "accepted"},
+                headers={"x-api-key": KEY},
+                timeout=5,
+            )
+            codes.append(response.status_code)
+
+        # Per-worker counters would let 10 through in each worker: both must answer.
+        sent = until_every_worker_answered(gunicorn, put, at_least=16)
+        assert codes.count(200) == 10 and codes.count(429) == sent - 10, codes
+        assert {line["pid"] for line in gunicorn.access_lines()} == set(gunicorn.worker_pids())
     finally:
         gunicorn.stop()

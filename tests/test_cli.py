@@ -11,14 +11,19 @@ import json
 import os
 import pty
 import re
+import shutil
+import stat
 import subprocess
 import sys
+import sysconfig
+import threading
 import tracemalloc
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import fakeredis
@@ -27,9 +32,9 @@ from flask import Flask
 
 from backends.redis import RedisStore
 from optin_service import create_app
-from optin_service.registry import register, unregister
+from optin_service.registry import redact, register, unregister
 from optin_service.storage import OptInRecord, OptInStore
-from tests.servers import free_port
+from tests.servers import ROOT, free_port
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 BIN = Path(sys.executable).parent
@@ -58,9 +63,19 @@ class FakeRedisStore(RedisStore):
     """``fakeredis-cli://<name>``: the Redis backend on an in-process FakeServer per name."""
 
     @classmethod
-    def from_url(cls, url: str) -> FakeRedisStore:
+    def from_url(cls, url: str, **options: Any) -> FakeRedisStore:
         server = _FAKE_SERVERS.setdefault(urlsplit(url).netloc, fakeredis.FakeServer())
-        return cls(fakeredis.FakeRedis(server=server), owns_client=True)
+        return cls(fakeredis.FakeRedis(server=server), owns_client=True, **options)
+
+
+@dataclass
+class Ran:
+    """A command's outcome, once the line naming its store was checked and cut from stderr."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+    exception: BaseException | None
 
 
 @dataclass
@@ -75,8 +90,13 @@ class Backend:
     def store(self) -> OptInStore:
         return self.app.extensions["optin"].store
 
-    def optin(self, *args: str, input: str | bytes | None = None):
-        return self.app.test_cli_runner().invoke(args=["optin", *args], input=input)
+    def optin(self, *args: str, input: str | bytes | None = None) -> Ran:
+        """Run ``optin ARGS``; every command first names its store on stderr (no password)."""
+        result = self.app.test_cli_runner().invoke(args=["optin", *args], input=input)
+        store_line, _, rest = result.stderr.partition("\n")
+        assert store_line == f"opt-in storage: {redact(self.url)}", result.stderr
+        assert "opt-in storage" not in result.stdout
+        return Ran(result.exit_code, result.stdout, rest, result.exception)
 
 
 def kinds(*names: str) -> list:
@@ -178,7 +198,7 @@ def sample(bulk_members: int = 100) -> list[OptInRecord]:
     whatever order they are stored in.
     """
     events: list[OptInRecord] = []
-    ids = ["member-1", "a:b", "@", "..", "x" * 128, "M.2@example.org:x_y-z", "-"]
+    ids = ["member-1", "a:b", "@", "...", "x" * 128, "M.2@example.org:x_y-z", "-"]
     for n, cid in enumerate(ids):
         events += [
             event(cid, "accepted", n + 0.000001, f"req-{n}-a", "WEB", "crm: batch #7"),
@@ -274,6 +294,8 @@ def test_get_of_an_unknown_member_fails_with_a_clear_message(make_backend):
         (["get", "x" * 129], "not a valid correlation id"),
         (["get", "caf\u00e9"], "not a valid correlation id"),
         (["set", "a/b", "accepted"], "not a valid correlation id"),
+        (["set", "..", "accepted"], "not a valid correlation id"),
+        (["get", "."], "not a valid correlation id"),
         (["set", "m", "maybe"], "'maybe' is not one of 'accepted', 'declined'"),
         (["set", "m", "ACCEPTED"], "is not one of"),
         (["set", "m"], "Missing argument"),
@@ -301,10 +323,15 @@ def test_invalid_arguments_are_rejected_before_anything_is_stored(make_backend, 
     "args", [["get", "m"], ["set", "m", "accepted"], ["export"], ["import", "-"]]
 )
 def test_storage_down_ends_a_command_with_one_error_line(args):
-    app = create_app({"TESTING": True, "OPTIN_STORAGE_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    url = f"redis://:s3cret@127.0.0.1:{free_port()}/0"
+    app = create_app({"TESTING": True, "OPTIN_STORAGE_URL": url})
     runner = app.test_cli_runner()
     result = check(runner.invoke(args=["optin", *args], input=line(sample()[0]) + "\n"), 1)
-    assert result.stderr.startswith("Error: storage: redis: "), result.stderr
+    # The store it tried (its password hidden), then the error.
+    named, error = result.stderr.splitlines()
+    assert named == f"opt-in storage: redis://:***@127.0.0.1:{url.rsplit(':', 1)[1]}", named
+    assert error.startswith("Error: storage: redis: "), result.stderr
+    assert "s3cret" not in result.stderr + result.stdout
     assert "Traceback" not in result.stderr + result.stdout
 
 
@@ -335,7 +362,9 @@ def test_db_upgrade_with_storage_down_ends_with_one_error_line():
     url = f"postgresql://127.0.0.1:{free_port()}/optin"
     app = create_app({"TESTING": True, "OPTIN_STORAGE_URL": url})
     result = check(app.test_cli_runner().invoke(args=["optin", "db", "upgrade"]), 1)
-    assert result.stderr.startswith("Error: storage: postgresql: "), result.stderr
+    named, error = result.stderr.splitlines()
+    assert named == f"opt-in storage: {url}", named
+    assert error.startswith("Error: storage: postgresql: "), result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     app.extensions["optin"].store.close()
 
@@ -377,6 +406,95 @@ def test_export_to_stdout_and_to_a_file(make_backend, tmp_path):
     assert result.stderr == f"exported {len(events)} events\n"
     text = out.read_text()
     assert text.endswith("\n") and sorted(text.splitlines()) == sorted(lines)
+
+
+def test_export_creates_a_new_file_readable_by_its_owner_only(make_backend, tmp_path):
+    backend = make_backend("sqlite")
+    backend.store.import_events(sample(0))
+    out = tmp_path / "new.jsonl"
+    previous = os.umask(0o022)  # a common umask, which would leave the copy world-readable
+    try:
+        check(backend.optin("export", "-o", str(out)))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    kept = tmp_path / "kept.jsonl"
+    kept.write_text("OLD\n")
+    kept.chmod(0o640)
+    check(backend.optin("export", "-o", str(kept)))
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o640 and kept.read_text() != "OLD\n"
+
+
+def _read_fifo_in_background(fifo: Path) -> Callable[[], str]:
+    """Read ``fifo`` to its end in a thread (a FIFO opens for writing once a reader opens it)."""
+    read: list[str] = []
+    reader = threading.Thread(target=lambda: read.append(fifo.read_text()), daemon=True)
+    reader.start()
+
+    def result() -> str:
+        reader.join(10)
+        if reader.is_alive():  # nobody wrote: a writer that opens and closes frees the reader
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            reader.join(10)
+        assert read and read[0], "nothing written to the FIFO"
+        return read[0]
+
+    return result
+
+
+@pytest.mark.parametrize("through_a_link", [False, True], ids=["fifo", "link-to-fifo"])
+def test_export_writes_through_a_fifo(make_backend, tmp_path, through_a_link):
+    backend = make_backend("sqlite")
+    events = sample(0)
+    backend.store.import_events(events)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    fifo = folder / "pipe"
+    os.mkfifo(fifo, 0o600)
+    target = fifo
+    if through_a_link:
+        target = folder / "link"
+        target.symlink_to(fifo)
+    result = _read_fifo_in_background(fifo)
+    check(backend.optin("export", "-o", str(target)))
+    assert sorted(result().splitlines()) == sorted(line(e) for e in events)
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and stat.S_IMODE(fifo.stat().st_mode) == 0o600
+    assert target.is_symlink() == through_a_link
+    assert sorted(p.name for p in folder.iterdir()) == sorted({"pipe", target.name})
+
+
+def test_export_to_dev_null_leaves_the_device_alone(make_backend):
+    backend = make_backend("sqlite")
+    backend.store.import_events(sample(0))
+    before = os.stat("/dev/null")
+    result = check(backend.optin("export", "-o", "/dev/null"))
+    assert result.stderr == f"exported {len(sample(0))} events\n"
+    after = os.stat("/dev/null")
+    assert stat.S_ISCHR(after.st_mode) and after.st_mode == before.st_mode
+    assert after.st_rdev == before.st_rdev and after.st_ino == before.st_ino
+
+
+@pytest.mark.parametrize("dangling", [False, True], ids=["link-to-file", "dangling-link"])
+def test_export_refuses_a_symlink_to_a_regular_file_and_changes_nothing(
+    make_backend, tmp_path, dangling
+):
+    backend = make_backend("sqlite")
+    backend.store.import_events(sample(0))
+    folder = tmp_path / "out"
+    folder.mkdir()
+    real = folder / "real.jsonl"
+    if not dangling:
+        real.write_text("THE LAST GOOD EXPORT\n")
+    link = folder / "latest.jsonl"
+    link.symlink_to(real)
+    result = check(backend.optin("export", "-o", str(link)), 2)
+    assert "symbolic link" in result.stderr and "latest.jsonl" in result.stderr, result.stderr
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert real.exists() != dangling
+    if not dangling:
+        assert real.read_text() == "THE LAST GOOD EXPORT\n"
+    left = sorted(p.name for p in folder.iterdir())
+    assert left == (["latest.jsonl"] if dangling else ["latest.jsonl", "real.jsonl"])
 
 
 @pytest.mark.parametrize("kind", kinds(*ALL))
@@ -562,6 +680,39 @@ def test_a_malformed_file_reports_each_bad_line_and_stores_the_good_ones(make_ba
         assert backend.store.get(f"bad-{n}") is None
 
 
+def test_import_errors_quote_a_huge_value_or_key_cut_short(make_backend, tmp_path):
+    """A bad line's messages name the field and quote the value, never megabytes of it."""
+    backend = make_backend("sqlite")
+    huge = "x" * 5_000_000
+
+    def bad(**change: object) -> str:
+        data = json.loads(line(event("bad", "accepted", 0)))
+        data.update(change)
+        return json.dumps(data)
+
+    lines = [
+        bad(correlationId=huge),  # the value
+        bad(source=huge),
+        bad(requestId=huge),
+        bad(client=huge),
+        bad(**{huge: 1}),  # an unknown key: the field's name is the huge part
+        line(event("bad", "accepted", 0))[:-1] + f',"{huge}":1,"{huge}":2}}',  # duplicate
+    ]
+    path = tmp_path / "huge.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    result = check(backend.optin("import", str(path)), 1)
+    *reports, last = result.stderr.splitlines()
+    assert IMPORTED.fullmatch(last).groups() == ("0", "0", "0", str(len(lines))), last
+    for report, name in zip(
+        reports,
+        ["correlationId", "source", "requestId", "client", "xxxxxxxx", "Duplicate key"],
+        strict=True,
+    ):
+        assert len(report) < 300 and name in report, report[:300]
+        assert "(5000000 characters)" in report, report
+    assert backend.store.count_events() == 0
+
+
 def test_a_line_that_is_not_utf8_is_reported_like_any_bad_line(make_backend, tmp_path):
     backend = make_backend("sqlite")
     good = [event("good-1", "accepted", 1), event("good-3", "declined", 3)]
@@ -709,6 +860,31 @@ def test_migrate_to_an_unknown_scheme_fails_with_a_clear_message(make_backend):
     assert "nosuch" in result.stderr
 
 
+@pytest.mark.redis_server
+@pytest.mark.slow
+def test_migrate_into_redis_waits_for_the_replicas_the_app_config_asks(redis_server):
+    """OPTIN_REDIS_MIN_REPLICAS_ACKED reaches the target store too: a server without
+    replicas cannot confirm the copy (exit 1, a retry is safe), unless the target
+    URL's own min_replicas_acked says otherwise."""
+    config = {"TESTING": True, "OPTIN_STORAGE_URL": "memory://"}
+    app = create_app({**config, "OPTIN_REDIS_MIN_REPLICAS_ACKED": 1})
+    app.extensions["optin"].store.import_events(sample(3))
+    prefix = f"cli-{uuid.uuid4().hex}:"
+    target = f"{redis_server.url}?prefix={prefix}&wait_timeout_ms=50"
+    runner = app.test_cli_runner()
+    try:
+        result = runner.invoke(args=["optin", "migrate", "--to", target])
+        assert result.exit_code == 1
+        assert "reached 0 of the 1 replicas" in result.stderr
+        result = runner.invoke(args=["optin", "migrate", "--to", f"{target}&min_replicas_acked=0"])
+        assert result.exit_code == 0, result.stderr
+    finally:
+        with RedisStore.from_url(redis_server.url).client as client:
+            keys = list(client.scan_iter(match=f"{prefix}*"))
+            if keys:
+                client.delete(*keys)
+
+
 # --- export, then import into another backend --------------------------------------
 
 
@@ -772,6 +948,8 @@ def test_the_console_script(cli_env, tmp_path):
 
     getting = run([optin, "get", "m-1"], cli_env, tmp_path)
     assert (getting.returncode, getting.stdout) == (0, setting.stdout)
+    store_line = f"opt-in storage: {cli_env['OPTIN_STORAGE_URL']}\n"
+    assert setting.stderr == getting.stderr == store_line
 
     missing = run([optin, "get", "nobody"], cli_env, tmp_path)
     assert missing.returncode == 1 and missing.stdout == ""
@@ -793,6 +971,75 @@ def test_the_console_script(cli_env, tmp_path):
 
     rejected = run([optin, "set", "m-1", "maybe"], cli_env, tmp_path)
     assert rejected.returncode == 2 and "is not one of" in rejected.stderr
+
+
+@pytest.mark.slow
+def test_the_console_script_refuses_a_folder_that_does_not_exist(cli_env, tmp_path):
+    missing = tmp_path / "nonexistent" / "dir" / "x.db"
+    env = {**cli_env, "OPTIN_STORAGE_URL": f"sqlite:///{missing}"}
+    for args in (["get", "m-1"], ["set", "m-1", "accepted"], ["export"]):
+        result = run([str(BIN / "optin"), *args], env, tmp_path)
+        assert (result.returncode, result.stdout) == (1, ""), result.stderr
+        assert re.fullmatch(
+            rf"Error: .*{re.escape(str(missing))}.*does not exist.*\n", result.stderr
+        ), result.stderr
+    assert not (tmp_path / "nonexistent").exists()
+
+
+#: The service as gunicorn loads it from a clone's folder (the folder first on sys.path,
+#: so the source tree, not the installed copy), asked for member-42.
+SERVICE_GET = """
+import json, optin_service
+from wsgi import app
+response = app.test_client().get("/client/users/member-42/profile/optin")
+print(json.dumps([optin_service.__file__, response.status_code, response.get_json()]))
+"""
+
+
+@pytest.mark.slow
+def test_a_clone_installed_with_pip_has_one_default_store_for_service_and_clis(tmp_path):
+    """The README's set-up on a fresh clone: ``pip install .`` (not editable) into a venv.
+    Then the service (imported from the clone's folder), ``.venv/bin/optin`` (the
+    installed copy) and ``flask optin`` must all use ./instance/optin.db."""
+    clone = tmp_path / "clone"
+    for name in ("optin_service", "backends"):
+        shutil.copytree(ROOT / name, clone / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.cfg", "pyproject.toml", "README.md", "wsgi.py", "gunicorn.conf.py"):
+        shutil.copy(ROOT / name, clone / name)
+    venv = clone / ".venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLASK_", "OPTIN_"))}
+    site = run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], env, clone
+    )
+    site_dir = Path(site.stdout.strip())
+    # This interpreter's packages (flask, pip, setuptools...), offline: a path in a .pth
+    # file joins sys.path without running that folder's own .pth files, so the editable
+    # optin-service of this checkout stays out.
+    (site_dir / "test-packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    pip = [python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
+    installed = run([*pip, "--no-index", "."], env, clone)
+    assert installed.returncode == 0, installed.stderr
+    assert (site_dir / "optin_service" / "__init__.py").is_file()  # a copy, not a link
+
+    written = run([str(venv / "bin" / "optin"), "set", "member-42", "declined"], env, clone)
+    assert written.returncode == 0, written.stderr
+    served = run([python, "-c", SERVICE_GET], env, clone)
+    assert served.returncode == 0, served.stderr
+    module, status, body = json.loads(served.stdout)
+    assert module == str(clone / "optin_service" / "__init__.py")
+    assert (status, body.get("LOYALTY_OPTIN")) == (200, "declined"), (status, body, written.stderr)
+    flask = [python, "-m", "flask", "--app", "optin_service", "optin", "get", "member-42"]
+    read = run(flask, env, clone)
+    assert (read.returncode, read.stdout) == (0, written.stdout), read.stderr
+
+    db = clone / "instance" / "optin.db"
+    store_line = f"opt-in storage: sqlite:///{db} (default: OPTIN_STORAGE_URL is not set)\n"
+    assert written.stderr == store_line
+    assert store_line in read.stderr.splitlines(keepends=True)  # after flask's start-up log
+    assert str(db) in served.stderr  # the service's start-up log names it too
+    assert [p.name for p in clone.rglob("optin.db")] == ["optin.db"]
 
 
 @pytest.mark.slow
@@ -844,3 +1091,17 @@ def test_a_progress_bar_shows_on_a_terminal(cli_env, tmp_path):
     # A complete export ends at 100%, not at the last whole thousand.
     assert "100%" in seen, seen
     assert f"exported {len(events)} events" in seen
+
+
+def test_version_is_the_one_the_package_declares(cli_env):
+    from importlib.metadata import version
+
+    from click.testing import CliRunner
+
+    from optin_service import __version__
+    from optin_service.cli import optin
+
+    result = CliRunner().invoke(optin, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"optin-service, version {__version__}"
+    assert version("optin-service") == __version__  # setup.cfg reads the same number

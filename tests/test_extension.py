@@ -188,6 +188,20 @@ def test_two_standalone_apps_on_separate_sqlite_files(tmp_path):
     assert two.get("/client/users/m1/profile/optin").status_code == 404
 
 
+def test_embedded_without_a_storage_url_uses_the_hosts_instance_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPTIN_STORAGE_URL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "host-instance"
+    app = Flask("host", instance_path=str(folder))
+    OptIn(app)
+    try:
+        assert app.extensions["optin"].storage_url == f"sqlite:///{folder}/optin.db"
+        assert folder.is_dir()
+        assert not (tmp_path / "instance").exists()
+    finally:
+        app.extensions["optin"].store.close()
+
+
 def test_registering_twice_on_one_app_is_refused():
     app = Flask("host")
     OptIn(app, store=MemoryStore())
@@ -243,3 +257,57 @@ def test_a_store_passed_in_stays_the_hosts():
 def test_min_replicas_setting_reaches_a_redis_store(url, setting, expected):
     app = create_app({"OPTIN_STORAGE_URL": url, "OPTIN_REDIS_MIN_REPLICAS_ACKED": setting})
     assert app.extensions["optin"].store.min_replicas_acked == expected
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_standalone_talisman_and_embedded_constants_send_the_same_headers(scheme):
+    """Standalone, Talisman sets part of the seed's headers; embedded, every one is a
+    constant in headers.py. Both must send the same names, values and casing."""
+    from optin_service.headers import RESPONSE_HEADERS, TALISMAN_HEADERS
+
+    standalone = create_app({"OPTIN_STORAGE_URL": "memory://"}).test_client()
+    host = Flask(__name__)
+    OptIn(host, store=MemoryStore(), url_prefix="/loyalty")
+    embedded = host.test_client()
+    env = {"wsgi.url_scheme": scheme}
+    body = {"LOYALTY_OPTIN": "accepted"}
+    for path in ("/client/users/m1/profile/optin", "/client/users/%20/profile/optin"):
+        got = [
+            client.put(prefix + path, json=body, environ_overrides=env)
+            for client, prefix in ((standalone, ""), (embedded, "/loyalty"))
+        ]
+        assert got[0].status_code == got[1].status_code
+        fixed = [
+            sorted((k, v) for k, v in r.headers.to_wsgi_list() if k in dict(RESPONSE_HEADERS))
+            for r in got
+        ]
+        assert fixed[0] == fixed[1] == sorted(RESPONSE_HEADERS)
+    # Talisman really is what sets its headers in the standalone app.
+    bare = Flask(__name__)
+    from optin_service.headers import TALISMAN_OPTIONS
+
+    Talisman(bare, **TALISMAN_OPTIONS)
+    bare.add_url_rule("/", "home", lambda: "")
+    sent = bare.test_client().get("/", environ_overrides=env).headers
+    assert sorted((k, sent[k]) for k, _ in TALISMAN_HEADERS) == sorted(TALISMAN_HEADERS)
+
+
+def test_an_embedded_api_reads_only_its_hosts_config(monkeypatch):
+    """The environment is the standalone service's (create_app); a host app configures
+    the API through its own app.config only."""
+    monkeypatch.setenv("OPTIN_MAX_BODY_BYTES", "10")
+    monkeypatch.setenv("OPTIN_AUTH", "api-key")  # would refuse to start without keys
+    host = Flask(__name__)
+    OptIn(host, store=MemoryStore())
+    assert host.config["OPTIN_MAX_BODY_BYTES"] == 16384
+    assert host.config["OPTIN_AUTH"] == "none"
+    response = host.test_client().put(
+        "/client/users/m1/profile/optin", json={"LOYALTY_OPTIN": "accepted", "pad": "x" * 50}
+    )
+    assert response.status_code == 200
+    assert (
+        create_app({"OPTIN_STORAGE_URL": "memory://", "OPTIN_AUTH": "none"}).config[
+            "OPTIN_MAX_BODY_BYTES"
+        ]
+        == 10
+    )  # the standalone service does read it

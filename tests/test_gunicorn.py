@@ -7,9 +7,11 @@ count and in time. Assertion messages carry the tail of the gunicorn log.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -620,6 +622,47 @@ def _rounded(seconds: dict[str, float]) -> dict[str, float]:
     return {name: round(value, 3) for name, value in seconds.items()}
 
 
+@pytest.mark.redis_server
+def test_a_hung_rate_limit_redis_costs_little_is_logged_once_and_recovers(
+    servers: Servers,
+) -> None:
+    counters = servers.redis("limits")
+    env = {
+        "OPTIN_STORAGE_URL": servers.sqlite_url(),
+        "OPTIN_RATE_LIMIT": "5/minute",
+        "OPTIN_RATE_LIMIT_STORAGE_URL": counters.url,
+    }
+    server = servers.gunicorn(env, workers=1)
+    with requests.Session() as http:
+
+        def put_one() -> requests.Response:
+            return put(http, server.base, "limited", "accepted")
+
+        first, _ = timed(server, "PUT counted in Redis", put_one)
+        assert first.status_code == 200 and first.headers["X-RateLimit-Remaining"] == "4"
+        servers.sigstop(counters)  # accepts connections, never answers
+        answers = [timed(server, f"PUT {n} while Redis hangs", put_one) for n in range(7)]
+        seen = [(r.status_code, round(seconds, 2)) for r, seconds in answers]
+        # A few tenths of a second each (the store's own timeouts), not redis-py's 5 s.
+        assert all(seconds < 2.5 for _, seconds in answers), seen
+        # Meanwhile the worker counts in memory: the limit still holds, per worker.
+        assert [status for status, _ in seen] == [200] * 5 + [429] * 2, seen
+        said = [
+            json.loads(line)
+            for line in server.log().splitlines()
+            if line.startswith("{") and '"flask-limiter"' in line
+        ]
+        failures = [line for line in said if line["level"] != "INFO"]
+        assert len(failures) == 1 and "unreachable" in failures[0]["message"], said
+        breaches = [line for line in said if "exceeded" in line["message"]]
+        assert len(breaches) == 1, said  # two 429s, one line a minute
+
+        servers.sigcont(counters)
+        # Back to the shared count in Redis (1 of 5 used): 200s again.
+        poll_until_ok(server, put_one, "PUT after Redis returned", timeout=45)
+    assert "Rate limit storage recovered" in server.log(), log_tail(server)
+
+
 # --- 5: four workers on one SQLite file --------------------------------------------
 
 
@@ -749,6 +792,20 @@ def test_shipped_config_refuses_memory_store_with_several_workers(
         assert read_state(single, http, "memory-member")["LOYALTY_OPTIN"] == "accepted"
 
 
+def test_preload_without_a_metrics_folder_is_refused_not_served_with_empty_metrics(
+    tmp_path: Path,
+) -> None:
+    """--preload imports prometheus-client in the master before the config can set its
+    folder: every worker would count alone and /metrics would answer nothing."""
+    refused = make_gunicorn({"OPTIN_STORAGE_URL": f"sqlite:///{tmp_path}/optin.db"}, workers=2)
+    refused.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    refused.args.insert(-1, "--preload")
+    code, output, _ = run_to_exit(refused, tmp_path / "refused.log")
+    assert code != 0, output
+    assert "PROMETHEUS_MULTIPROC_DIR" in output and "--preload" in output, output
+    assert "Booting worker" not in output, output
+
+
 def test_unknown_storage_scheme_stops_gunicorn_naming_the_choices(tmp_path: Path) -> None:
     refused = make_gunicorn({"OPTIN_STORAGE_URL": "nosuch://x"}, workers=2)
     code, output, elapsed = run_to_exit(refused, tmp_path / "refused.log")
@@ -759,3 +816,109 @@ def test_unknown_storage_scheme_stops_gunicorn_naming_the_choices(tmp_path: Path
     assert "sqlite" in installed.group(1) and "redis" in installed.group(1), output
     assert elapsed < 15, f"took {elapsed:.1f}s to refuse:\n{output}"
     print(f"nosuch://: exit {code} after {elapsed:.2f}s")
+
+
+# --- 8: the SQLite file: removed under the workers, a missing folder, lock waits -----
+
+
+def test_sqlite_folder_that_does_not_exist_stops_gunicorn_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "nonexistent" / "dir" / "x.db"
+    refused = make_gunicorn({"OPTIN_STORAGE_URL": f"sqlite:///{missing}"}, workers=2)
+    code, output, elapsed = run_to_exit(refused, tmp_path / "refused.log", timeout=15)
+    assert code != 0, output
+    assert re.search(rf"^.*{re.escape(str(missing))}.*does not exist.*$", output, re.M), output
+    assert not (tmp_path / "nonexistent").exists(), output
+    print(f"missing folder: exit {code} after {elapsed:.2f}s")
+
+
+def open_files(pid: int) -> set[str]:
+    """The paths ``pid`` holds open (the targets of ``/proc/<pid>/fd``)."""
+    found = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            found.add(os.readlink(fd))
+        except OSError:  # closed while we looked
+            continue
+    return found
+
+
+def burst(server: Gunicorn, calls: int, request) -> list[tuple[requests.Response, float]]:
+    """``request(session, n)`` ``calls`` times from 8 threads at once, so that every
+    worker answers some (one client in a row would mostly meet the same worker)."""
+    results: list[tuple[requests.Response, float]] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+    numbers = iter(range(calls))
+
+    def client() -> None:
+        with requests.Session() as http:
+            while True:
+                with lock:
+                    n = next(numbers, None)
+                if n is None:
+                    return
+                started = time.monotonic()
+                try:
+                    resp = request(http, n)
+                except requests.RequestException as exc:
+                    with lock:
+                        failures.append(repr(exc))
+                    return
+                with lock:
+                    results.append((resp, time.monotonic() - started))
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not failures and len(results) == calls, f"{failures[:5]}" + log_tail(server)
+    return results
+
+
+def test_sqlite_folder_removed_under_four_workers_answers_503_and_recreates_nothing(
+    servers: Servers, tmp_path: Path
+) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    db = folder / "optin.db"
+    server = servers.gunicorn({"OPTIN_STORAGE_URL": f"sqlite:///{db}"}, workers=4)
+    workers = wait_for_workers(server, 4, set())
+    # Until every worker holds a connection to the file (each wrote through it): the
+    # workers whose write would land in the unlinked file are the ones under test.
+    deadline = time.monotonic() + 30
+    holding: set[int] = set()
+    rounds = 0
+    while holding != set(workers):
+        assert time.monotonic() < deadline, f"only {holding} of {workers} opened {db}"
+        for resp, _ in burst(
+            server, 16, lambda http, n: put(http, server.base, f"m-{n}", "accepted")
+        ):
+            assert resp.status_code == 200, resp.text + log_tail(server)
+        holding = {pid for pid in workers if str(db) in open_files(pid)}
+        rounds += 1
+
+    shutil.rmtree(folder)
+    calls = {
+        "PUT": lambda http, n: put(http, server.base, f"after-{n}", "declined"),
+        "GET": lambda http, n: get(http, server.base, f"m-{n % 16}"),
+        "readyz": lambda http, n: http.get(f"{server.base}/readyz", timeout=TIMEOUT),
+    }
+    for name, call in calls.items():
+        for resp, elapsed in burst(server, 24, call):
+            assert_unavailable(server, resp, elapsed, f"{name} once {folder} is gone")
+    assert not folder.exists(), "a worker recreated the removed folder" + log_tail(server)
+    assert server.worker_pids() == workers, "workers restarted" + log_tail(server)
+    print(f"every worker held {db} after {rounds} bursts; then 3 x 24 answers, all 503")
+
+
+def test_sqlite_lock_wait_beyond_the_worker_timeout_stops_gunicorn(
+    servers: Servers, tmp_path: Path
+) -> None:
+    url = servers.sqlite_url() + "?timeout=40"
+    refused = make_gunicorn({"OPTIN_STORAGE_URL": url}, workers=2)
+    code, output, elapsed = run_to_exit(refused, tmp_path / "refused.log", timeout=15)
+    assert code != 0, output
+    # One line says what waits how long, and the worker timeout it exceeds.
+    assert re.search(r"^.*\b40(\.0)? s\b.*\b30(\.0)? s\b.*$", output, re.M), output
+    print(f"sqlite timeout=40 under a 30 s worker timeout: exit {code} after {elapsed:.2f}s")

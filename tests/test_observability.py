@@ -5,21 +5,23 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
-from datetime import datetime, timezone
-from http import HTTPStatus
+import uuid
 from pathlib import Path
 
 import pytest
 import requests
 from prometheus_client import REGISTRY
-from pythonjsonlogger.json import JsonFormatter
+from prometheus_client.parser import text_string_to_metric_families
 
 from optin_service import create_app, logs
-from tests.servers import Gunicorn
+from tests.servers import Gunicorn, ReadmeGunicorn, free_port, until_every_worker_answered
 from tests.test_api import FailingStore, put
 
 ROUTE = "/client/users/<correlation_id>/profile/optin"
@@ -110,6 +112,59 @@ def test_metrics_endpoint_and_switch(monkeypatch):
     assert off.get("/metrics").status_code == 404
 
 
+def test_reading_a_setting_loads_nothing_of_the_app():
+    """gunicorn.conf.py reads OPTIN_METRICS in the master before it sets prometheus-client's
+    folder; prometheus-client picks one process or many when first imported."""
+    code = (
+        "import sys, optin_service.defaults; "
+        "print(sorted(m for m in sys.modules if m.startswith(('prometheus_client', 'flask'))))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_once_per_lets_one_record_of_a_kind_through_per_interval_and_counts_the_rest():
+    now = [100.0]
+    once = logs.OncePer(60, clock=lambda: now[0])
+    log = logging.getLogger("flask-limiter")
+
+    def record(msg, level=logging.ERROR):
+        return log.makeRecord(log.name, level, __file__, 1, msg, ("x",), None)
+
+    assert once.filter(first := record("Failed to rate limit %s"))
+    assert not hasattr(first, "suppressed")
+    assert [once.filter(record("Failed to rate limit %s")) for _ in range(3)] == [False] * 3
+    assert once.filter(record("Rate limit storage recovered"))  # another kind: its own window
+    assert once.filter(record("Failed to rate limit %s", logging.WARNING))  # another level too
+    now[0] += 59.9
+    assert not once.filter(record("Failed to rate limit %s"))
+    now[0] += 0.2
+    assert once.filter(later := record("Failed to rate limit %s"))
+    assert later.suppressed == 4
+
+
+def test_the_standalone_service_shows_flask_limiters_records_at_most_once_a_minute():
+    app = create_app({"OPTIN_STORAGE_URL": "memory://", "OPTIN_RATE_LIMIT": "5/minute"})
+    assert app.extensions["optin"].limiter is not None
+    limiter_log = logging.getLogger("flask-limiter")
+    service = [h for h in limiter_log.handlers if h.get_name() == "optin_service"]
+    assert len(service) == 1  # the service's own handler (stderr), set up by create_app
+    stream, handler = capture()
+    limiter_log.addHandler(handler)
+    message = f"Failed to rate limit ({uuid.uuid4()}). Swallowing error"  # a kind of its own
+    try:
+        for _ in range(3):
+            limiter_log.error(message)
+    finally:
+        limiter_log.removeHandler(handler)
+        logging.getLogger("optin_service").removeHandler(handler)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["logger"] for line in lines] == ["flask-limiter"], lines
+
+
 def capture(app_log_format="json"):
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
@@ -149,6 +204,7 @@ def test_an_unexpected_store_error_is_a_bare_500_and_one_log_line_with_id_and_tr
         "status": 500,
         "backend": "memory",
     }
+    assert access[0]["pid"] == os.getpid()
     assert isinstance(access[0]["duration_ms"], float) and access[0]["time"]
 
 
@@ -165,61 +221,72 @@ def test_text_log_format_for_humans():
         create_app({"OPTIN_STORAGE_URL": "memory://", "OPTIN_LOG_FORMAT": "xml"})
 
 
-def _record(msg="%s %s", args=("PUT", 200), **extra):
-    log = logging.getLogger("optin_service.access")
-    return log.makeRecord(log.name, logging.INFO, __file__, 1, msg, args, None, "f", extra)
-
-
-_EXTRAS = [
-    {},
-    {"request_id": "r", "method": "PUT", "route": ROUTE, "status": 200, "duration_ms": 0.32},
-    {"text": 'caf\u00e9 "quoted"\n\u2603 \U0001f600', "empty": ""},
-    {"t": True, "f": False, "n": None, "big": 10**30, "neg": -1.5e-300},
-    {"nan": float("nan"), "inf": float("inf"), "minf": float("-inf")},
-    {"level": "shadows the level", "time": "shadowed by the time", "logger": 1},
-    {"trace": "where an exception's trace would go", "asctime_": "x"},
-    {"status": HTTPStatus.OK, "when": datetime(2026, 1, 2, tzinfo=timezone.utc)},  # not plain
-    {"items": [1, "a", None], "nested": {"k": 1.0}},
-    {"_private": "skipped", "__dunder": 1, "public": "kept"},
-]
-
-
-@pytest.mark.parametrize("extra", _EXTRAS)
-def test_json_log_lines_are_python_json_loggers_byte_for_byte(extra):
-    """The JSON formatter's fast path writes exactly what JsonFormatter.format would."""
-    fmt = logs.formatter("json")
-    for record in (_record(**extra), _record(**extra), _record("plain, no args", ())):
-        record.created += 0.5  # another second, another fraction
-        assert fmt.format(record) == JsonFormatter.format(fmt, record)
-    record = _record(**extra)
-    record.name = 12  # a record whose key is fine but whose value is not a string
-    assert fmt.format(record) == JsonFormatter.format(fmt, record)
-
-
-@pytest.mark.parametrize(
-    "created", [0.0, 1e-7, 0.0000005, 0.0000015, 0.9999995, 1795748634.1105165, 1795748634.9999996]
-)
-def test_log_times_are_datetimes_isoformat(created):
-    for moment in (created, created + 0.25, created + 86400 * 365.25 * 30):
-        expected = datetime.fromtimestamp(moment, tz=timezone.utc).isoformat()
-        assert logs.utc_isoformat(moment) == expected
-
-
 # --- under gunicorn -----------------------------------------------------------------
 
 
 def _metric_total(text: str, name: str, **labels) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            got = ",".join(sorted(line[len(name) + 1 : line.index("}")].split(",")))
-            if got == want:
-                total += float(line.rsplit(" ", 1)[1])
-    return total
+    """The sum of the samples ``name`` whose labels include ``labels``."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
+def put_until_every_worker_answered(server: Gunicorn) -> int:
+    """PUTs until both workers have answered; how many were sent."""
+
+    def put(n: int) -> None:
+        response = requests.put(
+            f"{server.base}/client/users/w{n}/profile/optin",
+            json={"LOYALTY_OPTIN": "accepted"},
+            timeout=10,
+        )
+        assert response.status_code == 200, response.text
+
+    sent = until_every_worker_answered(server, put)
+    assert len(server.access_lines()) == sent
+    return sent
 
 
 @pytest.mark.slow
+def test_metrics_are_summed_under_the_readmes_command_in_a_clean_environment(tmp_path):
+    """``gunicorn wsgi:app`` as a user runs it: shipped config, no test-run environment."""
+    gunicorn = ReadmeGunicorn(tmp_path).start(tmp_path / "gunicorn.log")
+    try:
+        sent = put_until_every_worker_answered(gunicorn)
+        response = requests.get(f"{gunicorn.base}/metrics", timeout=10)
+    finally:
+        gunicorn.stop()
+    log = gunicorn.log()
+    store = re.search(r"opt-in storage: sqlite:///(\S+)", log)
+    assert store and Path(store.group(1)).is_relative_to(tmp_path), log  # never the repo's
+    assert response.status_code == 200
+    assert _metric_total(response.text, "optin_http_requests_total") == sent, response.text
+    put = {"route": ROUTE, "method": "PUT", "status": "200"}
+    assert _metric_total(response.text, "optin_http_requests_total", **put) == sent
+
+
+@pytest.mark.slow
+def test_the_master_serves_the_summed_metrics_on_optin_metrics_port(tmp_path):
+    port = free_port()
+    gunicorn = ReadmeGunicorn(tmp_path, OPTIN_METRICS_PORT=str(port))
+    gunicorn.start(tmp_path / "gunicorn.log")
+    try:
+        sent = put_until_every_worker_answered(gunicorn)
+        response = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+    finally:
+        gunicorn.stop()
+    log = gunicorn.log()
+    master = re.search(r"\[(\d+)\] \[INFO\] metrics on http://127\.0\.0\.1:(\d+)/metrics", log)
+    assert master and master.group(2) == str(port), log
+    assert int(master.group(1)) not in gunicorn.answering_pids()  # the master, not a worker
+    assert response.status_code == 200
+    put = {"route": ROUTE, "method": "PUT", "status": "200"}
+    assert _metric_total(response.text, "optin_http_requests_total", **put) == sent, response.text
+
+
 @pytest.mark.slow
 def test_the_metrics_folder_gunicorn_made_is_removed_on_exit_even_after_a_reload(tmp_path):
     env = {"OPTIN_STORAGE_URL": f"sqlite:///{tmp_path}/optin.db", "PROMETHEUS_MULTIPROC_DIR": ""}
@@ -244,6 +311,7 @@ def test_the_metrics_folder_gunicorn_made_is_removed_on_exit_even_after_a_reload
     assert not folder.exists(), gunicorn.log()
 
 
+@pytest.mark.slow
 def test_metrics_are_summed_over_two_gunicorn_workers(tmp_path: Path):
     metrics_dir = tmp_path / "metrics"
     env = {
@@ -270,8 +338,7 @@ def test_metrics_are_summed_over_two_gunicorn_workers(tmp_path: Path):
         for thread in threads:
             thread.join(30)
         workers = set(gunicorn.worker_pids())
-        writers = {int(p.stem.rsplit("_", 1)[1]) for p in metrics_dir.glob("counter_*.db")}
-        assert len(workers) == 2 and writers == workers, (workers, writers)  # both served
+        assert len(workers) == 2 and gunicorn.answering_pids() == workers, gunicorn.log()
         text = requests.get(f"{gunicorn.base}/metrics", timeout=5).text
         labels = {"route": ROUTE, "method": "PUT", "status": "200"}
         assert _metric_total(text, "optin_http_requests_total", **labels) == sent

@@ -82,3 +82,14 @@ def test_a_time_finer_than_microseconds_is_refused_not_cut():
 
 def test_cursors_round_trip():
     assert decode_cursor(encode_cursor((1795699211482913, "a:b:c"))) == (1795699211482913, "a:b:c")
+
+
+@pytest.mark.parametrize("cid", [".", ".."])
+def test_an_event_for_an_id_no_client_can_address_is_refused(cid):
+    line = (
+        f'{{"correlationId":"{cid}","LOYALTY_OPTIN":"accepted",'
+        '"updatedAt":"2026-01-02T03:04:05Z","requestId":"r"}'
+    )
+    with pytest.raises(ValueError, match="correlationId"):
+        load_event(line)
+    load_event(line.replace(f'"{cid}"', '"..."'))  # three dots are an ordinary id

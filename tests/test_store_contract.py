@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import threading
 import time
+import urllib.parse
 import uuid
 from datetime import datetime, timedelta, timezone
 from urllib.parse import urlencode
@@ -17,7 +20,7 @@ import pytest
 import redis
 
 import backends.memory
-import backends.redis
+import backends.redis.store
 import backends.sqlite
 from backends.memory import MemoryStore
 from backends.postgres import PostgresStore
@@ -36,22 +39,30 @@ from tests.servers import RedisProcess, RedisServer, free_port
 STAMP = datetime(2026, 11, 26, 12, 0, 0, 123456, tzinfo=timezone.utc)
 
 
+#: The Redis stores' import batch here (memory and SQLite: 13): small, so that the
+#: contract's bulk tests cross pipeline boundaries.
+SMALL_IMPORT_BATCH = 3
+
+
 def _memory(request, tmp_path):
-    return MemoryStore.from_url("memory://")
+    return MemoryStore.from_url("memory://", import_batch=13)
 
 
 def _sqlite(request, tmp_path):
-    return SQLiteStore.from_url(f"sqlite:///{tmp_path}/optin.db")
+    # Small import batches: the contract's bulk tests cross every chunk boundary.
+    return SQLiteStore.from_url(f"sqlite:///{tmp_path}/optin.db", import_batch=13)
 
 
-def _fakeredis(request, tmp_path):
+def _fakeredis(request, tmp_path, import_batch=SMALL_IMPORT_BATCH):
     # A FakeServer of its own: FakeRedis() instances otherwise share one by default.
-    return RedisStore(fakeredis.FakeRedis(server=fakeredis.FakeServer()))
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    return RedisStore(client, import_batch=import_batch)
 
 
-def _redis(request, tmp_path):
+def _redis(request, tmp_path, import_batch=SMALL_IMPORT_BATCH):
     server = request.getfixturevalue("redis_server")
-    return RedisStore.from_url(f"{server.url}?prefix=t-{uuid.uuid4().hex}:")
+    url = f"{server.url}?prefix=t-{uuid.uuid4().hex}:&import_batch={import_batch}"
+    return RedisStore.from_url(url)
 
 
 def _postgres(request, tmp_path):
@@ -105,13 +116,11 @@ def redis_store(request, tmp_path):
 
 class TestStoreContract(StoreContract):
     @pytest.fixture(autouse=True)
-    def _small_batches(self, monkeypatch):
-        """Bulk paths cut their input into batches, chunks and script calls; cut
-        small here, the contract crosses every boundary."""
-        monkeypatch.setattr(backends.sqlite, "_STAGE_BATCH", 7)
-        monkeypatch.setattr(backends.sqlite, "_MERGE_CHUNK", 13)
-        monkeypatch.setattr(backends.redis, "_SCRIPT_EVENTS", 3)
-        monkeypatch.setattr(backends.redis, "_BATCH", 2)
+    def _small_scan_pages(self, monkeypatch):
+        """Import batches are small in every store fixture; Redis SCAN pages of 2 keys
+        here, so the contract crosses every boundary (script calls within one
+        pipeline: test_redis_import_crosses_script_calls_and_pipelines)."""
+        monkeypatch.setattr(backends.redis.store, "SCAN_PAGE", 2)
 
 
 # --- memory ----------------------------------------------------------------------
@@ -128,13 +137,7 @@ def test_memory_forgets_idempotency_keys_past_their_ttl(monkeypatch):
     """They were kept forever: memory grew with every distinct key."""
     store = MemoryStore()
     clock = [datetime(2026, 11, 26, tzinfo=timezone.utc)]
-
-    class Clock(datetime):
-        @classmethod
-        def now(cls, tz=None):
-            return clock[0]
-
-    monkeypatch.setattr(backends.memory, "datetime", Clock)
+    monkeypatch.setattr(backends.memory, "_now", lambda: clock[0])
     for i in range(3):
         record = OptInRecord(f"member-{i}", "accepted", STAMP, request_id=f"r{i}")
         store.set(record, idempotency_key=f"k{i}")
@@ -197,6 +200,7 @@ def test_sqlite_relative_path_resolves_against_cwd(tmp_path, monkeypatch):
 )
 def test_sqlite_absolute_path(tmp_path, folder, query):
     path = tmp_path / folder / "abs.db"
+    path.parent.mkdir()
     url = f"sqlite:///{path}{query}"
     assert url.startswith("sqlite:////")
     store = SQLiteStore.from_url(url)
@@ -388,6 +392,207 @@ def test_sqlite_a_refused_or_replayed_key_writes_nothing(sqlite_store, tmp_path)
         raw.close()
 
 
+# --- sqlite: its folder, the file it is bound to, lock waits, readiness ------------
+
+
+def test_sqlite_a_folder_that_does_not_exist_is_refused_naming_the_path(tmp_path):
+    path = tmp_path / "nonexistent" / "dir" / "x.db"
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        SQLiteStore.from_url(f"sqlite:///{path}")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def db_folder(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    return folder
+
+
+def _operations(store):
+    """Every kind of call a store answers, each to be tried on a broken store."""
+    return {
+        "set": lambda: store.set(OptInRecord("member-2", "declined", STAMP, "r2")),
+        "set with key": lambda: store.set(
+            OptInRecord("member-3", "declined", STAMP, "r3"), idempotency_key="k"
+        ),
+        "get": lambda: store.get("member-1"),
+        "history": lambda: store.history("member-1", 10),
+        "count_events": store.count_events,
+        "events": lambda: list(store.events()),
+        "import_rows": lambda: store.import_rows([OptInRecord("m-4", "accepted", STAMP).row]),
+        "check": store.check,
+    }
+
+
+def _assert_every_operation_unavailable(store):
+    for name, call in _operations(store).items():
+        with pytest.raises(StorageUnavailable):
+            call()
+            pytest.fail(f"{name} answered although the store's file is gone")
+
+
+def test_sqlite_folder_removed_under_the_store_answers_unavailable_and_creates_nothing(
+    db_folder,
+):
+    url = f"sqlite:///{db_folder}/optin.db"
+    used = SQLiteStore.from_url(url)  # holds a connection to the file
+    used.set(OptInRecord("member-1", "accepted", STAMP, "r1"))
+    idle = SQLiteStore.from_url(url)  # built while the file existed, never connected
+    threads = SQLiteStore.from_url(url)
+    try:
+        threads.get("member-1")  # this thread's connection; another thread opens its own
+        shutil.rmtree(db_folder)
+        for store in (used, idle):
+            _assert_every_operation_unavailable(store)
+        failures = []
+        other = threading.Thread(target=lambda: failures.append(_raises(threads.check)))
+        other.start()
+        other.join(10)
+        assert failures == [True]
+        assert not db_folder.exists()  # nothing recreated the folder or a database in it
+    finally:
+        for store in (used, idle, threads):
+            store.close()
+
+
+def _raises(call) -> bool:
+    try:
+        call()
+    except StorageUnavailable:
+        return True
+    return False
+
+
+def test_sqlite_a_replaced_file_is_refused_until_the_original_is_back(db_folder, tmp_path):
+    path = db_folder / "optin.db"
+    store = SQLiteStore.from_url(f"sqlite:///{path}")
+    try:
+        first = OptInRecord("member-1", "accepted", STAMP, "r1")
+        store.set(first)
+        moved = tmp_path / "moved"
+        db_folder.rename(moved)
+        db_folder.mkdir()
+        sqlite3.connect(path).close()  # an empty database at the same path
+        _assert_every_operation_unavailable(store)
+        raw = sqlite3.connect(path)
+        try:
+            assert raw.execute("SELECT name FROM sqlite_master").fetchall() == []
+        finally:
+            raw.close()
+        # The operator puts the original back: the store answers from it again.
+        shutil.rmtree(db_folder)
+        moved.rename(db_folder)
+        assert store.get("member-1") == first
+        store.check()
+    finally:
+        store.close()
+
+
+def test_sqlite_a_write_whose_file_vanishes_before_commit_is_not_acknowledged(db_folder):
+    store = SQLiteStore.from_url(f"sqlite:///{db_folder}/optin.db")
+    try:
+        store.check()
+        conn = store._connection()
+
+        def unlink_at_commit(statement: str) -> None:
+            if statement == "COMMIT":
+                for name in os.listdir(db_folder):
+                    os.unlink(db_folder / name)
+
+        conn.set_trace_callback(unlink_at_commit)
+        # The COMMIT itself succeeds, into the unlinked file: the write must not be answered.
+        with pytest.raises(StorageUnavailable):
+            store.set(OptInRecord("member-1", "accepted", STAMP, "r1"))
+        conn.set_trace_callback(None)
+        assert os.listdir(db_folder) == []
+    finally:
+        store.close()
+
+
+def test_sqlite_a_held_lock_gives_up_within_the_timeout_not_twice_it(db_folder):
+    path = db_folder / "optin.db"
+    store = SQLiteStore.from_url(f"sqlite:///{path}?timeout=2")
+    store.set(OptInRecord("member-0", "accepted", STAMP, "r0"))  # creates the file and queue
+    # Another writer, as a worker of another process holds them: the queue, then the lock.
+    queue = os.open(f"{path}-lock", os.O_RDWR)
+    fcntl.flock(queue, fcntl.LOCK_EX)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailable):
+            store.set(OptInRecord("member-1", "accepted", STAMP, "r1"))
+        waited = time.monotonic() - started
+        assert 1.5 < waited < 3.0, f"gave up after {waited:.2f}s with timeout=2"
+        assert store.max_wait == 2
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        os.close(queue)
+        store.close()
+
+
+def test_sqlite_a_threads_first_connection_opens_within_the_writes_deadline(db_folder):
+    path = db_folder / "optin.db"
+    holder = sqlite3.connect(path, isolation_level=None)  # a database not in WAL yet,
+    holder.execute("CREATE TABLE other (x)")
+    holder.execute("BEGIN EXCLUSIVE")  # locked by another program: opening waits for it
+    store = SQLiteStore.from_url(f"sqlite:///{path}?timeout=2")
+    store._write_lock.acquire()  # and another thread of this process is mid-write
+    threading.Timer(1.5, store._write_lock.release).start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailable):
+            store.set(OptInRecord("member-1", "accepted", STAMP, "r1"))
+        waited = time.monotonic() - started
+        assert 1.5 < waited < 3.0, f"gave up after {waited:.2f}s with timeout=2"
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        store.close()
+
+
+def _read_only(monkeypatch, store, path):
+    # SQLite opens a file it may not write read-only. Root may write any file whatever
+    # its mode, so the store's connection is opened read-only the way SQLite falls back.
+    connect = sqlite3.connect
+    uri = f"file:{urllib.parse.quote(str(path))}?mode=ro"
+    monkeypatch.setattr(sqlite3, "connect", lambda _path, **kw: connect(uri, uri=True, **kw))
+    store.close()
+
+
+def _locked(monkeypatch, store, path):
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    return holder
+
+
+def _vanished(monkeypatch, store, path):
+    shutil.rmtree(path.parent)
+
+
+@pytest.mark.parametrize("breakage", [_read_only, _locked, _vanished])
+def test_sqlite_check_fails_while_the_store_cannot_write(breakage, db_folder, monkeypatch):
+    path = db_folder / "optin.db"
+    store = SQLiteStore.from_url(f"sqlite:///{path}?timeout=0.5")
+    held = None
+    try:
+        store.set(OptInRecord("member-1", "accepted", STAMP, "r1"))
+        store.check()
+        held = breakage(monkeypatch, store, path)
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailable):
+            store.check()
+        assert time.monotonic() - started < 3.0
+        with pytest.raises(StorageUnavailable):
+            store.set(OptInRecord("member-2", "declined", STAMP, "r2"))
+    finally:
+        if held is not None:
+            held.close()
+        store.close()
+
+
 # --- redis -----------------------------------------------------------------------
 
 
@@ -511,6 +716,8 @@ def _spy_commands(monkeypatch, client):
 
 
 def test_redis_every_set_is_one_script_call(redis_store, monkeypatch):
+    # The eviction policy is read once, then trusted for POLICY_RECHECK_SECONDS.
+    monkeypatch.setattr(backends.redis.store, "POLICY_RECHECK_SECONDS", 3600)
     store = redis_store
     store.set(OptInRecord("warm-up", "accepted", STAMP))  # loads the script
     sent = _spy_commands(monkeypatch, store.client)
@@ -533,8 +740,10 @@ def test_redis_every_set_is_one_script_call(redis_store, monkeypatch):
 
 
 @pytest.mark.redis_server
-def test_redis_every_set_is_one_script_call_on_the_server(redis_server, raw_redis):
-    """What the server itself sees (MONITOR) while the store writes: one EVALSHA per set."""
+def test_redis_every_set_is_one_script_call_on_the_server(redis_server, raw_redis, monkeypatch):
+    """What the server itself sees (MONITOR) while the store writes: one EVALSHA per set
+    (the warm-up reads the eviction policy, trusted for the rest of the test)."""
+    monkeypatch.setattr(backends.redis.store, "POLICY_RECHECK_SECONDS", 3600)
     store = RedisStore.from_url(f"{redis_server.url}?prefix=t-{uuid.uuid4().hex}:")
     store.set(OptInRecord("warm-up", "accepted", STAMP))
     try:
@@ -797,3 +1006,38 @@ def test_redis_refuses_a_row_whose_time_a_score_would_round(redis_store):
     assert store.import_rows([edge, (*edge[:2], "r0", *edge[3:])]) == 2
     assert sorted(store.rows()) == sorted([edge, (*edge[:2], "r0", *edge[3:])])
     assert store.get("member-1").request_id == "r1"
+
+
+@pytest.fixture(params=_REDIS_PARAMS)
+def redis_store_of_batch_120(request, tmp_path):
+    """A fresh RedisStore importing 120 events per pipeline, in script calls of 100."""
+    store = request.param(request, tmp_path, 120)
+    yield store
+    _dispose(store)
+
+
+def test_redis_import_crosses_script_calls_and_pipelines(redis_store_of_batch_120, monkeypatch):
+    """250 events with import_batch=120: pipelines of 120, 120 and 10 events, the first
+    two in script calls of 100 and 20. Every event lands as one at a time would."""
+    store = redis_store_of_batch_120
+    pipelines = []
+    real = store.client.pipeline
+    monkeypatch.setattr(
+        store.client, "pipeline", lambda *a, **k: pipelines.append(1) or real(*a, **k)
+    )
+    # Few members and times, so events of one member fall into different script
+    # calls and pipelines, ties included.
+    base = OptInRecord("-", "accepted", STAMP).updated_at_us
+    statuses = ("accepted", "declined", "accepted")
+    rows = [
+        (f"member-{i % 7}", base + i % 5, f"r{i:03}", statuses[i % 3], "API", "")
+        for i in range(250)
+    ]
+    expected = MemoryStore()
+    assert expected.import_rows(rows) == 250
+    assert store.import_rows(rows) == 250
+    assert len(pipelines) == 3
+    assert sorted(store.rows()) == sorted(expected.rows())
+    for n in range(7):
+        assert store.get(f"member-{n}") == expected.get(f"member-{n}")
+    assert store.import_rows(reversed(rows)) == 0

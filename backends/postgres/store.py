@@ -53,6 +53,12 @@ class PostgresStore(OptInStore):
     in its query or as keyword arguments (not both).
     """
 
+    driver_errors = (psycopg.Error,)
+
+    @classmethod
+    def wrap_error(cls, exc: BaseException) -> StorageError:
+        return wrap(exc)  # type: ignore[arg-type]
+
     def __init__(self, url: str, **options: int) -> None:
         libpq_url, in_url = split(url)
         both = set(in_url) & set(options)
@@ -71,6 +77,9 @@ class PostgresStore(OptInStore):
         # The server's statement_timeout fires first while it answers; this bounds
         # what it does not (a COMMIT waiting for a synchronous standby, a hung server).
         self._deadline = opts.statement_timeout_ms / 1000 + 0.5
+        # The longest a request can wait: for a connection, then to its deadline, then
+        # for a cancel the server ignores (the watchdog looks every 0.1 s).
+        self.max_wait = opts.pool_timeout_ms / 1000 + self._deadline + _GRACE + 0.2
         self._schema_pid: int | None = None  # the process that checked the schema
         self._writes = 0
 
@@ -84,8 +93,8 @@ class PostgresStore(OptInStore):
     def _session(
         self, *, write: bool = False, watch: bool = True, check_schema: bool = True
     ) -> Iterator[Connection]:
-        """A pooled connection for one operation: the one place where driver errors
-        become store errors.
+        """A pooled connection for one operation (driver errors are wrapped by the
+        public method, as :attr:`driver_errors` says).
 
         ``write``: a WARNING from the server during the operation (a COMMIT whose
         wait for a synchronous standby was cancelled: committed here, maybe not
@@ -93,24 +102,21 @@ class PostgresStore(OptInStore):
         operation gets the request deadline (bulk operations do not).
         ``check_schema``: the first operation in a process checks the schema version.
         """
-        try:
-            with self._pool.get().connection() as conn:
-                if check_schema and self._schema_pid != os.getpid():
-                    self._check_schema(conn)
-                conn.warnings.clear()
-                entry = _WATCHDOG.arm(conn, self._deadline) if watch else None
-                try:
-                    yield conn
-                finally:
-                    if entry is not None:
-                        _WATCHDOG.disarm(entry)
-                if write and conn.warnings:
-                    raise StorageUnavailable(
-                        "postgresql: the write may not have reached a synchronous standby: "
-                        + "; ".join(conn.warnings)
-                    )
-        except psycopg.Error as exc:
-            raise wrap(exc) from exc
+        with self._pool.get().connection() as conn:
+            if check_schema and self._schema_pid != os.getpid():
+                self._check_schema(conn)
+            conn.warnings.clear()
+            entry = _WATCHDOG.arm(conn, self._deadline) if watch else None
+            try:
+                yield conn
+            finally:
+                if entry is not None:
+                    _WATCHDOG.disarm(entry)
+            if write and conn.warnings:
+                raise StorageUnavailable(
+                    "postgresql: the write may not have reached a synchronous standby: "
+                    + "; ".join(conn.warnings)
+                )
 
     def _check_schema(self, conn: Connection) -> None:
         # No lock: threads starting at once may each check (creating the tables is
@@ -122,8 +128,11 @@ class PostgresStore(OptInStore):
     def upgrade(self) -> tuple[int, int]:
         """Bring the tables to this release's version (``optin db upgrade``):
         (version before, version after)."""
-        with self._session(watch=False, check_schema=False) as conn:
-            versions = schema.upgrade(conn)
+        try:  # not a method of the contract: wrapped here
+            with self._session(watch=False, check_schema=False) as conn:
+                versions = schema.upgrade(conn)
+        except self.driver_errors as exc:
+            raise self.wrap_error(exc) from exc
         self._schema_pid = None  # checked again by the next operation
         return versions
 
@@ -133,8 +142,8 @@ class PostgresStore(OptInStore):
         try:
             with self._session(write=True) as conn:
                 conn.execute(queries.HEALTH, (_now_us(),))
-        except StorageUnavailable:
-            raise
+        except self.driver_errors as exc:  # any failure, transient or not, is "not ready"
+            raise StorageUnavailable(str(self.wrap_error(exc))) from exc
         except StorageError as exc:
             raise StorageUnavailable(str(exc)) from exc
 
@@ -170,9 +179,9 @@ class PostgresStore(OptInStore):
                 current = record
             else:
                 current = OptInRecord.from_row(conn.execute(queries.GET, (cid,)).fetchone())
-        self._writes += 1
-        if self._writes % _PRUNE_EVERY == 0:
-            self._prune()
+            self._writes += 1
+            if self._writes % _PRUNE_EVERY == 0:
+                _prune(conn)
         return current
 
     def _set_under_used_key(
@@ -194,14 +203,6 @@ class PostgresStore(OptInStore):
             if claimed is None:  # deleted as expired, then claimed by another request
                 raise StorageUnavailable("postgresql: Idempotency-Key claimed concurrently")
             return conn.execute(queries.WRITE, {**params, "key": None}).fetchone()[1]
-
-    def _prune(self) -> None:
-        """Delete some expired idempotency keys; a failure only waits for next time."""
-        try:
-            with self._session() as conn:
-                conn.execute(queries.KEY_PRUNE, (_now_us() - _TTL_US, _PRUNE_LIMIT))
-        except StorageError as exc:
-            log.warning("postgresql: expired idempotency keys not deleted: %s", exc)
 
     def history(
         self, correlation_id: str, limit: int, before: tuple[int, str] | None = None
@@ -282,17 +283,24 @@ class PostgresStore(OptInStore):
         with stack:
             return conn.execute(queries.MERGE).fetchone()[0]
 
-    def events(self, since: datetime | None = None) -> Iterator[OptInRecord]:
-        return map(OptInRecord.from_row, self.rows(since))
-
-    def import_events(self, records: Iterable[OptInRecord]) -> int:
-        return self.import_rows(record.row for record in records)
-
     def count_events(self) -> int:
         with self._session(watch=False) as conn, conn.transaction():
             for setting in _BULK_SETTINGS:
                 conn.execute(setting)
             return conn.execute(queries.COUNT).fetchone()[0]
+
+
+def _prune(conn: Connection) -> None:
+    """Delete some expired idempotency keys, within the write's session (so within its
+    deadline). Not waiting for a synchronous standby: losing a deletion in a failover
+    loses nothing, and the write's answer must not depend on it. A failure is logged
+    and waits for the next time."""
+    try:
+        with conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit = local")
+            conn.execute(queries.KEY_PRUNE, (_now_us() - _TTL_US, _PRUNE_LIMIT))
+    except psycopg.Error as exc:
+        log.warning("postgresql: expired idempotency keys not deleted: %s", exc)
 
 
 def _now_us() -> int:

@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 
 from optin_service.storage import (
     IDEMPOTENCY_TTL,
+    EventRow,
     IdempotencyKeyReused,
     OptInRecord,
     OptInStore,
@@ -24,7 +25,7 @@ class DummyStore(OptInStore):
         self._lock = threading.Lock()
 
     @classmethod
-    def from_url(cls, url: str) -> DummyStore:
+    def from_url(cls, url: str, **options: object) -> DummyStore:
         return cls(url)
 
     def get(self, correlation_id: str) -> OptInRecord | None:
@@ -66,14 +67,14 @@ class DummyStore(OptInStore):
             ]
         return sorted(mine, key=lambda e: e.position, reverse=True)[:limit]
 
-    def import_events(self, records: Iterable[OptInRecord]) -> int:
+    def import_rows(self, rows: Iterable[EventRow]) -> int:
         with self._lock:
-            return sum(self._add(record) for record in records)
+            return sum(self._add(OptInRecord.from_row(row)) for row in rows)
 
-    def events(self, since: datetime | None = None) -> Iterator[OptInRecord]:
+    def rows(self, since: datetime | None = None) -> Iterator[EventRow]:
         with self._lock:
             log = list(self.log)
-        return (e for e in log if since is None or e.updated_at >= since)
+        return (e.row for e in log if since is None or e.updated_at >= since)
 
     def count_events(self) -> int:
         return len(self.log)
