@@ -752,3 +752,11 @@ def test_the_api_answers_503_with_the_server_down():
             assert response.headers["Retry-After"].isdigit()
     finally:
         app.extensions["optin"].store.close()
+
+
+def test_max_wait_covers_the_pool_wait_the_deadline_and_the_cut():
+    """What gunicorn.conf.py compares with half the worker timeout (15 s by default)."""
+    default = PostgresStore.from_url("postgresql://h/db")
+    assert 7 < default.max_wait < 8  # 1 s for a connection, 5.5 s, 1 s, a watchdog tick
+    slow = PostgresStore.from_url("postgresql://h/db?statement_timeout_ms=20000")
+    assert slow.max_wait > 15
