@@ -601,6 +601,36 @@ def test_a_stopped_server_is_unavailable_and_the_store_recovers_by_itself(own_se
 
 @pytest.mark.slow
 @pytest.mark.postgres_server
+def test_after_a_restart_one_request_meets_a_stale_connection_not_one_per_connection(
+    own_server,
+):
+    """The pool held 3 connections to the server before it restarted: the first request
+    finds its connection dead (503), and the pool replaces the others at once, so
+    the next requests are served (each stale connection gave its own 503 before)."""
+    store = PostgresStore.from_url(own_server.url(pool_min_size="3"))
+    try:
+        store.set(_record())
+        _until(
+            lambda: (
+                own_server.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'optin-service'"
+                )[0][0]
+                >= 3
+            ),
+            "3 connections open",
+        )
+        own_server.stop()
+        own_server.start()
+        with pytest.raises(StorageUnavailable, match=r"AdminShutdown|closed"):
+            store.get("member-1")
+        for _ in range(10):
+            assert store.get("member-1") == _record()
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+@pytest.mark.postgres_server
 def test_a_server_that_stopped_answering_costs_a_request_its_deadline_not_forever(own_server):
     """SIGSTOP on every server process: connections stay open, nothing answers, the
     server's statement_timeout cannot fire. The request ends at its deadline (cancel,

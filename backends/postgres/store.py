@@ -12,6 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from datetime import datetime, timedelta
 
 import psycopg
+from psycopg.pq import ConnStatus
 
 from optin_service.storage import (
     IDEMPOTENCY_TTL,
@@ -102,21 +103,33 @@ class PostgresStore(OptInStore):
         operation gets the request deadline (bulk operations do not).
         ``check_schema``: the first operation in a process checks the schema version.
         """
-        with self._pool.get().connection() as conn:
-            if check_schema and self._schema_pid != os.getpid():
-                self._check_schema(conn)
-            conn.warnings.clear()
-            entry = _WATCHDOG.arm(conn, self._deadline) if watch else None
-            try:
-                yield conn
-            finally:
-                if entry is not None:
-                    _WATCHDOG.disarm(entry)
-            if write and conn.warnings:
-                raise StorageUnavailable(
-                    "postgresql: the write may not have reached a synchronous standby: "
-                    + "; ".join(conn.warnings)
-                )
+        pool = self._pool.get()
+        lost = False
+        try:
+            with pool.connection() as conn:
+                try:
+                    if check_schema and self._schema_pid != os.getpid():
+                        self._check_schema(conn)
+                    conn.warnings.clear()
+                    entry = _WATCHDOG.arm(conn, self._deadline) if watch else None
+                    try:
+                        yield conn
+                    finally:
+                        if entry is not None:
+                            _WATCHDOG.disarm(entry)
+                finally:
+                    lost = conn.info.status == ConnStatus.BAD
+                if write and conn.warnings:
+                    raise StorageUnavailable(
+                        "postgresql: the write may not have reached a synchronous standby: "
+                        + "; ".join(conn.warnings)
+                    )
+        finally:
+            if lost:
+                # The server went away (restarted, failed over, stopped answering): the
+                # other pooled connections are to it too. Replace them all now, rather
+                # than answer one 503 per stale connection as each comes up.
+                pool.drain()
 
     def _check_schema(self, conn: Connection) -> None:
         # No lock: threads starting at once may each check (creating the tables is
