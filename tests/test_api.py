@@ -357,6 +357,21 @@ def test_storage_unavailable_is_503_with_retry_after():
         assert response.headers["Retry-After"] == "1"
 
 
+def test_a_storage_state_an_operator_must_fix_is_named_in_the_503(tmp_path):
+    """The message of a StorageUnavailable stays in the log; its reason, a state of the
+    store safe to show, is named in the envelope (here: SQLite's file was deleted)."""
+    app = create_app({"TESTING": True, "OPTIN_STORAGE_URL": f"sqlite:///{tmp_path}/optin.db"})
+    client = app.test_client()
+    assert put(client, {"LOYALTY_OPTIN": "accepted"}).status_code == 200
+    (tmp_path / "optin.db").unlink()
+    for response in (put(client, {"LOYALTY_OPTIN": "declined"}), client.get("/readyz")):
+        assert response.status_code == 503
+        message = envelope(response)["errorMessage"]
+        assert message.startswith("Storage is unavailable, please retry later: ")
+        assert "deleted or replaced" in message and str(tmp_path) not in message
+    app.extensions["optin"].store.close()
+
+
 def test_healthz_does_not_touch_storage():
     client = failing_client(StorageUnavailable("down"))
     assert client.get("/healthz").status_code == 200
