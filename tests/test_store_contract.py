@@ -33,6 +33,7 @@ from optin_service.storage import (
     StorageUnavailable,
 )
 from optin_service.testing import StoreContract
+from tests.redis_feed import redis_cursor_past_the_end
 from tests.servers import RedisProcess, RedisServer, free_port
 
 STAMP = datetime(2026, 11, 26, 12, 0, 0, 123456, tzinfo=timezone.utc)
@@ -105,6 +106,11 @@ class TestStoreContract(StoreContract):
         here, so the contract crosses every boundary (script calls within one
         pipeline: test_redis_import_crosses_script_calls_and_pipelines)."""
         monkeypatch.setattr(backends.redis.store, "SCAN_PAGE", 2)
+
+    def cursor_past_the_end(self, store, cursor):
+        if isinstance(store, RedisStore):
+            return redis_cursor_past_the_end(cursor)
+        return super().cursor_past_the_end(store, cursor)
 
 
 # --- memory ----------------------------------------------------------------------

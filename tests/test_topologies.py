@@ -24,6 +24,7 @@ from optin_service import create_app
 from optin_service.registry import store_from_url
 from optin_service.storage import IdempotencyKeyReused, OptInRecord, StorageUnavailable
 from optin_service.testing import StoreContract
+from tests.redis_feed import RedisCursors
 from tests.servers import LOOPBACK, Gunicorn, free_port
 from tests.topologies import ClusterTopology, SentinelTopology, slot_of, wait_until
 
@@ -212,7 +213,7 @@ def test_nothing_listening_is_unavailable_within_2s(scheme, call):
 
 @pytest.mark.slow
 @pytest.mark.redis_server
-class TestSentinelContract(StoreContract):
+class TestSentinelContract(RedisCursors, StoreContract):
     @pytest.fixture(params=["no-wait", "wait-1"])
     def store(self, request, sentinel_topology, monkeypatch):
         monkeypatch.delenv(MIN_REPLICAS_ENV, raising=False)
@@ -226,7 +227,7 @@ class TestSentinelContract(StoreContract):
 
 @pytest.mark.slow
 @pytest.mark.redis_server
-class TestClusterContract(StoreContract):
+class TestClusterContract(RedisCursors, StoreContract):
     @pytest.fixture
     def store(self, cluster_topology, monkeypatch):
         monkeypatch.delenv(MIN_REPLICAS_ENV, raising=False)
