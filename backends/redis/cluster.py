@@ -46,7 +46,8 @@ from optin_service.storage import EventRow, StorageUnavailable, batched
 
 from . import codec, scripts
 from . import url as parse
-from .store import CHECK_KEY_SECONDS, RedisStore, policy_of
+from .policy import policy_of
+from .store import CHECK_KEY_SECONDS, RedisStore
 from .url import DEFAULT_PREFIX, DEFAULT_WAIT_TIMEOUT_MS
 
 #: How many groups (feed streams, hash tags) a Cluster store's members are in.

@@ -17,20 +17,13 @@ see :mod:`.cluster`):
 
 The change feed (``<prefix>feed``...) and the deliverer's state: :mod:`.feed`.
 
-A member's keys have no TTL, so under an ``allkeys-*`` eviction policy Redis may
-drop them to free memory: consent acknowledged, then gone. The store reads
-``maxmemory_policy`` from ``INFO memory`` (``CONFIG`` is often disabled on managed
-Redis, and the policy can change at runtime) before writing, at most once a
-second while it is safe, and refuses to write (:class:`StorageUnavailable`) under
-any policy but ``noeviction`` and ``volatile-*``. A server that does not answer
-``INFO`` (a proxy, an ACL without it) cannot be checked: writes go ahead, and a
-warning says so once per store.
+Before writing, the store makes sure no server may evict a member's keys
+(:mod:`.policy`).
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -53,15 +46,14 @@ from optin_service.storage import (
 )
 
 from . import codec, errors, scripts
+from . import policy as policy_module
 from . import url as parse
 from .feed import Call, RedisFeed
+from .policy import policy_of
 from .url import DEFAULT_PREFIX, DEFAULT_WAIT_TIMEOUT_MS
 
 #: How long a store trusts a safe eviction policy it read before reading it again.
 POLICY_RECHECK_SECONDS = 1.0
-#: The eviction policies that never evict a key without a TTL (a member's state and
-#: history have none); any other (``allkeys-*``, or one we do not know) may.
-_KEEPING_POLICIES = re.compile(r"noeviction|volatile-[a-z]+")
 #: How long check()'s own key lives: it proves a write, then goes.
 CHECK_KEY_SECONDS = 10
 #: Keys per SCAN step, and history keys per ranges or count call.
@@ -75,7 +67,6 @@ _GLOB_CHARS = re.compile(r"[\\*?\[\]]")
 
 T = TypeVar("T")
 R = TypeVar("R")
-log = logging.getLogger(__package__)  # "backends.redis", for every Redis store
 
 
 class RedisStore(RedisFeed):
@@ -198,21 +189,11 @@ class RedisStore(RedisFeed):
         for server, policy in self._policies():
             if policy is None:
                 unread.append(server)
-            elif not _KEEPING_POLICIES.fullmatch(policy):
-                raise StorageUnavailable(
-                    f"redis: {server} has maxmemory-policy {policy}, under which Redis may "
-                    "evict a member's consent to free memory; refusing to write until it is "
-                    "noeviction (or a volatile-* policy)",
-                    reason=f"Redis's maxmemory-policy {policy} may evict consent records; "
-                    "writes are refused until it is noeviction or a volatile-* policy",
-                )
+            else:
+                policy_module.refuse_if_evicting(server, policy)
         if unread and not self._warned_unread_policy:
             self._warned_unread_policy = True
-            log.warning(
-                "redis: %s does not answer INFO memory, so its maxmemory-policy cannot be "
-                "checked; make sure it is noeviction (allkeys-* policies evict consent)",
-                ", ".join(unread),
-            )
+            policy_module.warn_unread(unread)
 
     def _refuse_if_evicting(self) -> None:
         """:meth:`_check_policy`, trusted for :data:`POLICY_RECHECK_SECONDS` once it passes
@@ -392,20 +373,6 @@ class RedisStore(RedisFeed):
     def close(self) -> None:
         if self._owns_client:
             self.client.close()
-
-
-def policy_of(client: redis.Redis) -> str | None:
-    """The server's ``maxmemory_policy`` from ``INFO memory``; ``None`` if it does not
-    answer INFO (unknown to a proxy or to fakeredis, or denied by an ACL)."""
-    try:
-        info = client.info("memory")
-    except redis.exceptions.NoPermissionError:
-        return None
-    except redis.ResponseError as exc:
-        if str(exc).lower().startswith("unknown command"):
-            return None
-        raise
-    return info.get("maxmemory_policy")
 
 
 def _overlapped(items: Iterator[T], run: Callable[[T], R]) -> Iterator[R]:
