@@ -1,4 +1,4 @@
-"""The HTTP contract through Flask's test client: every rule in DESIGN.md's "HTTP"."""
+"""The HTTP contract through Flask's test client: every rule of the README's "The API"."""
 
 from __future__ import annotations
 
@@ -274,6 +274,18 @@ def test_bad_input_never_changes_stored_state(kind, tmp_path):
     assert put(client, answer, headers={"Idempotency-Key": "refused-key"}).status_code == 200
     assert len(list(store.events())) == 2
     store.close()
+
+
+def test_the_readme_lists_every_error_code():
+    """The README's error table and ERROR_CODES (the OpenAPI enum's source) agree."""
+    from pathlib import Path
+
+    from optin_service.errors import ERROR_CODES
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = set(re.findall(r"^\| (\d{3}) \| `([A-Z_]+)` \|", readme, re.MULTILINE))
+    expected = {(str(status), code) for status, code in ERROR_CODES.items()}
+    assert rows == expected | {("422", "IDEMPOTENCY_KEY_REUSED")}
 
 
 # --- routing errors -------------------------------------------------------------
