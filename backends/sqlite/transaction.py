@@ -5,13 +5,22 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import sqlite3
+import threading
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from optin_service.storage import StorageUnavailable
 
-if TYPE_CHECKING:
-    from backends.sqlite.store import SQLiteStore
+
+class _Store(Protocol):
+    """What a transaction uses of its store (``SQLiteStore``)."""
+
+    timeout: float
+    _write_lock: threading.Lock
+
+    def _connection(self, deadline: float | None = None) -> sqlite3.Connection: ...
+    def _queue(self) -> int | None: ...
+    def _check_file(self) -> None: ...
 
 
 class Transaction:
@@ -40,7 +49,7 @@ class Transaction:
 
     __slots__ = ("_conn", "_lock", "_queued", "_store")
 
-    def __init__(self, store: SQLiteStore) -> None:
+    def __init__(self, store: _Store) -> None:
         self._store = store
         self._lock = store._write_lock
 
