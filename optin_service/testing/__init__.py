@@ -34,7 +34,9 @@ rest as it grows), with the same ``store`` fixture::
 - :class:`ConcurrencyContract`: one store shared by threads;
 - :class:`FeedContract`: the change feed (``changes``, ``prune_changes``,
   ``rebuild_changes``) and the deliverer's state (``load_state``, ``save_state``),
-  including a reader tailing the feed while threads write;
+  including a reader tailing the feed while threads write (a backend whose cursors
+  are not ``encode_cursor("<generation>.<seq>")`` overrides
+  :meth:`FeedContract.cursor_past_the_end`);
 - :class:`ModelContract`: a hypothesis state machine against a plain dict.
 
 :func:`store_state_machine` is also usable on its own, with any settings.

@@ -435,6 +435,16 @@ class FeedContract:
         assert store.prune_changes(cut) == 0
         assert _read_all(store) == kept
 
+    def test_prune_of_more_changes_than_a_batch(self, store: OptInStore) -> None:
+        self._fill(store, 40)  # backend tests shrink their batches below this
+        time.sleep(_CLOCK_GAP)
+        cut = datetime.now(timezone.utc)
+        time.sleep(_CLOCK_GAP)
+        later = OptInRecord("member-9", "accepted", _BASE, "late")
+        store.set(later)
+        assert store.prune_changes(cut) == 40
+        assert _entries(_read_all(store)) == [(later, None, 1)]
+
     def test_after_pruning_every_change_next_still_works(self, store: OptInStore) -> None:
         first = OptInRecord("member-1", "accepted", _BASE, "r1")
         store.set(first)
@@ -579,12 +589,9 @@ class FeedContract:
             for i in range(writes):
                 if i == writes // 3:  # let the reader catch something mid-stream
                     caught_up.wait(10)
-                record = OptInRecord(
-                    rng.choice(members),
-                    rng.choice(STATUSES),
-                    _BASE + rng.randrange(writes * writers) * _US,
-                    f"w{t}-{i}",
-                )
+                # Times mostly rising, so most writes are changes; some fall behind.
+                stamp = _BASE + (i * writers + rng.randrange(3 * writers)) * _US
+                record = OptInRecord(rng.choice(members), rng.choice(STATUSES), stamp, f"w{t}-{i}")
                 key = f"k{t}-{i // 2}" if i % 4 < 2 else None  # pairs: a write, a replay
                 try:
                     store.set(record, idempotency_key=key)
