@@ -1,4 +1,5 @@
-"""The blueprint: the seed's PUT, the GET of current state, and health checks.
+"""The blueprint: the seed's PUT, the GET of current state, the change feed, and
+health checks.
 
 Routes stay thin: check the id, validate the body, call the store.
 """
@@ -15,6 +16,7 @@ from werkzeug.exceptions import NotFound
 from .auth import check_request, client_name
 from .body import read_body
 from .errors import ApiError, register_error_handlers
+from .feed import CursorExpired, CursorInvalid
 from .headers import no_https_redirect, request_id
 from .metrics import consent_changed, exposition, storage_operation
 from .schemas import (
@@ -22,9 +24,11 @@ from .schemas import (
     CORRELATION_ID_RULE,
     IDEMPOTENCY_KEY,
     SOURCE,
+    dump_changes,
     dump_page,
     dump_state,
     encode_cursor,
+    load_changes_query,
     load_history_query,
     load_optin_status,
 )
@@ -50,8 +54,16 @@ def _options() -> Response | None:
 
 
 OPTIN_PATH = "/client/users/<correlation_id>/profile/optin"
+CHANGES_PATH = "/client/optin/changes"
 #: Path prefixes of the API when mounted without a url_prefix (its 404s and 405s).
-API_PATHS = ("/client/users/", "/healthz", "/readyz", "/metrics", "/openapi.json")
+API_PATHS = (
+    "/client/users/",
+    "/client/optin/",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/openapi.json",
+)
 #: The seed's 200 body, exactly these 29 bytes (``jsonify`` would add a newline).
 UPDATED_BODY = b'{"message":"Opt-in updated."}'
 
@@ -138,6 +150,25 @@ def get_history(correlation_id: str) -> Response:
     page = events[:limit]
     next_cursor = encode_cursor(page[-1].position) if len(events) > limit else None
     return _json(dump_page(page, next_cursor))
+
+
+@bp.get(CHANGES_PATH)
+@no_https_redirect
+def get_changes() -> Response:
+    """The change feed: up to ``limit`` changes in commit order, after the cursor ``after``."""
+    limit, after = load_changes_query(request.args)
+    try:
+        with _timed("changes"):
+            page = store().changes(after, limit)
+    except CursorInvalid:
+        raise ApiError(400, "after is not a cursor this service gave out") from None
+    except CursorExpired:
+        raise ApiError(
+            410,
+            "The changes after this cursor are no longer kept (retention, or the feed was "
+            "rebuilt): read the feed again from the start, without after",
+        ) from None
+    return _json(dump_changes(page))
 
 
 @bp.get("/healthz")

@@ -12,12 +12,15 @@ import binascii
 import json
 import re
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate
 
 from .errors import ERROR_CODES, ApiError
 from .storage import DEFAULT_SOURCE, EARLIEST, LATEST, STATUSES, OptInRecord, Status
+
+if TYPE_CHECKING:
+    from .feed import Change, ChangePage
 
 INVALID_OPTIN = "Invalid opt-in response provided"
 MISSING_OPTIN = "LOYALTY_OPTIN missing from body"
@@ -208,6 +211,69 @@ class HistoryQuerySchema(Schema):
     cursor = fields.String(load_default=None)
 
 
+class ChangeSchema(Schema):
+    """One change of the feed: an event that became its member's current state."""
+
+    class Meta:
+        ordered = True
+
+    correlationId = fields.String(attribute="event.correlation_id")
+    LOYALTY_OPTIN = _status(attribute="event.status")
+    previous = fields.String(
+        attribute="previous",
+        allow_none=True,
+        metadata={
+            "description": "The status it replaced; null for the member's first change",
+            "enum": [*STATUSES, None],
+        },
+    )
+    updatedAt = Timestamp(
+        attribute="event.updated_at", metadata={"description": "When it was recorded"}
+    )
+    requestId = fields.String(attribute="event.request_id")
+    source = fields.String(
+        attribute="event.source", metadata={"description": "X-Consent-Source of the request"}
+    )
+    client = fields.String(
+        attribute="event.client",
+        metadata={"description": "The authenticated client that recorded it (empty without auth)"},
+    )
+    version = fields.Integer(
+        metadata={
+            "description": "The member's change count: 1, 2, 3... without a gap",
+            "minimum": 1,
+        }
+    )
+
+
+class ChangesPageSchema(Schema):
+    """A page of the change feed, in commit order, and where to read on."""
+
+    items = fields.List(fields.Nested(ChangeSchema))
+    next = fields.String(
+        metadata={
+            "description": (
+                "Pass it back as `after` to read on; with no new changes, it is where this "
+                "page started, to poll again from"
+            )
+        }
+    )
+
+
+class ChangesQuerySchema(Schema):
+    """``?after=CURSOR&limit=N`` of the change feed."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    limit = QueryInteger(
+        load_default=100,
+        validate=validate.Range(1, 1000, error="limit must be a whole number from 1 to 1000"),
+        error_messages={"invalid": "limit must be a whole number from 1 to 1000"},
+    )
+    after = fields.String(load_default=None)
+
+
 #: Every ``errorCode`` the envelope carries: one per status, plus the PUT's 422.
 ERROR_CODE_VALUES = (*ERROR_CODES.values(), "IDEMPOTENCY_KEY_REUSED")
 
@@ -262,6 +328,9 @@ _state_schema = OptInStateSchema()
 _page_schema = HistoryPageSchema()
 _query_schema = HistoryQuerySchema()
 _event_schema = EventSchema()
+_change_schema = ChangeSchema()
+_changes_schema = ChangesPageSchema()
+_changes_query_schema = ChangesQuerySchema()
 
 
 def load_optin_status(data: bytes) -> Status:
@@ -316,6 +385,26 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
         return int(us), rid
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise ApiError(400, "cursor is not one this service gave out") from None
+
+
+def load_changes_query(args: Any) -> tuple[int, str | None]:
+    """``limit`` and ``after`` (the cursor, still opaque: the store reads it) of a
+    change feed request, or a 400."""
+    try:
+        query = _changes_query_schema.load(args)
+    except ValidationError as exc:
+        raise ApiError(400, _first_message(exc)) from None
+    return query["limit"], query["after"]
+
+
+def dump_changes(page: ChangePage) -> dict[str, Any]:
+    """The change feed's body for ``page``."""
+    return _changes_schema.dump({"items": page.changes, "next": page.next})
+
+
+def dump_change(change: Change) -> dict[str, Any]:
+    """One change, as in the feed's ``items`` (and a line of ``optin changes list``)."""
+    return _change_schema.dump(change)
 
 
 def dump_event(record: OptInRecord) -> dict[str, Any]:
