@@ -170,7 +170,9 @@ class MemoryStore(OptInStore):
 
     def changes(self, after: str | None, limit: int) -> ChangePage:
         with self._lock:
-            seq = 0 if after is None else self._position(after)
+            # From the start: after the last change pruned, so that an empty page's
+            # cursor is one a later call still accepts.
+            seq = self._pruned_through if after is None else self._position(after)
             start = bisect.bisect_right(self._feed, seq, key=_seq)
             page = [
                 Change(event, previous, version, self._cursor(at))

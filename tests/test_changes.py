@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from flask import Flask
 
+import backends.memory
 from backends.memory import MemoryStore
 from optin_service import OptIn, create_app
 from optin_service.feed import MAX_CURSOR
@@ -214,6 +215,40 @@ def test_a_cursor_from_before_a_rebuild_is_410_cursor_expired(app, client):
         ("accepted", 1),
         ("declined", 2),
     ]
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """The memory store's wall clock (what dates a change), moved by hand."""
+    now = [T0]
+    monkeypatch.setattr(backends.memory, "_now", lambda: now[0])
+    return now
+
+
+def test_a_cursor_into_pruned_changes_is_410_and_a_poller_at_the_end_is_not(app, client, clock):
+    store = app.extensions["optin"].store
+    set_answer(client, "m1", "accepted")
+    early = changes(client).get_json()["next"]
+    clock[0] += timedelta(days=2)
+    set_answer(client, "m2", "accepted")
+    tail = changes(client, after=early).get_json()["next"]
+    clock[0] += timedelta(days=2)
+    assert store.prune_changes(clock[0] - timedelta(days=3)) == 1
+    assert changes(client, after=tail).status_code == 200  # nothing it needed was pruned
+    kept = changes(client, after=early)  # m1 went, and this cursor only needs m2
+    assert [i["correlationId"] for i in kept.get_json()["items"]] == ["m2"]
+    assert [i["correlationId"] for i in changes(client).get_json()["items"]] == ["m2"]
+    assert store.prune_changes(clock[0]) == 1
+    expired = changes(client, after=early)
+    assert expired.status_code == 410 and envelope(expired)["errorCode"] == "CURSOR_EXPIRED"
+    # Every change is gone: a reader from the start polls from a cursor that stays good.
+    empty = changes(client).get_json()
+    assert empty["items"] == []
+    polled = changes(client, after=empty["next"])
+    assert polled.status_code == 200, polled.data
+    set_answer(client, "m3", "declined")
+    items, _ = read_all(client, after=empty["next"])
+    assert [i["correlationId"] for i in items] == ["m3"]
 
 
 # --- the API's rules apply -----------------------------------------------------------
