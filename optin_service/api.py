@@ -6,6 +6,7 @@ Routes stay thin: check the id, validate the body, call the store.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from contextlib import AbstractContextManager, nullcontext
@@ -123,7 +124,12 @@ def put_optin(correlation_id: str) -> Response:
         ) from None
     if current_app.config["OPTIN_METRICS"] and current.request_id == record.request_id:
         consent_changed(status)
-    return Response(UPDATED_BODY, 200, mimetype="application/json")
+    response = Response(UPDATED_BODY, 200, mimetype="application/json")
+    retention = current_app.extensions["optin"].retention
+    if retention is not None and retention.due():
+        # Once the answer is sent: the client never waits for the prune.
+        response.call_on_close(functools.partial(retention.prune, store()))
+    return response
 
 
 @bp.get(OPTIN_PATH)
