@@ -282,7 +282,8 @@ class SQLiteStore(OptInStore):
         if self._identity is not None and _identity(self.path) != self._identity:
             raise StorageUnavailable(
                 f"sqlite: {self.path} is no longer the database file this store started "
-                "with (deleted or replaced); nothing is written until it is back"
+                "with (deleted or replaced); nothing is written until it is back",
+                reason="the database file was deleted or replaced while the service ran",
             )
 
     def _open(self, deadline: float) -> sqlite3.Connection:

@@ -32,7 +32,7 @@ from flask import Request, current_app, g, request
 from .errors import ApiError
 from .schemas import CLIENT
 
-if TYPE_CHECKING:  # PyJWT and cryptography weigh ~10 MiB per worker: loaded for OPTIN_AUTH=jwt only
+if TYPE_CHECKING:  # PyJWT and cryptography are heavy: loaded for OPTIN_AUTH=jwt only
     import jwt
 
 log = logging.getLogger(__name__)

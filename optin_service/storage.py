@@ -54,7 +54,16 @@ class StorageError(Exception):
 
 
 class StorageUnavailable(StorageError):
-    """The store cannot be reached right now (answered as a 503 with Retry-After)."""
+    """The store cannot be reached right now (answered as a 503 with Retry-After).
+
+    The message goes to the log only (it may name hosts and files). ``reason``,
+    when a backend gives one, is safe to show to clients: a state of the store an
+    operator must fix, which the 503's message then names.
+    """
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 #: The times a store can keep exactly: whole µs since the epoch, within ±2**53 µs
