@@ -251,6 +251,33 @@ def required_scope(method: str) -> str:
     return READ if method in ("GET", "HEAD") else WRITE
 
 
+def security_schemes(config: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """The OpenAPI security schemes of ``OPTIN_AUTH``: where its authenticator reads
+    credentials, and which scopes a token needs."""
+    bearer = {"type": "http", "scheme": "bearer"}
+    if config["OPTIN_AUTH"] == "api-key":
+        return {
+            "bearerAuth": {**bearer, "description": "An API key, as `Authorization: Bearer <key>`"},
+            "apiKeyAuth": {
+                "type": "apiKey",
+                "in": "header",
+                "name": "x-api-key",
+                "description": "An API key, as `x-api-key: <key>`",
+            },
+        }
+    if config["OPTIN_AUTH"] != "jwt":
+        return {}
+    text = (
+        "An OAuth 2.0 access token (JWT, client credentials) "
+        f"with scope `{WRITE}` for PUT and `{READ}` for GET"
+    )
+    if config.get("OPTIN_JWT_ISSUER"):
+        text += f"; issuer `{config['OPTIN_JWT_ISSUER']}`"
+    if config.get("OPTIN_JWT_AUDIENCE"):
+        text += f", audience `{config['OPTIN_JWT_AUDIENCE']}`"
+    return {"bearerAuth": {**bearer, "bearerFormat": "JWT", "description": text}}
+
+
 def check_request() -> None:
     """Before each API request: authenticate, check the scope, remember the caller."""
     authenticator = current_app.extensions["optin"].authenticator

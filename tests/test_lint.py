@@ -82,3 +82,53 @@ def test_every_relative_markdown_link_resolves(source, target):
     assert ROOT in path.parents, f"{source}: {target} leaves the repository"
     if fragment and path.suffix == ".md":
         assert fragment in _anchors(path), f"{source}: {target} names no heading of {path.name}"
+
+
+def _imports(packages: tuple[str, ...]) -> dict[str, set[str]]:
+    """Module -> the modules of ``packages`` it imports, function-level imports included."""
+    import ast
+
+    files = {}
+    for package in packages:
+        for path in (ROOT / package).rglob("*.py"):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+            files[name.removesuffix(".__init__")] = path
+    graph: dict[str, set[str]] = {name: set() for name in files}
+    for name, path in files.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                parts = name.split(".")
+                if path.name != "__init__.py":
+                    parts = parts[:-1]
+                if node.level:
+                    parts = parts[: len(parts) - node.level + 1]
+                    module = ".".join(parts + ([node.module] if node.module else []))
+                else:
+                    module = node.module or ""
+                subs = [f"{module}.{alias.name}" for alias in node.names]
+                targets = [t for t in subs if t in files] or [module]
+            graph[name] |= {t for t in targets if t in files and t != name}
+    return graph
+
+
+def test_no_import_cycles():
+    """No module of the package or the built-in backends imports itself back, even
+    through an import inside a function."""
+    graph = _imports(("optin_service", "backends"))
+    cycles = []
+
+    def walk(name: str, path: list[str]) -> None:
+        for target in sorted(graph[name]):
+            if target in path:
+                cycles.append([*path[path.index(target) :], target])
+            elif target not in done:
+                walk(target, [*path, target])
+        done.add(name)
+
+    done: set[str] = set()
+    for name in sorted(graph):
+        walk(name, [name])
+    assert not cycles, cycles
