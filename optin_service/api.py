@@ -28,6 +28,8 @@ from .schemas import (
     CORRELATION_ID_RULE,
     IDEMPOTENCY_KEY,
     SOURCE,
+    ChangesPageSchema,
+    ChangesQuerySchema,
     HealthSchema,
     HistoryPageSchema,
     HistoryQuerySchema,
@@ -272,6 +274,36 @@ def get_history(correlation_id: str) -> Response:
 
 @bp.get(CHANGES_PATH)
 @no_https_redirect
+@Operation(
+    "getOptInChanges",
+    "The change feed: every change of a member's state, in commit order",
+    tag="consent",
+    description=(
+        "A change is an event that became its member's current state (a PUT, an imported "
+        "newer event), appended atomically with it. Pages come in commit order: a reader "
+        "tailing the feed while writers run sees each change once, in the order a reader "
+        "from the start sees them later. Pass `next` back as `after`; an empty page is the "
+        "end for now (poll again from the same cursor). `version` counts a member's "
+        "changes without a gap."
+    ),
+    query=ChangesQuerySchema,
+    ok="Up to `limit` changes after `after`, oldest first, and the cursor to read on from",
+    returns=ChangesPageSchema,
+    links={
+        "NextPage": {
+            "operationId": "getOptInChanges",
+            "parameters": {"after": "$response.body#/next"},
+        }
+    },
+    errors={
+        400: "A limit that is not a whole number from 1 to 1000, or an after this service "
+        "did not give out",
+        410: "The changes after this cursor are no longer kept (OPTIN_CHANGES_RETENTION, or "
+        "the feed was rebuilt): resynchronise, then read from the start without after",
+        500: "A bug or a storage fault (no details; see the log)",
+        503: "Storage is unreachable or busy: retry after Retry-After",
+    },
+)
 def get_changes() -> Response:
     """The change feed: up to ``limit`` changes in commit order, after the cursor ``after``."""
     limit, after = load_changes_query(request.args)

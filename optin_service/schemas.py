@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate
 
 from .errors import ERROR_CODES, ApiError
+from .feed import MAX_CURSOR
 from .storage import DEFAULT_SOURCE, EARLIEST, LATEST, STATUSES, OptInRecord, Status
 
 if TYPE_CHECKING:
@@ -234,46 +235,54 @@ class ChangeSchema(Schema):
     class Meta:
         ordered = True
 
-    correlationId = fields.String(attribute="event.correlation_id")
-    LOYALTY_OPTIN = _status(attribute="event.status")
+    correlationId = fields.String(attribute="event.correlation_id", required=True)
+    LOYALTY_OPTIN = _status(attribute="event.status", required=True)
     previous = fields.String(
-        attribute="previous",
         allow_none=True,
+        required=True,
         metadata={
             "description": "The status it replaced; null for the member's first change",
             "enum": [*STATUSES, None],
         },
     )
     updatedAt = Timestamp(
-        attribute="event.updated_at", metadata={"description": "When it was recorded"}
+        attribute="event.updated_at",
+        required=True,
+        metadata={"description": "When it was recorded"},
     )
-    requestId = fields.String(attribute="event.request_id")
+    requestId = fields.String(attribute="event.request_id", required=True)
     source = fields.String(
-        attribute="event.source", metadata={"description": "X-Consent-Source of the request"}
+        attribute="event.source",
+        required=True,
+        metadata={"description": "X-Consent-Source of the request"},
     )
     client = fields.String(
         attribute="event.client",
+        required=True,
         metadata={"description": "The authenticated client that recorded it (empty without auth)"},
     )
     version = fields.Integer(
+        required=True,
         metadata={
             "description": "The member's change count: 1, 2, 3... without a gap",
             "minimum": 1,
-        }
+        },
     )
 
 
 class ChangesPageSchema(Schema):
     """A page of the change feed, in commit order, and where to read on."""
 
-    items = fields.List(fields.Nested(ChangeSchema))
+    items = fields.List(fields.Nested(ChangeSchema), required=True)
     next = fields.String(
+        required=True,
         metadata={
             "description": (
-                "Pass it back as `after` to read on; with no new changes, it is where this "
-                "page started, to poll again from"
-            )
-        }
+                "Pass it back as `after` to read on; after an empty page it is the cursor "
+                "sent (or the start), to poll again from"
+            ),
+            "minLength": 1,
+        },
     )
 
 
@@ -287,8 +296,21 @@ class ChangesQuerySchema(Schema):
         load_default=100,
         validate=validate.Range(1, 1000, error="limit must be a whole number from 1 to 1000"),
         error_messages={"invalid": "limit must be a whole number from 1 to 1000"},
+        metadata={"description": "Changes per page, 1 to 1000"},
     )
-    after = fields.String(load_default=None)
+    # Read by the store, which refuses a cursor it did not give out (a 400): an empty
+    # one, or one over MAX_CURSOR, never is one.
+    after = fields.String(
+        load_default=None,
+        metadata={
+            "description": (
+                "The `next` of the previous page; without it, from the oldest change kept. "
+                "Only cursors this service gave out; one into changes no longer kept is a 410"
+            ),
+            "minLength": 1,
+            "maxLength": MAX_CURSOR,
+        },
+    )
 
 
 #: Every ``errorCode`` the envelope carries: one per status, plus the PUT's 422.
