@@ -60,6 +60,11 @@ OPTIN_TRUSTED_PROXIES: int = 0
 #: 0 sends no WAIT. A ``min_replicas_acked`` option in OPTIN_STORAGE_URL takes precedence.
 OPTIN_REDIS_MIN_REPLICAS_ACKED: int = 0
 
+#: Days the change feed keeps a change (``GET /client/optin/changes``); 0 keeps every one.
+#: Older changes are pruned after a PUT, at most once a minute per process; a reader whose
+#: cursor points into them gets 410 CURSOR_EXPIRED. The events themselves are never pruned.
+OPTIN_CHANGES_RETENTION: int = 0
+
 DEFAULTS: dict[str, Any] = {
     name: value for name, value in globals().items() if name.startswith("OPTIN_")
 }
