@@ -24,7 +24,11 @@ from optin_service import create_app
 from optin_service.registry import store_from_url
 from optin_service.storage import IdempotencyKeyReused, OptInRecord, StorageUnavailable
 from optin_service.testing import StoreContract
-from tests.redis_feed import RedisCursors
+from tests.redis_feed import (
+    RedisCursors,
+    assert_each_change_once_in_member_order,
+    tail_while_writing,
+)
 from tests.servers import LOOPBACK, Gunicorn, free_port
 from tests.topologies import ClusterTopology, SentinelTopology, slot_of, wait_until
 
@@ -228,12 +232,23 @@ class TestSentinelContract(RedisCursors, StoreContract):
 @pytest.mark.slow
 @pytest.mark.redis_server
 class TestClusterContract(RedisCursors, StoreContract):
+    """The contract, with the Cluster's promise for a reader tailing the feed: across
+    groups, changes are ordered by the masters' clocks rather than by commit, so the
+    tail holds the same changes as a full read, each member's in the same order."""
+
     @pytest.fixture
     def store(self, cluster_topology, monkeypatch):
         monkeypatch.delenv(MIN_REPLICAS_ENV, raising=False)
         store = RedisStore.from_url(cluster_topology.url(prefix=_unique_prefix()))
         yield store
         _dispose(store)
+
+    def test_a_reader_tailing_while_threads_write_sees_each_change_once_in_order(self, store):
+        members = [f"member-{i}" for i in range(6)]
+        tailed, full, while_writing = tail_while_writing(store, members)
+        assert while_writing > 0
+        assert_each_change_once_in_member_order(store, tailed, full)
+        assert {c.event.correlation_id for c in full} == set(members)
 
 
 # --- Sentinel: what the topology adds -------------------------------------------------
