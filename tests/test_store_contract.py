@@ -21,7 +21,7 @@ import redis
 
 import backends.memory
 import backends.redis.store
-import backends.sqlite
+import backends.sqlite.sql
 from backends.memory import MemoryStore
 from backends.redis import RedisStore
 from backends.sqlite import SQLiteStore
@@ -297,9 +297,8 @@ def sqlite_store(sqlite_url):
 def _break_apply_current(monkeypatch, store, tmp_path):
     # The second statement of a write (the current state) becomes invalid SQL,
     # in a single write and in a bulk import.
-    monkeypatch.setattr(backends.sqlite, "_APPLY_CURRENT", "UPDATE optin SET nonsense")
-    for name in ("_CHUNK_CURRENT", "_CHUNK_CURRENT_STORED"):
-        monkeypatch.setattr(backends.sqlite, name, "UPDATE optin SET nonsense")
+    for name in ("APPLY_CURRENT", "CHUNK_CURRENT", "CHUNK_CURRENT_STORED"):
+        monkeypatch.setattr(backends.sqlite.sql, name, "UPDATE optin SET nonsense")
 
 
 def _drop_current_table(monkeypatch, store, tmp_path):
