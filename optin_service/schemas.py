@@ -12,16 +12,22 @@ import binascii
 import json
 import re
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate
 
 from .errors import ERROR_CODES, ApiError
 from .feed import MAX_CURSOR
-from .storage import DEFAULT_SOURCE, EARLIEST, LATEST, STATUSES, OptInRecord, Status
-
-if TYPE_CHECKING:
-    from .feed import Change, ChangePage
+from .storage import (
+    DEFAULT_SOURCE,
+    EARLIEST,
+    LATEST,
+    STATUSES,
+    Change,
+    ChangePage,
+    OptInRecord,
+    Status,
+)
 
 INVALID_OPTIN = "Invalid opt-in response provided"
 MISSING_OPTIN = "LOYALTY_OPTIN missing from body"

@@ -128,7 +128,17 @@ def test_what_does_not_become_the_state_is_no_change(app, client):
 # --- pages and cursors ---------------------------------------------------------------
 
 
-def test_pages_walk_every_change_once_in_commit_order(client):
+@pytest.fixture(params=["memory", "sqlite"])
+def any_app(request, tmp_path):
+    """The standalone app on each built-in backend that runs without a server."""
+    url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/optin.db"
+    app = create_app({"TESTING": True, "OPTIN_STORAGE_URL": url})
+    yield app
+    app.extensions["optin"].store.close()
+
+
+def test_pages_walk_every_change_once_in_commit_order(any_app):
+    client = any_app.test_client()
     for n in range(10):
         set_answer(client, f"m{n % 3}", ("accepted", "declined")[n % 2])
     everything = changes(client, limit=1000).get_json()["items"]
@@ -189,7 +199,8 @@ def _history_cursor() -> str:
     ],
     ids=["empty", "punctuation", "percent", "foreign", "history", "non-ascii", "too-long"],
 )
-def test_a_cursor_this_service_did_not_give_out_is_400(client, after):
+def test_a_cursor_this_service_did_not_give_out_is_400(any_app, after):
+    client = any_app.test_client()
     set_answer(client, "m1", "accepted")
     response = changes(client, after=after)
     assert response.status_code == 400
@@ -197,7 +208,8 @@ def test_a_cursor_this_service_did_not_give_out_is_400(client, after):
     assert body["errorCode"] == "INVALID_REQUEST" and "after" in body["errorMessage"]
 
 
-def test_a_cursor_from_before_a_rebuild_is_410_cursor_expired(app, client):
+def test_a_cursor_from_before_a_rebuild_is_410_cursor_expired(any_app):
+    app, client = any_app, any_app.test_client()
     set_answer(client, "m1", "accepted")
     set_answer(client, "m1", "declined")
     before = changes(client, limit=1).get_json()["next"]

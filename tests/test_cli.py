@@ -868,7 +868,7 @@ def listed(backend: Backend, *args: str) -> tuple[list[dict], str]:
     return [json.loads(text) for text in ran.stdout.splitlines()], cursor
 
 
-@pytest.mark.parametrize("kind", kinds("memory"))
+@pytest.mark.parametrize("kind", kinds("memory", "sqlite"))
 def test_changes_list_prints_a_page_and_the_cursor_to_read_on_from(make_backend, kind):
     backend = make_backend(kind)
     for cid, status in [("m1", "accepted"), ("m2", "declined"), ("m1", "declined")]:
@@ -891,7 +891,7 @@ def test_changes_list_prints_a_page_and_the_cursor_to_read_on_from(make_backend,
     assert [c["correlationId"] for c in new] == ["m3"]
 
 
-@pytest.mark.parametrize("kind", kinds("memory"))
+@pytest.mark.parametrize("kind", kinds("memory", "sqlite"))
 def test_changes_list_refuses_a_foreign_cursor_and_explains_an_expired_one(make_backend, kind):
     backend = make_backend(kind)
     assert backend.optin("set", "m1", "accepted").exit_code == 0
@@ -906,7 +906,7 @@ def test_changes_list_refuses_a_foreign_cursor_and_explains_an_expired_one(make_
     assert backend.optin("changes", "list", "--limit", "0").exit_code == 2
 
 
-@pytest.mark.parametrize("kind", kinds("memory"))
+@pytest.mark.parametrize("kind", kinds("memory", "sqlite"))
 def test_changes_rebuild_replays_every_event_oldest_first(make_backend, kind):
     backend = make_backend(kind)
     # An imported old event is history, not a change; a rebuild makes every event one.

@@ -95,19 +95,7 @@ def _imports(packages: tuple[str, ...]) -> dict[str, set[str]]:
             files[name.removesuffix(".__init__")] = path
     graph: dict[str, set[str]] = {name: set() for name in files}
     for name, path in files.items():
-        tree = ast.parse(path.read_text())
-        # What ``if TYPE_CHECKING:`` imports is never imported at run time (only for
-        # annotations, which ``from __future__ import annotations`` keeps as strings).
-        typing_only = {
-            id(inner)
-            for node in ast.walk(tree)
-            if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING")
-            for statement in node.body
-            for inner in ast.walk(statement)
-        }
-        for node in ast.walk(tree):
-            if id(node) in typing_only:
-                continue
+        for node in ast.walk(ast.parse(path.read_text())):
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
