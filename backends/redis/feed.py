@@ -116,8 +116,8 @@ class RedisFeed(OptInStore):
             raise ValueError(f"limit must be 1 or more, not {limit}")
         wanted = None if after is None else self._parse_cursor(after)
         # One stream: all of it in order. Several: a few entries from each (a page
-        # ends where a group may hold more unread), so a page costs no more than
-        # about twice its length to fetch.
+        # ends where a group may hold more unread), so a page fetches at most about
+        # twice its length, plus 8 entries a group.
         count = limit if self.groups == 1 else min(limit, -(-2 * limit // self.groups) + 8)
         if wanted is None:
             starts = ["-"] * self.groups  # from the oldest change kept
