@@ -1,4 +1,4 @@
-"""The ``optin`` command line: read and write records, export, import, migrate.
+"""The ``optin`` command line: read and write records, export, import, migrate; webhooks.
 
 Available as ``flask --app optin_service optin ...`` (and on any app that
 mounts :class:`~optin_service.OptIn`) and as the console script ``optin``.
@@ -37,6 +37,7 @@ from .storage import (
     StorageError,
 )
 from .version import __version__
+from .webhooks.cli import webhooks
 
 
 class _OptInGroup(AppGroup):
@@ -315,6 +316,9 @@ def migrate_command(target_url: str) -> None:
             f"count mismatch: source had {total} events, {copied} copied; "
             f"target went from {before} to {after} with {added} new"
         )
+
+
+optin.add_command(webhooks)
 
 
 def main(argv: list[str] | None = None) -> None:
