@@ -13,6 +13,7 @@ import contextlib
 import json
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -26,7 +27,7 @@ from optin_service.webhooks import Deliverer, WebhookSettings, change_data, stat
 from optin_service.webhooks.config import parse_schedule, parse_secret, parse_timeout
 from optin_service.webhooks.message import Sender
 from tests.receiver import SECRET, Receiver, Request
-from tests.servers import LOOPBACK, free_port
+from tests.servers import LOOPBACK, ROOT, free_port
 
 #: Tiny waits before each retry: four attempts in a fraction of a second.
 SCHEDULE = (0.05, 0.05, 0.05)
@@ -194,7 +195,7 @@ def test_a_change_whose_retries_run_out_is_marked_failed_and_delivery_moves_on(w
         d = deliverer(store, receiver.url, schedule=(0.02, 0.02))
         with running(d):
             receiver.wait_accepted(2)
-    bad = feed(store)[1]
+    first, bad = feed(store)[:2]
     assert [(r.body["data"]["correlationId"], r.status) for r in receiver.requests] == [
         ("a", 200),
         ("bad", 503),
@@ -204,11 +205,13 @@ def test_a_change_whose_retries_run_out_is_marked_failed_and_delivery_moves_on(w
     ]
     report = status(webhook_app)
     assert [
-        (f["webhookId"], f["cursor"], f["attempts"], f["lastError"]) for f in report["failed"]
-    ] == [(webhook_id(bad), bad.cursor, 3, "HTTP 503")]
+        (f["webhookId"], f["cursor"], f["position"], f["attempts"], f["lastError"])
+        for f in report["failed"]
+    ] == [(webhook_id(bad), bad.cursor, first.cursor, 3, "HTTP 503")]
     assert report["waiting"] == 0 and report["retrying"] is None
     assert delivered(d, "failed") == 1 and delivered(d, "retried") == 2
-    assert "failed: 1" in cli(webhook_app, "status")
+    text = cli(webhook_app, "status")
+    assert "failed: 1" in text and f"replay --after {first.cursor}" in text
 
 
 def test_a_timeout_is_retried_and_the_change_arrives(store):
@@ -499,3 +502,35 @@ def test_the_default_schedule_is_the_standard_webhooks_one():
         5, 300, 1800, 7200, 18000, 36000, 36000,
     )  # fmt: skip
     assert defaults.OPTIN_WEBHOOK_TIMEOUT_SECONDS == 15
+
+
+def test_the_readme_receiver_verifies_and_takes_the_deliveries(store):
+    """The README's receiver, as written, behind a real server on loopback."""
+    from werkzeug.serving import make_server
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Webhooks") :]
+    code = section[section.index("```python\n") + 10 :]
+    code = code[: code.index("```")].replace('"whsec_..."', repr(SECRET))
+    saved: list[tuple[str, dict]] = []
+    namespace: dict[str, Any] = {
+        "__name__": "readme_receiver",
+        "save_once": lambda msg_id, data: saved.append((msg_id, data)),
+    }
+    exec(compile(code, "README.md", "exec"), namespace)
+    server = make_server(LOOPBACK, 0, namespace["app"], threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        write(store, 3)
+        url = f"http://{LOOPBACK}:{server.server_port}/optin-hook"
+        with running(deliverer(store, url)):
+            until(lambda: len(saved) == 3)
+        forged = Sender(settings(url)).headers("msg_forged", b"{}")
+        request = urllib.request.Request(url, b'{"x":1}', forged, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=5)
+    finally:
+        server.shutdown()
+    assert saved == [(webhook_id(c), change_data(c)) for c in feed(store)]
+    assert refused.value.code == 400  # a body that is not what was signed

@@ -237,10 +237,12 @@ def _text(report: dict[str, Any]) -> str:
     failed = report["failed"]
     lines.append(f"failed: {len(failed)}" + (" (most recent last)" if failed else ""))
     for entry in failed[-10:]:
+        after = entry.get("position")
+        resend = "--from-start" if after == state.FROM_START else f"--after {after}"
         lines.append(
             f"  {utc(entry.get('failedAt', 0))} {entry.get('webhookId')} "
-            f"{entry.get('correlationId')} v{entry.get('version')} cursor {entry.get('cursor')}: "
-            f"{entry.get('lastError')} after {entry.get('attempts')} attempts"
+            f"{entry.get('correlationId')} v{entry.get('version')}: {entry.get('lastError')} "
+            f"after {entry.get('attempts')} attempts (to resend: replay {resend})"
         )
     lease = report["lease"]
     if lease is None:

@@ -252,7 +252,7 @@ class Deliverer:
                 return Outcome.GONE
             if attempts > len(self.settings.schedule):
                 self.metrics.count("failed")
-                self._fail(change, msg_id, attempts, first, result.error)
+                self._fail(change, msg_id, position, attempts, first, result.error)
                 return Outcome.FAILED
             self.metrics.count("retried")
             delay = self.settings.schedule[attempts - 1]
@@ -303,9 +303,18 @@ class Deliverer:
         return True
 
     def _fail(
-        self, change: Change, msg_id: str, attempts: int, first: float, error: str | None
+        self,
+        change: Change,
+        msg_id: str,
+        position: str,
+        attempts: int,
+        first: float,
+        error: str | None,
     ) -> None:
+        # ``position`` (the cursor before the change) is what `replay --after` takes to
+        # send it again.
         entry = _describe(change, msg_id) | {
+            "position": position,
             "attempts": attempts,
             "firstAttempt": first,
             "failedAt": time.time(),
