@@ -81,6 +81,7 @@ class Deliverer:
         self._acquired = threading.Event()
         self._disabled: str | None = None  # the DISABLED value last seen
         self._expired: str | None = None  # a position found expired (logged once)
+        self._retried = False  # the change in hand has a stored retry state to clear
 
     # --- the process ---------------------------------------------------------------
 
@@ -343,8 +344,6 @@ class Deliverer:
             self._lag.refresh(self.store, position)
         except (CursorExpired, CursorInvalid):
             self._lag.reset()
-
-    _retried = False
 
 
 class _Lag:
