@@ -534,3 +534,24 @@ def test_the_readme_receiver_verifies_and_takes_the_deliveries(store):
         server.shutdown()
     assert saved == [(webhook_id(c), change_data(c)) for c in feed(store)]
     assert refused.value.code == 400  # a body that is not what was signed
+
+
+def test_a_large_backlog_is_counted_over_several_rounds(store, monkeypatch):
+    from optin_service.webhooks import deliverer as module
+
+    monkeypatch.setattr(module, "LAG_READ", 2000)
+    monkeypatch.setattr(module, "LAG_SECONDS", 0.0)
+    write(store, 4500, members=50)
+    changes = feed(store)
+    lag = module._Lag()
+    counts = []
+    for _ in range(4):
+        lag.refresh(store, state.FROM_START)
+        counts.append(lag.ahead)
+    assert counts == [2000, 4000, 4500, 4500]
+    assert lag.head == changes[0].event.updated_at.timestamp()
+    lag.advanced(changes[0].cursor)  # the deliverer's own step: no recount
+    lag.refresh(store, changes[0].cursor)
+    assert lag.ahead == 4499 and lag.head is not None
+    lag.refresh(store, changes[9].cursor)  # moved by someone else (replay): counted again
+    assert lag.ahead == 2000

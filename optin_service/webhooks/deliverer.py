@@ -38,8 +38,11 @@ log = logging.getLogger("optin_service.webhooks")
 LEASE_SECONDS = 20.0
 #: Changes read per page of the feed.
 BATCH = 100
-#: Seconds between two counts of the changes waiting (for the metrics).
+#: Seconds between two counts of the changes waiting (for the metrics), and the most
+#: changes one count reads: a large backlog is counted over several rounds rather
+#: than holding up delivery.
 LAG_SECONDS = 5.0
+LAG_READ = 50_000
 
 
 class Outcome(enum.Enum):
@@ -372,7 +375,10 @@ class _Lag:
         elif now - self._counted < LAG_SECONDS:
             return
         self._counted = now
-        while (page := store.changes(self.tail, 1000)).changes:
+        for _ in range(LAG_READ // 1000):
+            page = store.changes(self.tail, 1000)
+            if not page.changes:
+                break
             if self.ahead == 0:
                 self.head = page.changes[0].event.updated_at.timestamp()
             self.ahead += len(page.changes)
