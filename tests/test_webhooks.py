@@ -22,7 +22,7 @@ import pytest
 
 from backends.memory import MemoryStore
 from optin_service.feed import Change
-from optin_service.storage import OptInRecord, OptInStore
+from optin_service.storage import OptInRecord, OptInStore, StorageUnavailable
 from optin_service.webhooks import Deliverer, WebhookSettings, change_data, state, webhook_id
 from optin_service.webhooks.config import parse_schedule, parse_secret, parse_timeout
 from optin_service.webhooks.message import Sender
@@ -555,3 +555,21 @@ def test_a_large_backlog_is_counted_over_several_rounds(store, monkeypatch):
     assert lag.ahead == 4499 and lag.head is not None
     lag.refresh(store, changes[9].cursor)  # moved by someone else (replay): counted again
     assert lag.ahead == 2000
+
+
+def test_a_store_outage_is_waited_out_and_logged_once(store, caplog):
+    write(store, 3)
+    real, down = store.changes, {"on": True}
+
+    def changes(after: str | None, limit: int):
+        if down["on"]:
+            raise StorageUnavailable("the store is down")
+        return real(after, limit)
+
+    store.changes = changes  # type: ignore[method-assign]
+    with Receiver() as receiver, running(deliverer(store, receiver.url)):
+        assert quiet_for(receiver, 0.5) == 0  # about ten polls, each failing
+        down["on"] = False
+        receiver.wait_accepted(3)
+    failures = [r for r in caplog.records if "storage failed" in r.getMessage()]
+    assert len(failures) == 1 and "the store is down" in failures[0].getMessage()

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..feed import Change, CursorExpired, CursorInvalid
+from ..logs import OncePer
 from ..registry import redact
 from ..schemas import format_time
 from ..storage import OptInStore, StorageError
@@ -32,6 +33,9 @@ from .message import Sender, payload, webhook_id
 from .metrics import WebhookMetrics
 
 log = logging.getLogger("optin_service.webhooks")
+#: Storage failures repeat every poll while the store is down: one line a minute of each.
+storage_log = logging.getLogger("optin_service.webhooks.storage")
+storage_log.addFilter(OncePer(60.0))
 
 #: Default seconds a lease lasts unrenewed: a dead holder's successor starts within
 #: this plus a quarter of it (the standby's polling), 25 s.
@@ -107,7 +111,7 @@ class Deliverer:
                     else:
                         self._standby()
                 except StorageError as exc:
-                    log.warning("webhook deliverer: storage failed (%s); retrying", exc)
+                    storage_log.warning("webhook deliverer: storage failed (%s); retrying", exc)
                     self._stop.wait(self.poll_seconds)
         finally:
             self._stop.set()
@@ -132,7 +136,7 @@ class Deliverer:
             try:
                 has = self.lease.renew() if had else self.lease.acquire()
             except StorageError as exc:
-                log.warning("webhook lease: storage failed (%s)", exc)
+                storage_log.warning("webhook lease: storage failed (%s)", exc)
                 has = self.lease.held
             if has and not had:
                 log.info("webhook deliverer %s holds the lease: delivering", self.lease.holder)
