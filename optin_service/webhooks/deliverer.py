@@ -85,6 +85,7 @@ class Deliverer:
         self._lag = _Lag()
         self.metrics.watch(lambda: self._lag.ahead, lambda: self._lag.head, lambda: self.lease.held)
         self._stop = threading.Event()
+        self._done = threading.Event()  # run() has returned: the heartbeat ends too
         self._acquired = threading.Event()
         self._disabled: str | None = None  # the DISABLED value last seen
         self._expired: str | None = None  # a position found expired (logged once)
@@ -115,6 +116,7 @@ class Deliverer:
                     self._stop.wait(self.poll_seconds)
         finally:
             self._stop.set()
+            self._done.set()
             heartbeat.join()
             try:
                 self.lease.release()
@@ -129,14 +131,21 @@ class Deliverer:
         self._stop.set()
 
     def _heartbeat(self) -> None:
-        """Take the lease when free, then renew it every quarter of its TTL."""
+        """Take the lease when free, then renew it every quarter of its TTL, until
+        :meth:`run` returns (so a last request after :meth:`stop` is still covered)."""
         interval = self.lease.ttl / 4
         had = False
-        while not self._stop.is_set():
+        while not self._done.is_set():
             try:
-                has = self.lease.renew() if had else self.lease.acquire()
+                if self._stop.is_set() and not had:
+                    has = False  # stopping: take nothing new
+                else:
+                    has = self.lease.renew() if had else self.lease.acquire()
             except StorageError as exc:
                 storage_log.warning("webhook lease: storage failed (%s)", exc)
+                has = self.lease.held
+            except Exception:  # a dead heartbeat would leave this deliverer idle for good
+                log.exception("webhook lease: unexpected error")
                 has = self.lease.held
             if has and not had:
                 log.info("webhook deliverer %s holds the lease: delivering", self.lease.holder)
@@ -144,7 +153,7 @@ class Deliverer:
             elif had and not has:
                 log.warning("webhook deliverer %s lost the lease: standing by", self.lease.holder)
             had = has
-            self._stop.wait(interval)
+            self._done.wait(interval)
 
     def _standby(self) -> None:
         """Wait for the lease; keep the lag metrics current meanwhile."""
