@@ -170,7 +170,9 @@ class MemoryStore(OptInStore):
 
     def changes(self, after: str | None, limit: int) -> ChangePage:
         with self._lock:
-            seq = 0 if after is None else self._position(after)
+            # No cursor: from the oldest change kept, so an empty page's ``next`` is the
+            # position right after the pruned ones, never a cursor into them.
+            seq = self._pruned_through if after is None else self._position(after)
             start = bisect.bisect_right(self._feed, seq, key=_seq)
             page = [
                 Change(event, previous, version, self._cursor(at))

@@ -15,7 +15,7 @@ Two more factories bring the ceiling closer to what the service must also be:
   service keeps as evidence): Redis runs one script doing ``SET`` and ``ZADD``,
   SQLite one transaction doing the upsert and an ``INSERT`` into a second table.
 - ``libraries``: as ``headers``, in a worker that has also imported the
-  libraries DESIGN.md chose for the service (marshmallow, flask-talisman,
+  libraries the service is built on (marshmallow, flask-talisman,
   prometheus-client), unused: the least RSS of any service built on them.
 
 The storage comes from ``OPTIN_STORAGE_URL``, as for the service:

@@ -11,7 +11,7 @@ import uuid
 
 from flask import Flask, Response, request
 
-# The values of the README's "Headers on every response" (not imported from
+# The values of docs/api.md's "Headers on every response" (not imported from
 # optin_service, which would load the whole service into this process).
 RESPONSE_HEADERS = (
     ("Referrer-Policy", "no-referrer"),

@@ -48,7 +48,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app = Flask(__name__, instance_path=os.path.abspath("instance"), instance_relative_config=True)
     if config:
         app.config.update(config)
-    defaults.apply(app.config)
+    defaults.apply(app.config, os.environ)
     logs.configure(app.config["OPTIN_LOG_FORMAT"])
     hops = app.config["OPTIN_TRUSTED_PROXIES"]
     if hops:

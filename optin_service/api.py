@@ -1,12 +1,13 @@
 """The blueprint: the seed's PUT, the GET of current state, and health checks.
 
-Routes stay thin: check the id, validate the body, call the store.
+Routes stay thin: check the id, validate the body, call the store. Each view
+carries its own OpenAPI :class:`~.operation.Operation` (what it takes, what it
+answers); ``openapi.py`` adds what every route shares.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from contextlib import AbstractContextManager, nullcontext
 
 from flask import Blueprint, Response, current_app, request
@@ -17,11 +18,19 @@ from .body import read_body
 from .errors import ApiError, register_error_handlers
 from .headers import no_https_redirect, request_id
 from .metrics import consent_changed, exposition, storage_operation
+from .openapi import document
+from .operation import Operation, Parameter
 from .schemas import (
     CORRELATION_ID,
     CORRELATION_ID_RULE,
     IDEMPOTENCY_KEY,
     SOURCE,
+    HealthSchema,
+    HistoryPageSchema,
+    HistoryQuerySchema,
+    OptInRequestSchema,
+    OptInStateSchema,
+    OptInUpdatedSchema,
     dump_page,
     dump_state,
     encode_cursor,
@@ -55,6 +64,39 @@ API_PATHS = ("/client/users/", "/healthz", "/readyz", "/metrics", "/openapi.json
 #: The seed's 200 body, exactly these 29 bytes (``jsonify`` would add a newline).
 UPDATED_BODY = b'{"message":"Opt-in updated."}'
 
+#: The parameters the views take, as the document describes and the views check them.
+MEMBER = Parameter(
+    "correlation_id",
+    "path",
+    f"The member: {CORRELATION_ID_RULE}",
+    CORRELATION_ID,
+    128,
+    example="member-42",
+)
+CONSENT_SOURCE = Parameter(
+    "X-Consent-Source",
+    "header",
+    "The channel the consent came through, stored with the event (default API)",
+    SOURCE,
+    32,
+    example="STORE_42",
+)
+IDEMPOTENCY = Parameter(
+    "Idempotency-Key",
+    "header",
+    "Makes a retry safe: the same key with the same answer for the same member within 24 "
+    "hours returns the same 200 and records nothing new; the same key with another answer "
+    "is a 422 IDEMPOTENCY_KEY_REUSED",
+    IDEMPOTENCY_KEY,
+    255,
+)
+#: What every route of a member can answer, besides its own.
+MEMBER_ERRORS = {
+    400: f"A correlation_id that is not {CORRELATION_ID_RULE}",
+    500: "A bug or a storage fault (no details; see the log)",
+    503: "Storage is unreachable or busy: retry after Retry-After",
+}
+
 
 def store() -> OptInStore:
     """The store of the app handling this request."""
@@ -78,20 +120,56 @@ def _checked_id(correlation_id: str) -> str:
     return correlation_id
 
 
-def _header(name: str, pattern: re.Pattern[str], rule: str) -> str | None:
-    value = request.headers.get(name)
-    if value is not None and not pattern.fullmatch(value):
-        raise ApiError(400, f"{name} must be {rule}")
+def _header(parameter: Parameter, rule: str) -> str | None:
+    """The header's value if sent, checked as its documentation says; ``rule`` in words."""
+    value = request.headers.get(parameter.name)
+    if value is not None and not parameter.pattern.fullmatch(value):
+        raise ApiError(400, f"{parameter.name} must be {rule}")
     return value
 
 
 @bp.put(OPTIN_PATH)
 @no_https_redirect
+@Operation(
+    "putOptIn",
+    "Record the member's answer",
+    tag="consent",
+    description=(
+        "Stores the answer as an immutable event (with the server's time, the request id "
+        "and the source) and makes it the member's current state."
+    ),
+    parameters=[MEMBER, CONSENT_SOURCE, IDEMPOTENCY],
+    body=OptInRequestSchema,
+    body_example={"LOYALTY_OPTIN": "accepted"},
+    ok="Recorded as a new consent event (or an idempotent replay): always these 29 bytes",
+    returns=OptInUpdatedSchema,
+    example={"message": "Opt-in updated."},
+    links={
+        "GetOptIn": {
+            "operationId": "getOptIn",
+            "parameters": {"correlation_id": "$request.path.correlation_id"},
+        }
+    },
+    errors={
+        **MEMBER_ERRORS,
+        400: "A bad correlation_id, X-Consent-Source or Idempotency-Key; a body that is not one "
+        "JSON object (NaN, Infinity and duplicate keys are refused); LOYALTY_OPTIN missing, "
+        "or not exactly accepted or declined; a malformed chunked body, or one shorter "
+        "than its Content-Length",
+        408: "The body did not all arrive within OPTIN_BODY_TIMEOUT_SECONDS",
+        413: "A body over OPTIN_MAX_BODY_BYTES",
+        415: "A Content-Type other than application/json",
+        422: (
+            "The Idempotency-Key was already used for this member with another answer",
+            "IDEMPOTENCY_KEY_REUSED",
+        ),
+    },
+)
 def put_optin(correlation_id: str) -> Response:
     """Record the member's answer as a new event; the body is the seed's, byte for byte."""
     correlation_id = _checked_id(correlation_id)
-    source = _header("X-Consent-Source", SOURCE, "1 to 32 characters of A-Z a-z 0-9 _ -")
-    key = _header("Idempotency-Key", IDEMPOTENCY_KEY, "1 to 255 printable ASCII characters")
+    source = _header(CONSENT_SOURCE, "1 to 32 characters of A-Z a-z 0-9 _ -")
+    key = _header(IDEMPOTENCY, "1 to 255 printable ASCII characters")
     if request.mimetype != "application/json":
         raise ApiError(415, "Content-Type must be application/json")
     config = current_app.config
@@ -116,6 +194,16 @@ def put_optin(correlation_id: str) -> Response:
 
 @bp.get(OPTIN_PATH)
 @no_https_redirect
+@Operation(
+    "getOptIn",
+    "The member's current answer",
+    tag="consent",
+    parameters=[MEMBER],
+    ok="The member's current answer and when it was recorded (UTC, microseconds)",
+    returns=OptInStateSchema,
+    example={"LOYALTY_OPTIN": "accepted", "updatedAt": "2026-11-26T12:00:00.123456Z"},
+    errors={**MEMBER_ERRORS, 404: "Nothing was ever recorded for this member"},
+)
 def get_optin(correlation_id: str) -> Response:
     """The member's current answer and when it was recorded."""
     with _timed("get"):
@@ -127,6 +215,30 @@ def get_optin(correlation_id: str) -> Response:
 
 @bp.get(OPTIN_PATH + "/history")
 @no_https_redirect
+@Operation(
+    "getOptInHistory",
+    "The member's consent events, a page at a time",
+    tag="consent",
+    parameters=[MEMBER],
+    query=HistoryQuerySchema,
+    ok="The member's consent events, newest first; `next` is null on the last page",
+    returns=HistoryPageSchema,
+    links={
+        "NextPage": {
+            "operationId": "getOptInHistory",
+            "parameters": {
+                "correlation_id": "$request.path.correlation_id",
+                "cursor": "$response.body#/next",
+            },
+        }
+    },
+    errors={
+        **MEMBER_ERRORS,
+        400: "A bad correlation_id, a limit that is not a whole number from 1 to 100, "
+        "or a cursor this service did not give out",
+        404: "No events for this member",
+    },
+)
 def get_history(correlation_id: str) -> Response:
     """The member's consent events, newest first, a page at a time."""
     correlation_id = _checked_id(correlation_id)
@@ -142,6 +254,14 @@ def get_history(correlation_id: str) -> Response:
 
 @bp.get("/healthz")
 @no_https_redirect
+@Operation(
+    "getHealth",
+    "Liveness",
+    tag="operations",
+    ok="The process is up (storage is not checked)",
+    returns=HealthSchema,
+    example={"status": "ok"},
+)
 def healthz() -> Response:
     """The process is up (says nothing about storage)."""
     return _json({"status": "ok"})
@@ -149,6 +269,15 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 @no_https_redirect
+@Operation(
+    "getReadiness",
+    "Readiness",
+    tag="operations",
+    ok="Storage answers",
+    returns=HealthSchema,
+    example={"status": "ready"},
+    errors={503: "Storage does not answer: retry after Retry-After"},
+)
 def readyz() -> Response:
     """The store answers; 503 (with Retry-After) while it does not."""
     with _timed("check"):
@@ -158,6 +287,15 @@ def readyz() -> Response:
 
 @bp.get("/metrics")
 @no_https_redirect
+@Operation(
+    "getMetrics",
+    "Prometheus metrics",
+    tag="operations",
+    ok="Prometheus text exposition, summed over the workers",
+    returns={"type": "string"},
+    media="text/plain",
+    enabled_by="OPTIN_METRICS",
+)
 def metrics() -> Response:
     """Prometheus metrics (summed over gunicorn workers); 404 when OPTIN_METRICS is off."""
     if not current_app.config["OPTIN_METRICS"]:
@@ -168,10 +306,15 @@ def metrics() -> Response:
 
 @bp.get("/openapi.json", endpoint="openapi")
 @no_https_redirect
+@Operation(
+    "getOpenApi",
+    "This document",
+    tag="operations",
+    ok="This document (OpenAPI 3.1)",
+    returns={"type": "object"},
+)
 def openapi_document() -> Response:
     """This API's OpenAPI 3.1 document, built once per app."""
-    from .openapi import document  # imports this module: loaded on first use
-
     state = current_app.extensions["optin"]
     if state.openapi is None:  # built on first use: every blueprint is registered by then
         state.openapi = document(current_app)

@@ -32,7 +32,7 @@ from flask import Request, current_app, g, request
 from .errors import ApiError
 from .schemas import CLIENT
 
-if TYPE_CHECKING:  # PyJWT and cryptography weigh ~10 MiB per worker: loaded for OPTIN_AUTH=jwt only
+if TYPE_CHECKING:  # PyJWT and cryptography are heavy: loaded for OPTIN_AUTH=jwt only
     import jwt
 
 log = logging.getLogger(__name__)
@@ -249,6 +249,33 @@ def build_authenticator(config: Mapping[str, Any]) -> Authenticator | None:
 def required_scope(method: str) -> str:
     """The scope a request method needs."""
     return READ if method in ("GET", "HEAD") else WRITE
+
+
+def security_schemes(config: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """The OpenAPI security schemes of ``OPTIN_AUTH``: where its authenticator reads
+    credentials, and which scopes a token needs."""
+    bearer = {"type": "http", "scheme": "bearer"}
+    if config["OPTIN_AUTH"] == "api-key":
+        return {
+            "bearerAuth": {**bearer, "description": "An API key, as `Authorization: Bearer <key>`"},
+            "apiKeyAuth": {
+                "type": "apiKey",
+                "in": "header",
+                "name": "x-api-key",
+                "description": "An API key, as `x-api-key: <key>`",
+            },
+        }
+    if config["OPTIN_AUTH"] != "jwt":
+        return {}
+    text = (
+        "An OAuth 2.0 access token (JWT, client credentials) "
+        f"with scope `{WRITE}` for PUT and `{READ}` for GET"
+    )
+    if config.get("OPTIN_JWT_ISSUER"):
+        text += f"; issuer `{config['OPTIN_JWT_ISSUER']}`"
+    if config.get("OPTIN_JWT_AUDIENCE"):
+        text += f", audience `{config['OPTIN_JWT_AUDIENCE']}`"
+    return {"bearerAuth": {**bearer, "bearerFormat": "JWT", "description": text}}
 
 
 def check_request() -> None:

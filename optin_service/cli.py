@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 import stat
@@ -277,7 +276,7 @@ def migrate_command(target_url: str) -> None:
     """Copy every member's events to another backend, in batches; verify counts."""
     source = _store()
     try:
-        target = store_from_url(target_url)
+        target = store_from_url(target_url, current_app.config)
     except (LookupError, ValueError) as exc:  # an unknown scheme, a bad URL option
         raise click.ClickException(str(exc)) from None
     try:
@@ -319,19 +318,3 @@ def migrate_command(target_url: str) -> None:
 
 
 optin.add_command(webhooks)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """The ``optin`` console script: the same commands, on ``create_app()``'s store."""
-    from . import create_app
-
-    # The service's start-up lines (storage in use, authentication mode) are noise
-    # around a command's own output; errors still show.
-    logging.getLogger("optin_service").setLevel(logging.ERROR)
-    try:
-        app = create_app()
-    except (LookupError, ValueError) as exc:  # a setting the service would refuse too
-        click.ClickException(str(exc)).show()
-        sys.exit(1)
-    with app.app_context():
-        optin.main(args=argv, prog_name="optin")

@@ -7,7 +7,6 @@ own config when the extension is embedded).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
@@ -104,8 +103,10 @@ def _from_env(name: str, default: Any, environ: Mapping[str, str]) -> Any:
 
 
 def apply(config: MutableMapping[str, Any], environ: Mapping[str, str] | None = None) -> None:
-    """Fill every ``OPTIN_*`` key ``config`` lacks, from the environment or the default."""
-    environ = os.environ if environ is None else environ
+    """Fill every ``OPTIN_*`` key ``config`` lacks: from ``environ`` if given and it has
+    the name (``create_app`` passes ``os.environ``), else the default. An embedded
+    ``OptIn`` passes none: it reads only its host's config."""
+    environ = environ or {}
     for name, default in DEFAULTS.items():
         if name in config:
             continue

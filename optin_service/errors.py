@@ -131,11 +131,10 @@ def handle_storage_unavailable(exc: StorageUnavailable) -> Response:
     rid = request_id()
     log.warning("storage unavailable (request id %s): %s", rid, exc, extra={"request_id": rid})
     retry_after = str(current_app.config.get("OPTIN_RETRY_AFTER_SECONDS", 1))
-    return error_response(
-        503,
-        "Storage is unavailable, please retry later",
-        headers={"Retry-After": retry_after},
-    )
+    message = "Storage is unavailable, please retry later"
+    if exc.reason:
+        message += f": {exc.reason}"
+    return error_response(503, message, headers={"Retry-After": retry_after})
 
 
 def handle_unexpected(exc: Exception) -> Response:

@@ -14,7 +14,7 @@ import os
 import time
 import weakref
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from flask import Flask, Request, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException
@@ -123,8 +123,7 @@ class OptIn:
                 # folder must exist (the store refuses it otherwise).
                 os.makedirs(app.instance_path, exist_ok=True)
             url = configured or default_storage_url(app)
-            url = _with_min_replicas(url, app.config["OPTIN_REDIS_MIN_REPLICAS_ACKED"])
-            store = store_from_url(url)
+            store = store_from_url(url, app.config)
             weakref.finalize(app, store.close)
             how = "" if configured else " (default: OPTIN_STORAGE_URL is not set)"
             store_name = redact(url) + how
@@ -171,20 +170,6 @@ def _check_body_timeout(seconds: object) -> None:
     """Refuse a deadline no body could meet (every PUT would answer 408)."""
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
         raise ValueError(f"OPTIN_BODY_TIMEOUT_SECONDS must be a positive number, not {seconds!r}")
-
-
-_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
-
-
-def _with_min_replicas(url: str, replicas: int) -> str:
-    """OPTIN_REDIS_MIN_REPLICAS_ACKED as the Redis URL's option, unless the URL sets it."""
-    parts = urlsplit(url)
-    if not replicas or parts.scheme not in _REDIS_SCHEMES:
-        return url
-    if "min_replicas_acked" in dict(parse_qsl(parts.query)):
-        return url
-    query = "&".join(filter(None, [parts.query, f"min_replicas_acked={int(replicas)}"]))
-    return urlunsplit(parts._replace(query=query))
 
 
 def _start() -> None:

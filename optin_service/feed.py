@@ -18,13 +18,22 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import dataclasses
 import os
 import sqlite3
 import tempfile
 from collections.abc import Iterable, Iterator
 
-from .storage import UNSET, EventRow, OptInRecord, Status, batched
+# The feed's types are part of the store interface, so they live in storage (which
+# imports nothing of this module); here is where callers find them.
+from .storage import (
+    UNSET,
+    Change,
+    ChangePage,
+    CursorExpired,
+    CursorInvalid,
+    EventRow,
+    batched,
+)
 
 __all__ = [
     "MAX_CURSOR",
@@ -41,37 +50,6 @@ __all__ = [
 
 #: The longest cursor a store gives out (a Cluster cursor holds one position per group).
 MAX_CURSOR = 4096
-
-
-class CursorInvalid(ValueError):
-    """A cursor the store did not give out (answered as a 400)."""
-
-
-class CursorExpired(Exception):
-    """A cursor into changes already removed (retention), or from before a rebuild
-    (answered as a 410: the reader must resynchronise)."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Change:
-    """One entry of the feed: ``event`` became its member's current state."""
-
-    event: OptInRecord
-    #: The status it replaced; ``None`` for the member's first change.
-    previous: Status | None
-    #: The member's change count, 1, 2, 3... without a gap.
-    version: int
-    #: The position right after this change: read on from here with ``after=cursor``.
-    cursor: str
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ChangePage:
-    """A page of the feed, in commit order."""
-
-    changes: list[Change]
-    #: Where to read on: after the last change, or where this page started if it is empty.
-    next: str
 
 
 def encode_cursor(position: str) -> str:

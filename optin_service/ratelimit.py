@@ -23,7 +23,7 @@ from flask import Flask, Response, g, request
 
 from .auth import OPEN_ENDPOINTS, client_name
 
-if TYPE_CHECKING:  # Flask-Limiter and limits weigh ~4.6 MiB per worker: loaded when a limit is set
+if TYPE_CHECKING:  # Flask-Limiter and limits are heavy: loaded when a limit is set
     from flask_limiter import Limiter
 
 

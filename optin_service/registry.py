@@ -9,7 +9,9 @@ hatch for tests and for apps that build a backend in code.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from importlib.metadata import entry_points
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .storage import OptInStore
@@ -59,15 +61,25 @@ def backend_for(scheme: str) -> type[OptInStore]:
         ) from exc
 
 
-def store_from_url(url: str) -> OptInStore:
-    """Build the store named by ``url`` (for example ``redis://localhost:6379/0``)."""
+def store_from_url(url: str, config: Mapping[str, Any] | None = None) -> OptInStore:
+    """Build the store named by ``url`` (for example ``redis://localhost:6379/0``).
+
+    ``config`` (an app's config) gives the backend each setting its
+    :attr:`~optin_service.storage.OptInStore.config_options` names, as the
+    keyword argument it maps to; an option in the URL wins over it.
+    """
     scheme = urlsplit(url).scheme
     if not scheme:
         raise BackendNotFound(
             f"storage URL {redact(url)!r} has no scheme; "
             f"installed: {', '.join(installed_schemes())}"
         )
-    return backend_for(scheme).from_url(url)
+    backend = backend_for(scheme)
+    config = config or {}
+    options = {
+        keyword: config[key] for key, keyword in backend.config_options.items() if key in config
+    }
+    return backend.from_url(url, **options)
 
 
 # Query options holding a secret: redis-py's password, sentinel_password, ssl_password.

@@ -160,28 +160,37 @@ class OptInRequestSchema(Schema):
     )
 
 
+# Response bodies (dumped, never loaded): every field is ``required`` because every
+# dump writes it, which is what the OpenAPI document then says.
+
+
 class OptInStateSchema(Schema):
     """The current state answered by ``GET``."""
 
-    LOYALTY_OPTIN = _status(attribute="status")
-    updatedAt = Timestamp(attribute="updated_at", metadata={"description": "When it was recorded"})
+    LOYALTY_OPTIN = _status(attribute="status", required=True)
+    updatedAt = Timestamp(
+        attribute="updated_at", required=True, metadata={"description": "When it was recorded"}
+    )
 
 
 class HistoryItemSchema(OptInStateSchema):
     """One consent event in a member's history."""
 
-    requestId = fields.String(attribute="request_id")
-    source = fields.String(metadata={"description": "X-Consent-Source of the request"})
+    requestId = fields.String(attribute="request_id", required=True)
+    source = fields.String(
+        required=True, metadata={"description": "X-Consent-Source of the request"}
+    )
     client = fields.String(
-        metadata={"description": "The authenticated client that recorded it (empty without auth)"}
+        required=True,
+        metadata={"description": "The authenticated client that recorded it (empty without auth)"},
     )
 
 
 class HistoryPageSchema(Schema):
     """A page of history, newest first, and the cursor of the next page (or null)."""
 
-    items = fields.List(fields.Nested(HistoryItemSchema))
-    next = fields.String(allow_none=True)
+    items = fields.List(fields.Nested(HistoryItemSchema), required=True)
+    next = fields.String(allow_none=True, required=True)
 
 
 class QueryInteger(fields.Integer):
@@ -204,8 +213,16 @@ class HistoryQuerySchema(Schema):
         load_default=20,
         validate=validate.Range(1, 100, error="limit must be a whole number from 1 to 100"),
         error_messages={"invalid": "limit must be a whole number from 1 to 100"},
+        metadata={"description": "Events per page, 1 to 100"},
     )
-    cursor = fields.String(load_default=None)
+    # An empty cursor is one this service never gave out: a 400, as the minLength says.
+    cursor = fields.String(
+        load_default=None,
+        metadata={
+            "description": "The `next` of the previous page; only cursors this service gave out",
+            "minLength": 1,
+        },
+    )
 
 
 #: Every ``errorCode`` the envelope carries: one per status, plus the PUT's 422.
@@ -226,6 +243,13 @@ class ErrorSchema(Schema):
     errorMessage = fields.String(
         required=True, metadata={"description": "What went wrong, for people"}
     )
+
+
+class OptInUpdatedSchema(Schema):
+    """The PUT's 200 body, always the same 29 bytes: ``{"message":"Opt-in updated."}``
+    (written as those bytes, never dumped: this schema documents them)."""
+
+    message = fields.String(required=True, validate=validate.OneOf(["Opt-in updated."]))
 
 
 class HealthSchema(Schema):

@@ -15,10 +15,7 @@ import inspect
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
-
-if TYPE_CHECKING:
-    from .feed import ChangePage
+from typing import Any, ClassVar, Literal, TypeVar
 
 Status = Literal["accepted", "declined"]
 T = TypeVar("T")
@@ -54,7 +51,16 @@ class StorageError(Exception):
 
 
 class StorageUnavailable(StorageError):
-    """The store cannot be reached right now (answered as a 503 with Retry-After)."""
+    """The store cannot be reached right now (answered as a 503 with Retry-After).
+
+    The message goes to the log only (it may name hosts and files). ``reason``,
+    when a backend gives one, is safe to show to clients: a state of the store an
+    operator must fix, which the 503's message then names.
+    """
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 #: The times a store can keep exactly: whole µs since the epoch, within ±2**53 µs
@@ -169,6 +175,40 @@ class OptInRecord:
     def fingerprint(self) -> str:
         """What a repeated ``Idempotency-Key`` must match: the same answer, same source."""
         return f"{self.status}|{self.source}"
+
+
+# --- the change feed's types (optin_service.feed has the rest of the feed) ---------
+
+
+class CursorInvalid(ValueError):
+    """A cursor the store did not give out (answered as a 400)."""
+
+
+class CursorExpired(Exception):
+    """A cursor into changes already removed (retention), or from before a rebuild
+    (answered as a 410: the reader must resynchronise)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Change:
+    """One entry of the feed: ``event`` became its member's current state."""
+
+    event: OptInRecord
+    #: The status it replaced; ``None`` for the member's first change.
+    previous: Status | None
+    #: The member's change count, 1, 2, 3... without a gap.
+    version: int
+    #: The position right after this change: read on from here with ``after=cursor``.
+    cursor: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChangePage:
+    """A page of the feed, in commit order."""
+
+    changes: list[Change]
+    #: Where to read on: after the last change, or where this page started if it is empty.
+    next: str
 
 
 class OptInStore(abc.ABC):

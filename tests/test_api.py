@@ -1,4 +1,4 @@
-"""The HTTP contract through Flask's test client: every rule in DESIGN.md's "HTTP"."""
+"""The HTTP contract through Flask's test client: every rule of the README's "The API"."""
 
 from __future__ import annotations
 
@@ -276,6 +276,18 @@ def test_bad_input_never_changes_stored_state(kind, tmp_path):
     store.close()
 
 
+def test_the_readme_lists_every_error_code():
+    """The README's error table and ERROR_CODES (the OpenAPI enum's source) agree."""
+    from pathlib import Path
+
+    from optin_service.errors import ERROR_CODES
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = set(re.findall(r"^\| (\d{3}) \| `([A-Z_]+)` \|", readme, re.MULTILINE))
+    expected = {(str(status), code) for status, code in ERROR_CODES.items()}
+    assert rows == expected | {("422", "IDEMPOTENCY_KEY_REUSED")}
+
+
 # --- routing errors -------------------------------------------------------------
 
 
@@ -355,6 +367,21 @@ def test_storage_unavailable_is_503_with_retry_after():
         assert body["errorCode"] == "SERVICE_UNAVAILABLE"
         assert "refused" not in body["errorMessage"]
         assert response.headers["Retry-After"] == "1"
+
+
+def test_a_storage_state_an_operator_must_fix_is_named_in_the_503(tmp_path):
+    """The message of a StorageUnavailable stays in the log; its reason, a state of the
+    store safe to show, is named in the envelope (here: SQLite's file was deleted)."""
+    app = create_app({"TESTING": True, "OPTIN_STORAGE_URL": f"sqlite:///{tmp_path}/optin.db"})
+    client = app.test_client()
+    assert put(client, {"LOYALTY_OPTIN": "accepted"}).status_code == 200
+    (tmp_path / "optin.db").unlink()
+    for response in (put(client, {"LOYALTY_OPTIN": "declined"}), client.get("/readyz")):
+        assert response.status_code == 503
+        message = envelope(response)["errorMessage"]
+        assert message.startswith("Storage is unavailable, please retry later: ")
+        assert "deleted or replaced" in message and str(tmp_path) not in message
+    app.extensions["optin"].store.close()
 
 
 def test_healthz_does_not_touch_storage():

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import fakeredis
@@ -60,9 +61,9 @@ class FakeRedisStore(RedisStore):
     """``fakeredis-cli://<name>``: the Redis backend on an in-process FakeServer per name."""
 
     @classmethod
-    def from_url(cls, url: str) -> FakeRedisStore:
+    def from_url(cls, url: str, **options: Any) -> FakeRedisStore:
         server = _FAKE_SERVERS.setdefault(urlsplit(url).netloc, fakeredis.FakeServer())
-        return cls(fakeredis.FakeRedis(server=server), owns_client=True)
+        return cls(fakeredis.FakeRedis(server=server), owns_client=True, **options)
 
 
 @dataclass
@@ -805,6 +806,31 @@ def test_migrate_to_an_unknown_scheme_fails_with_a_clear_message(make_backend):
     assert result.exit_code != 0
     assert isinstance(result.exception, SystemExit), repr(result.exception)
     assert "nosuch" in result.stderr
+
+
+@pytest.mark.redis_server
+@pytest.mark.slow
+def test_migrate_into_redis_waits_for_the_replicas_the_app_config_asks(redis_server):
+    """OPTIN_REDIS_MIN_REPLICAS_ACKED reaches the target store too: a server without
+    replicas cannot confirm the copy (exit 1, a retry is safe), unless the target
+    URL's own min_replicas_acked says otherwise."""
+    config = {"TESTING": True, "OPTIN_STORAGE_URL": "memory://"}
+    app = create_app({**config, "OPTIN_REDIS_MIN_REPLICAS_ACKED": 1})
+    app.extensions["optin"].store.import_events(sample(3))
+    prefix = f"cli-{uuid.uuid4().hex}:"
+    target = f"{redis_server.url}?prefix={prefix}&wait_timeout_ms=50"
+    runner = app.test_cli_runner()
+    try:
+        result = runner.invoke(args=["optin", "migrate", "--to", target])
+        assert result.exit_code == 1
+        assert "reached 0 of the 1 replicas" in result.stderr
+        result = runner.invoke(args=["optin", "migrate", "--to", f"{target}&min_replicas_acked=0"])
+        assert result.exit_code == 0, result.stderr
+    finally:
+        with RedisStore.from_url(redis_server.url).client as client:
+            keys = list(client.scan_iter(match=f"{prefix}*"))
+            if keys:
+                client.delete(*keys)
 
 
 # --- export, then import into another backend --------------------------------------

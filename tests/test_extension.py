@@ -290,3 +290,24 @@ def test_standalone_talisman_and_embedded_constants_send_the_same_headers(scheme
     bare.add_url_rule("/", "home", lambda: "")
     sent = bare.test_client().get("/", environ_overrides=env).headers
     assert sorted((k, sent[k]) for k, _ in TALISMAN_HEADERS) == sorted(TALISMAN_HEADERS)
+
+
+def test_an_embedded_api_reads_only_its_hosts_config(monkeypatch):
+    """The environment is the standalone service's (create_app); a host app configures
+    the API through its own app.config only."""
+    monkeypatch.setenv("OPTIN_MAX_BODY_BYTES", "10")
+    monkeypatch.setenv("OPTIN_AUTH", "api-key")  # would refuse to start without keys
+    host = Flask(__name__)
+    OptIn(host, store=MemoryStore())
+    assert host.config["OPTIN_MAX_BODY_BYTES"] == 16384
+    assert host.config["OPTIN_AUTH"] == "none"
+    response = host.test_client().put(
+        "/client/users/m1/profile/optin", json={"LOYALTY_OPTIN": "accepted", "pad": "x" * 50}
+    )
+    assert response.status_code == 200
+    assert (
+        create_app({"OPTIN_STORAGE_URL": "memory://", "OPTIN_AUTH": "none"}).config[
+            "OPTIN_MAX_BODY_BYTES"
+        ]
+        == 10
+    )  # the standalone service does read it

@@ -31,7 +31,8 @@ from optin_service import OptIn, create_app
 from optin_service.api import UPDATED_BODY
 from optin_service.headers import RESPONSE_HEADERS
 from optin_service.openapi import build_spec
-from optin_service.schemas import CORRELATION_ID, ERROR_CODE_VALUES, encode_cursor
+from optin_service.operation import Operation, Parameter
+from optin_service.schemas import CORRELATION_ID, ERROR_CODE_VALUES, HealthSchema, encode_cursor
 from optin_service.storage import STATUSES, OptInRecord, StorageUnavailable
 
 OPTIN = "/client/users/{correlation_id}/profile/optin"
@@ -139,7 +140,12 @@ def test_a_mounted_api_documents_its_real_paths():
     assert "/" not in spec["paths"]  # the host's own page is not the API's
 
 
-@pytest.mark.parametrize("app", [make_app(), host_app(), host_app("/a/b/")], ids=str)
+# Rate-limited, Flask-Limiter wraps the views: the wrappers keep their declarations.
+@pytest.mark.parametrize(
+    "app",
+    [make_app(), host_app(), host_app("/a/b/"), make_app(OPTIN_RATE_LIMIT="5/minute")],
+    ids=["standalone", "mounted", "mounted-deeper", "rate-limited"],
+)
 def test_every_route_of_the_blueprint_is_documented_and_nothing_more(app):
     spec = build_spec(app)
     routes = set()
@@ -149,6 +155,49 @@ def test_every_route_of_the_blueprint_is_documented_and_nothing_more(app):
             routes |= {(m.lower(), path) for m in rule.methods - {"HEAD", "OPTIONS"}}
     assert {(method, path) for method, path, _ in operations(spec)} == routes
     assert len(routes) == 7
+
+
+def test_a_declared_view_is_documented_with_what_every_operation_shares():
+    """Adding an endpoint is declaring its operation beside its view: the builder
+    adds the headers, the envelopes, and what authentication and limits answer."""
+    app = make_app(**ALL_MODES["api-key"], OPTIN_RATE_LIMIT="5/minute")
+    thing = Parameter("thing_id", "path", "A thing", re.compile("[a-z]{1,8}"), 8)
+
+    @app.get("/things/<thing_id>")
+    @Operation(
+        "getThing",
+        "A thing",
+        tag="consent",
+        parameters=[thing],
+        ok="The thing",
+        returns=HealthSchema,
+        errors={404: "No such thing"},
+    )
+    def get_thing(thing_id):
+        return {"status": "ok"}
+
+    spec = build_spec(app)
+    validate(spec)
+    operation = spec["paths"]["/things/{thing_id}"]["get"]
+    assert operation["operationId"] == "getThing"
+    assert operation["parameters"] == [{"$ref": "#/components/parameters/thing_id"}]
+    param = spec["components"]["parameters"]["thing_id"]
+    assert (param["in"], param["schema"]["pattern"]) == ("path", "^[a-z]{1,8}$")
+    assert set(operation["responses"]) == {"200", "401", "404", "429", "500"}
+    for status, response in operation["responses"].items():
+        assert set(response["headers"]) >= {name for name, _ in RESPONSE_HEADERS}, status
+    ok = operation["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ok == {"$ref": "#/components/schemas/Health"}
+    missing = operation["responses"]["404"]["content"]["application/json"]["schema"]
+    assert validator(spec, missing).is_valid(
+        {"statusCode": 404, "errorCode": "NOT_FOUND", "errorMessage": "x"}
+    )
+    assert "Retry-After" in operation["responses"]["429"]["headers"]
+
+
+def test_an_operation_names_a_known_tag():
+    with pytest.raises(ValueError, match="tag 'things'"):
+        Operation("getThing", "A thing", tag="things", ok="The thing", returns=HealthSchema)
 
 
 def test_served_compact_as_json_and_built_once_per_app():

@@ -99,7 +99,9 @@ def test_an_evicting_policy_answers_503_in_the_envelope_and_readyz_503(tmp_path,
         assert response.get_json() == {
             "statusCode": 503,
             "errorCode": "SERVICE_UNAVAILABLE",
-            "errorMessage": "Storage is unavailable, please retry later",
+            "errorMessage": "Storage is unavailable, please retry later: Redis's "
+            "maxmemory-policy allkeys-lru may evict consent records; writes are refused "
+            "until it is noeviction or a volatile-* policy",
         }
         assert response.headers["Retry-After"]
         assert response.headers["X-Content-Type-Options"] == "nosniff"
@@ -111,6 +113,7 @@ def test_an_evicting_policy_answers_503_in_the_envelope_and_readyz_503(tmp_path,
         ready = client.get("/readyz")
         assert ready.status_code == 503
         assert ready.get_json()["errorCode"] == "SERVICE_UNAVAILABLE"
+        assert "maxmemory-policy allkeys-lru" in ready.get_json()["errorMessage"]
         assert client.get(PATH).status_code == 404
         assert raw.dbsize() == 0
     finally:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -57,6 +58,32 @@ def test_register_is_a_process_local_escape_hatch():
         registry.unregister("custom-test")
     with pytest.raises(registry.BackendNotFound):
         registry.store_from_url("custom-test://")
+
+
+def test_store_from_url_passes_the_config_settings_the_backend_names():
+    """Each setting a backend lists in config_options, and only those, reaches its
+    from_url as the keyword it maps to; a backend listing none gets no keyword."""
+    memory = registry.backend_for("memory")
+
+    class Configured(memory):
+        config_options: ClassVar = {"OPTIN_TEST_DEPTH": "depth", "OPTIN_TEST_ABSENT": "absent"}
+        got: ClassVar[dict] = {}
+
+        @classmethod
+        def from_url(cls, url, **options):
+            cls.got = options
+            return cls()
+
+    config = {"OPTIN_TEST_DEPTH": 3, "OPTIN_OTHER": "x", "OPTIN_STORAGE_URL": "configured://"}
+    registry.register("configured", Configured)
+    try:
+        assert type(registry.store_from_url("configured://", config)) is Configured
+        assert Configured.got == {"depth": 3}
+        registry.store_from_url("configured://")
+        assert Configured.got == {}
+    finally:
+        registry.unregister("configured")
+    assert type(registry.store_from_url("memory://", config)) is memory
 
 
 def test_a_backend_missing_a_method_fails_at_construction():

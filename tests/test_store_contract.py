@@ -20,8 +20,8 @@ import pytest
 import redis
 
 import backends.memory
-import backends.redis
-import backends.sqlite
+import backends.redis.store
+import backends.sqlite.sql
 from backends.memory import MemoryStore
 from backends.redis import RedisStore
 from backends.sqlite import SQLiteStore
@@ -38,6 +38,11 @@ from tests.servers import RedisProcess, RedisServer, free_port
 STAMP = datetime(2026, 11, 26, 12, 0, 0, 123456, tzinfo=timezone.utc)
 
 
+#: The Redis stores' import batch here (memory and SQLite: 13): small, so that the
+#: contract's bulk tests cross pipeline boundaries.
+SMALL_IMPORT_BATCH = 3
+
+
 def _memory(request, tmp_path):
     return MemoryStore.from_url("memory://", import_batch=13)
 
@@ -47,14 +52,16 @@ def _sqlite(request, tmp_path):
     return SQLiteStore.from_url(f"sqlite:///{tmp_path}/optin.db", import_batch=13)
 
 
-def _fakeredis(request, tmp_path):
+def _fakeredis(request, tmp_path, import_batch=SMALL_IMPORT_BATCH):
     # A FakeServer of its own: FakeRedis() instances otherwise share one by default.
-    return RedisStore(fakeredis.FakeRedis(server=fakeredis.FakeServer()))
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    return RedisStore(client, import_batch=import_batch)
 
 
-def _redis(request, tmp_path):
+def _redis(request, tmp_path, import_batch=SMALL_IMPORT_BATCH):
     server = request.getfixturevalue("redis_server")
-    return RedisStore.from_url(f"{server.url}?prefix=t-{uuid.uuid4().hex}:")
+    url = f"{server.url}?prefix=t-{uuid.uuid4().hex}:&import_batch={import_batch}"
+    return RedisStore.from_url(url)
 
 
 def _dispose(store):
@@ -93,11 +100,11 @@ def redis_store(request, tmp_path):
 
 class TestStoreContract(StoreContract):
     @pytest.fixture(autouse=True)
-    def _small_batches(self, monkeypatch):
-        """Bulk paths cut their input into batches, chunks and script calls; cut
-        small here, the contract crosses every boundary."""
-        monkeypatch.setattr(backends.redis, "_SCRIPT_EVENTS", 3)
-        monkeypatch.setattr(backends.redis, "_BATCH", 2)
+    def _small_scan_pages(self, monkeypatch):
+        """Import batches are small in every store fixture; Redis SCAN pages of 2 keys
+        here, so the contract crosses every boundary (script calls within one
+        pipeline: test_redis_import_crosses_script_calls_and_pipelines)."""
+        monkeypatch.setattr(backends.redis.store, "SCAN_PAGE", 2)
 
 
 # --- memory ----------------------------------------------------------------------
@@ -290,9 +297,8 @@ def sqlite_store(sqlite_url):
 def _break_apply_current(monkeypatch, store, tmp_path):
     # The second statement of a write (the current state) becomes invalid SQL,
     # in a single write and in a bulk import.
-    monkeypatch.setattr(backends.sqlite, "_APPLY_CURRENT", "UPDATE optin SET nonsense")
-    for name in ("_CHUNK_CURRENT", "_CHUNK_CURRENT_STORED"):
-        monkeypatch.setattr(backends.sqlite, name, "UPDATE optin SET nonsense")
+    for name in ("APPLY_CURRENT", "CHUNK_CURRENT", "CHUNK_CURRENT_STORED"):
+        monkeypatch.setattr(backends.sqlite.sql, name, "UPDATE optin SET nonsense")
 
 
 def _drop_current_table(monkeypatch, store, tmp_path):
@@ -694,7 +700,7 @@ def _spy_commands(monkeypatch, client):
 
 def test_redis_every_set_is_one_script_call(redis_store, monkeypatch):
     # The eviction policy is read once, then trusted for POLICY_RECHECK_SECONDS.
-    monkeypatch.setattr(backends.redis, "POLICY_RECHECK_SECONDS", 3600)
+    monkeypatch.setattr(backends.redis.store, "POLICY_RECHECK_SECONDS", 3600)
     store = redis_store
     store.set(OptInRecord("warm-up", "accepted", STAMP))  # loads the script
     sent = _spy_commands(monkeypatch, store.client)
@@ -720,7 +726,7 @@ def test_redis_every_set_is_one_script_call(redis_store, monkeypatch):
 def test_redis_every_set_is_one_script_call_on_the_server(redis_server, raw_redis, monkeypatch):
     """What the server itself sees (MONITOR) while the store writes: one EVALSHA per set
     (the warm-up reads the eviction policy, trusted for the rest of the test)."""
-    monkeypatch.setattr(backends.redis, "POLICY_RECHECK_SECONDS", 3600)
+    monkeypatch.setattr(backends.redis.store, "POLICY_RECHECK_SECONDS", 3600)
     store = RedisStore.from_url(f"{redis_server.url}?prefix=t-{uuid.uuid4().hex}:")
     store.set(OptInRecord("warm-up", "accepted", STAMP))
     try:
@@ -983,3 +989,38 @@ def test_redis_refuses_a_row_whose_time_a_score_would_round(redis_store):
     assert store.import_rows([edge, (*edge[:2], "r0", *edge[3:])]) == 2
     assert sorted(store.rows()) == sorted([edge, (*edge[:2], "r0", *edge[3:])])
     assert store.get("member-1").request_id == "r1"
+
+
+@pytest.fixture(params=_REDIS_PARAMS)
+def redis_store_of_batch_120(request, tmp_path):
+    """A fresh RedisStore importing 120 events per pipeline, in script calls of 100."""
+    store = request.param(request, tmp_path, 120)
+    yield store
+    _dispose(store)
+
+
+def test_redis_import_crosses_script_calls_and_pipelines(redis_store_of_batch_120, monkeypatch):
+    """250 events with import_batch=120: pipelines of 120, 120 and 10 events, the first
+    two in script calls of 100 and 20. Every event lands as one at a time would."""
+    store = redis_store_of_batch_120
+    pipelines = []
+    real = store.client.pipeline
+    monkeypatch.setattr(
+        store.client, "pipeline", lambda *a, **k: pipelines.append(1) or real(*a, **k)
+    )
+    # Few members and times, so events of one member fall into different script
+    # calls and pipelines, ties included.
+    base = OptInRecord("-", "accepted", STAMP).updated_at_us
+    statuses = ("accepted", "declined", "accepted")
+    rows = [
+        (f"member-{i % 7}", base + i % 5, f"r{i:03}", statuses[i % 3], "API", "")
+        for i in range(250)
+    ]
+    expected = MemoryStore()
+    assert expected.import_rows(rows) == 250
+    assert store.import_rows(rows) == 250
+    assert len(pipelines) == 3
+    assert sorted(store.rows()) == sorted(expected.rows())
+    for n in range(7):
+        assert store.get(f"member-{n}") == expected.get(f"member-{n}")
+    assert store.import_rows(reversed(rows)) == 0

@@ -19,12 +19,8 @@ from datetime import datetime, timezone
 import pytest
 import requests
 
-from backends.redis import (
-    MIN_REPLICAS_ENV,
-    RedisClusterStore,
-    RedisSentinelStore,
-    RedisStore,
-)
+from backends.redis import RedisClusterStore, RedisSentinelStore, RedisStore
+from optin_service import create_app
 from optin_service.registry import store_from_url
 from optin_service.storage import IdempotencyKeyReused, OptInRecord, StorageUnavailable
 from optin_service.testing import StoreContract
@@ -32,6 +28,8 @@ from tests.servers import LOOPBACK, Gunicorn, free_port
 from tests.topologies import ClusterTopology, SentinelTopology, slot_of, wait_until
 
 STAMP = datetime(2026, 11, 26, 12, 0, 0, 123456, tzinfo=timezone.utc)
+#: The setting create_app reads from the environment (the stores never read it).
+MIN_REPLICAS_ENV = "OPTIN_REDIS_MIN_REPLICAS_ACKED"
 
 
 def _unique_prefix() -> str:
@@ -107,18 +105,37 @@ def test_cluster_url_parts(monkeypatch):
 
 
 @pytest.mark.parametrize("scheme", ["redis", "redis+sentinel", "redis+cluster"])
-def test_min_replicas_acked_comes_from_the_environment_unless_the_url_says(monkeypatch, scheme):
+def test_min_replicas_acked_comes_from_the_keyword_unless_the_url_says(monkeypatch, scheme):
     path = {"redis": "/0", "redis+sentinel": "/svc", "redis+cluster": ""}[scheme]
     base = f"{scheme}://127.0.0.1:{free_port()}{path}"
-    monkeypatch.setenv(MIN_REPLICAS_ENV, "1")
-    from_env = RedisStore.from_url(base)
-    from_url = RedisStore.from_url(base + "?min_replicas_acked=0")
+    monkeypatch.setenv(MIN_REPLICAS_ENV, "1")  # the app's to read, never the store's
+    stores = [
+        from_keyword := RedisStore.from_url(base, min_replicas_acked=1),
+        from_url := RedisStore.from_url(base + "?min_replicas_acked=0", min_replicas_acked=1),
+        from_nothing := RedisStore.from_url(base),
+        from_config := store_from_url(base, {MIN_REPLICAS_ENV: "2"}),
+    ]
     try:
-        assert (from_env.min_replicas_acked, from_env.wait_timeout_ms) == (1, 500)
+        assert (from_keyword.min_replicas_acked, from_keyword.wait_timeout_ms) == (1, 500)
         assert from_url.min_replicas_acked == 0
+        assert from_nothing.min_replicas_acked == 0
+        assert from_config.min_replicas_acked == 2
     finally:
-        from_env.close()
-        from_url.close()
+        for store in stores:
+            store.close()
+
+
+@pytest.mark.parametrize("scheme", ["redis", "redis+sentinel", "redis+cluster"])
+def test_import_batch_comes_from_the_url(scheme):
+    path = {"redis": "/0", "redis+sentinel": "/svc", "redis+cluster": ""}[scheme]
+    base = f"{scheme}://127.0.0.1:{free_port()}{path}"
+    default = 1000 if scheme == "redis+cluster" else 5000
+    stores = [RedisStore.from_url(base), RedisStore.from_url(base + "?import_batch=7")]
+    try:
+        assert [store.import_batch for store in stores] == [default, 7]
+    finally:
+        for store in stores:
+            store.close()
 
 
 @pytest.mark.parametrize(
@@ -141,6 +158,9 @@ def test_min_replicas_acked_comes_from_the_environment_unless_the_url_says(monke
         "redis+cluster://127.0.0.1:7000?db=1",
         "redis://127.0.0.1:6379/0?min_replicas_acked=x",
         "redis://127.0.0.1:6379/0?wait_timeout_ms=0",
+        "redis://127.0.0.1:6379/0?import_batch=0",
+        "redis+sentinel://127.0.0.1:26379/svc?import_batch=many",
+        "redis+cluster://127.0.0.1:7000?import_batch=-5",
     ],
 )
 def test_bad_urls_raise_value_error(url, monkeypatch):
@@ -152,7 +172,15 @@ def test_bad_urls_raise_value_error(url, monkeypatch):
 def test_a_bad_environment_value_raises_value_error(monkeypatch):
     monkeypatch.setenv(MIN_REPLICAS_ENV, "some")
     with pytest.raises(ValueError, match=MIN_REPLICAS_ENV):
-        RedisStore.from_url(f"redis+sentinel://127.0.0.1:{free_port()}/svc")
+        create_app({"OPTIN_STORAGE_URL": f"redis+sentinel://127.0.0.1:{free_port()}/svc"})
+
+
+@pytest.mark.parametrize("value", [-1, "some"])
+def test_a_bad_keyword_value_raises_value_error(value):
+    with pytest.raises(ValueError, match="min_replicas_acked"):
+        RedisStore.from_url(
+            f"redis+sentinel://127.0.0.1:{free_port()}/svc", min_replicas_acked=value
+        )
 
 
 @pytest.mark.parametrize("scheme", ["redis+sentinel", "redis+cluster"])

@@ -50,7 +50,7 @@ def wait_until(
 def _data_node_args() -> list[str]:
     # AOF with fsync on every write: the same durability as tests.servers.RedisServer.
     # A replica's full sync starts at once (the default waits 5 s for more replicas
-    # to share one transfer; the README says what that means after a failover).
+    # to share one transfer; docs/redis.md says what that means after a failover).
     return [
         "--save", "",
         "--appendonly", "yes",
@@ -65,7 +65,7 @@ class SentinelTopology:
     Failure detection is fast: a master is down after ``down_after_ms`` without
     an answer. Sentinel's internal clocks (INFO every 10 s, hello every 2 s)
     are shortened with ``SENTINEL DEBUG`` so that a demoted master is turned into
-    a replica within a few seconds rather than about ten; the README says what
+    a replica within a few seconds rather than about ten; docs/redis.md says what
     the defaults mean in production.
     """
 
