@@ -1,5 +1,5 @@
-"""The ``optin`` command line: read and write records, export, import, migrate, and
-the change feed (``optin changes``).
+"""The ``optin`` command line: read and write records, export, import, migrate; the
+change feed (``optin changes``) and its webhooks (``optin webhooks``).
 
 Available as ``flask --app optin_service optin ...`` (and on any app that
 mounts :class:`~optin_service.OptIn`) and as the console script ``optin``.
@@ -48,6 +48,7 @@ from .storage import (
     StorageError,
 )
 from .version import __version__
+from .webhooks.cli import webhooks
 
 
 class _OptInGroup(AppGroup):
@@ -387,3 +388,6 @@ def changes_prune_command(days: int) -> None:
     before = cutoff(days)
     removed = _store().prune_changes(before)
     click.echo(f"removed {removed} changes appended before {format_time(before)}")
+
+
+optin.add_command(webhooks)
