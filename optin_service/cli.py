@@ -1,5 +1,6 @@
-"""The ``optin`` command line: read and write records, export, import, migrate, and
-upgrade the store's schema (``optin db upgrade``).
+"""The ``optin`` command line: read and write records, export, import, migrate; the
+change feed (``optin changes``) and its webhooks (``optin webhooks``); the store's schema
+(``optin db upgrade``).
 
 Available as ``flask --app optin_service optin ...`` (and on any app that
 mounts :class:`~optin_service.OptIn`) and as the console script ``optin``.
@@ -25,8 +26,19 @@ import click
 from flask import current_app
 from flask.cli import AppGroup, with_appcontext
 
+from .feed import CursorExpired, CursorInvalid
 from .registry import redact, store_from_url
-from .schemas import CORRELATION_ID, SOURCE, SUBMICROSECOND, cut, dump_event, load_event
+from .retention import cutoff
+from .schemas import (
+    CORRELATION_ID,
+    SOURCE,
+    SUBMICROSECOND,
+    cut,
+    dump_change,
+    dump_event,
+    format_time,
+    load_event,
+)
 from .storage import (
     EARLIEST,
     LATEST,
@@ -37,6 +49,7 @@ from .storage import (
     StorageError,
 )
 from .version import __version__
+from .webhooks.cli import webhooks
 
 
 class _OptInGroup(AppGroup):
@@ -336,3 +349,67 @@ def upgrade_command() -> None:
         click.echo(f"schema version {after}: up to date", err=True)
     else:
         click.echo(f"schema upgraded from version {before} to {after}", err=True)
+
+
+@optin.group("changes")
+def changes_group() -> None:
+    """Read, rebuild or prune the change feed (what GET /client/optin/changes serves)."""
+
+
+@changes_group.command("list")
+@click.option("--after", help="The cursor to read on from (a change's or a page's next).")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Changes to print at most.",
+)
+def changes_list_command(after: str | None, limit: int) -> None:
+    """Print changes in commit order, one JSON object per line, then the cursor to pass
+    as --after next time as the last line of stderr (the same cursor again when there
+    is nothing new)."""
+    try:
+        page = _store().changes(after, limit)
+    except CursorInvalid:
+        raise click.BadParameter(
+            "not a cursor this store gave out", param_hint="'--after'"
+        ) from None
+    except CursorExpired:
+        raise click.ClickException(
+            "the changes after this cursor are no longer kept (retention, or the feed was "
+            "rebuilt): read the feed again from the start, without --after"
+        ) from None
+    for change in page.changes:
+        click.echo(json.dumps(dump_change(change), separators=(",", ":")))
+    click.echo(page.next, err=True)
+
+
+@changes_group.command("rebuild")
+def changes_rebuild_command() -> None:
+    """Replace the feed with one made from the events: each member's events oldest
+    first, each a change (versions from 1). Every earlier cursor expires (410).
+
+    A maintenance command: stop the writers first (gunicorn, imports); a change
+    written while it runs may be missing from the rebuilt feed on some backends.
+    """
+    count = _store().rebuild_changes()
+    click.echo(f"rebuilt the change feed: {count} changes; every earlier cursor has expired")
+
+
+@changes_group.command("prune")
+@click.option(
+    "--days",
+    type=click.IntRange(min=0),
+    required=True,
+    help="Remove the changes appended more than this many days ago.",
+)
+def changes_prune_command(days: int) -> None:
+    """Remove old changes now, once (OPTIN_CHANGES_RETENTION does it as the service runs).
+    A reader whose cursor points into them gets 410 CURSOR_EXPIRED; events stay."""
+    before = cutoff(days)
+    removed = _store().prune_changes(before)
+    click.echo(f"removed {removed} changes appended before {format_time(before)}")
+
+
+optin.add_command(webhooks)

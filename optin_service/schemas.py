@@ -17,7 +17,17 @@ from typing import Any
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate
 
 from .errors import ERROR_CODES, ApiError
-from .storage import DEFAULT_SOURCE, EARLIEST, LATEST, STATUSES, OptInRecord, Status
+from .feed import MAX_CURSOR
+from .storage import (
+    DEFAULT_SOURCE,
+    EARLIEST,
+    LATEST,
+    STATUSES,
+    Change,
+    ChangePage,
+    OptInRecord,
+    Status,
+)
 
 INVALID_OPTIN = "Invalid opt-in response provided"
 MISSING_OPTIN = "LOYALTY_OPTIN missing from body"
@@ -225,6 +235,90 @@ class HistoryQuerySchema(Schema):
     )
 
 
+class ChangeSchema(Schema):
+    """One change of the feed: an event that became its member's current state."""
+
+    class Meta:
+        ordered = True
+
+    correlationId = fields.String(attribute="event.correlation_id", required=True)
+    LOYALTY_OPTIN = _status(attribute="event.status", required=True)
+    previous = fields.String(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "The status it replaced; null for the member's first change",
+            "enum": [*STATUSES, None],
+        },
+    )
+    updatedAt = Timestamp(
+        attribute="event.updated_at",
+        required=True,
+        metadata={"description": "When it was recorded"},
+    )
+    requestId = fields.String(attribute="event.request_id", required=True)
+    source = fields.String(
+        attribute="event.source",
+        required=True,
+        metadata={"description": "X-Consent-Source of the request"},
+    )
+    client = fields.String(
+        attribute="event.client",
+        required=True,
+        metadata={"description": "The authenticated client that recorded it (empty without auth)"},
+    )
+    version = fields.Integer(
+        required=True,
+        metadata={
+            "description": "The member's change count: 1, 2, 3... without a gap",
+            "minimum": 1,
+        },
+    )
+
+
+class ChangesPageSchema(Schema):
+    """A page of the change feed, in commit order, and where to read on."""
+
+    items = fields.List(fields.Nested(ChangeSchema), required=True)
+    next = fields.String(
+        required=True,
+        metadata={
+            "description": (
+                "Pass it back as `after` to read on; after an empty page it is the cursor "
+                "sent (or the start), to poll again from"
+            ),
+            "minLength": 1,
+        },
+    )
+
+
+class ChangesQuerySchema(Schema):
+    """``?after=CURSOR&limit=N`` of the change feed."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    limit = QueryInteger(
+        load_default=100,
+        validate=validate.Range(1, 1000, error="limit must be a whole number from 1 to 1000"),
+        error_messages={"invalid": "limit must be a whole number from 1 to 1000"},
+        metadata={"description": "Changes per page, 1 to 1000"},
+    )
+    # Read by the store, which refuses a cursor it did not give out (a 400): an empty
+    # one, or one over MAX_CURSOR, never is one.
+    after = fields.String(
+        load_default=None,
+        metadata={
+            "description": (
+                "The `next` of the previous page; without it, from the oldest change kept. "
+                "Only cursors this service gave out; one into changes no longer kept is a 410"
+            ),
+            "minLength": 1,
+            "maxLength": MAX_CURSOR,
+        },
+    )
+
+
 #: Every ``errorCode`` the envelope carries: one per status, plus the PUT's 422.
 ERROR_CODE_VALUES = (*ERROR_CODES.values(), "IDEMPOTENCY_KEY_REUSED")
 
@@ -286,6 +380,9 @@ _state_schema = OptInStateSchema()
 _page_schema = HistoryPageSchema()
 _query_schema = HistoryQuerySchema()
 _event_schema = EventSchema()
+_change_schema = ChangeSchema()
+_changes_schema = ChangesPageSchema()
+_changes_query_schema = ChangesQuerySchema()
 
 
 def load_optin_status(data: bytes) -> Status:
@@ -340,6 +437,26 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
         return int(us), rid
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise ApiError(400, "cursor is not one this service gave out") from None
+
+
+def load_changes_query(args: Any) -> tuple[int, str | None]:
+    """``limit`` and ``after`` (the cursor, still opaque: the store reads it) of a
+    change feed request, or a 400."""
+    try:
+        query = _changes_query_schema.load(args)
+    except ValidationError as exc:
+        raise ApiError(400, _first_message(exc)) from None
+    return query["limit"], query["after"]
+
+
+def dump_changes(page: ChangePage) -> dict[str, Any]:
+    """The change feed's body for ``page``."""
+    return _changes_schema.dump({"items": page.changes, "next": page.next})
+
+
+def dump_change(change: Change) -> dict[str, Any]:
+    """One change, as in the feed's ``items`` (and a line of ``optin changes list``)."""
+    return _change_schema.dump(change)
 
 
 def dump_event(record: OptInRecord) -> dict[str, Any]:

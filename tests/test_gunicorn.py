@@ -772,6 +772,153 @@ def test_four_workers_hammering_one_sqlite_file(servers: Servers) -> None:
     print(summary)
 
 
+# --- the change feed: a reader tailing it while workers write -------------------------
+
+
+def feed_page(http: requests.Session, base: str, after: str | None, limit: int) -> dict:
+    query: dict[str, str | int] = {"limit": limit}
+    if after is not None:
+        query["after"] = after
+    resp = http.get(f"{base}/client/optin/changes", params=query, timeout=TIMEOUT)
+    assert resp.status_code == 200, f"GET changes: {resp.status_code} {resp.text[:300]}"
+    body = resp.json()
+    assert isinstance(body["next"], str), body
+    return body
+
+
+@pytest.mark.parametrize(
+    ("backend", "workers"),
+    [
+        pytest.param("memory", 1, id="memory-1-worker"),
+        pytest.param("sqlite", 4, id="sqlite-4-workers"),
+        pytest.param("redis", 4, id="redis-4-workers", marks=pytest.mark.redis_server),
+        pytest.param("sentinel", 4, id="sentinel-4-workers", marks=pytest.mark.redis_server),
+        pytest.param("cluster", 4, id="cluster-4-workers", marks=pytest.mark.redis_server),
+    ],
+)
+def test_a_reader_tailing_the_feed_sees_every_change_once_in_commit_order(
+    servers: Servers, request: pytest.FixtureRequest, backend: str, workers: int
+) -> None:
+    """Several clients PUT concurrently (across 4 workers but on memory) while a reader
+    tails the feed in pages of 3: it sees exactly what a full read after the writes sees,
+    in the same order (on a Redis Cluster: the same changes, each member's in the same
+    order: across its groups, changes are ordered by the masters' clocks, not by commit);
+    each member's versions run 1..k; its last change is GET's state. A feed numbered
+    before commit would let the tail skip a slower writer's change."""
+    if backend == "memory":
+        url = "memory://"
+    elif backend == "sqlite":
+        url = servers.sqlite_url()
+    elif backend == "redis":
+        url = servers.redis().url
+    else:  # the session's Sentinel or Cluster, under a prefix of this test's own
+        topology = request.getfixturevalue(f"{backend}_topology")
+        url = topology.url(prefix=f"t-{uuid.uuid4().hex[:12]}:")
+    server = servers.gunicorn({"OPTIN_STORAGE_URL": url}, workers=workers)
+    base = server.base
+    members = [f"feed-{i}" for i in range(12)]
+    lock = threading.Lock()
+    acked: set[str] = set()  # request ids of the PUTs answered 200
+    problems: list[str] = []
+    writing = threading.Event()
+    writing.set()
+    tailed: list[dict] = []
+    pages_while_writing = 0
+
+    def writer(tid: int) -> None:
+        rng = random.Random(tid)
+        try:
+            with requests.Session() as http:
+                for _ in range(40):
+                    cid = rng.choice(members)
+                    resp = put(http, base, cid, rng.choice(STATUSES))
+                    if resp.status_code != 200:
+                        raise AssertionError(f"PUT {cid}: {resp.status_code} {resp.text[:200]}")
+                    with lock:
+                        acked.add(resp.headers["x-amzn-RequestId"])
+        except Exception as exc:
+            with lock:
+                problems.append(f"writer {tid}: {exc!r}")
+
+    def tail() -> None:
+        nonlocal pages_while_writing
+        after = None
+        deadline = time.monotonic() + 90
+        try:
+            with requests.Session() as http:
+                while time.monotonic() < deadline:
+                    still_writing = writing.is_set()
+                    body = feed_page(http, base, after, 3)
+                    tailed.extend(body["items"])
+                    after = body["next"]
+                    if body["items"] and still_writing:
+                        pages_while_writing += 1
+                    if not body["items"]:
+                        if not still_writing:  # read after the last write was answered
+                            return
+                        time.sleep(0.005)
+                raise AssertionError("the tailing reader ran out of time")
+        except Exception as exc:
+            with lock:
+                problems.append(f"reader: {exc!r}")
+
+    reader = threading.Thread(target=tail, daemon=True)
+    writers = [threading.Thread(target=writer, args=(t,), daemon=True) for t in range(6)]
+    reader.start()
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join(timeout=90)
+    writing.clear()
+    reader.join(timeout=90)
+    assert not reader.is_alive() and not any(t.is_alive() for t in writers), "threads hung"
+    assert not problems, f"{problems[:10]}" + log_tail(server)
+
+    full: list[dict] = []
+    after = None
+    with requests.Session() as http:
+        for _ in range(1000):
+            body = feed_page(http, base, after, 1000)
+            if not body["items"]:
+                break
+            full.extend(body["items"])
+            after = body["next"]
+        states = {cid: get(http, base, cid) for cid in members}
+
+    summary = (
+        f"{len(acked)} PUTs answered 200, {len(full)} changes, the reader got "
+        f"{pages_while_writing} non-empty pages while the writes ran"
+    )
+    if backend == "cluster":
+        assert sorted(map(json.dumps, tailed)) == sorted(map(json.dumps, full)), summary
+        for cid in members:
+            mine = [change for change in tailed if change["correlationId"] == cid]
+            assert mine == [change for change in full if change["correlationId"] == cid]
+    else:
+        assert tailed == full, summary
+    ids = [change["requestId"] for change in full]
+    assert len(set(ids)) == len(ids), summary
+    assert set(ids) <= acked, summary  # no change without an acknowledged PUT
+    # A PUT that lost a race to a later-stamped one is no change; most PUTs are.
+    assert len(full) > len(acked) // 2, summary
+    assert pages_while_writing >= 3, summary  # it did tail while the writers ran
+    for cid in members:
+        own = [change for change in full if change["correlationId"] == cid]
+        assert [c["version"] for c in own] == list(range(1, len(own) + 1)), (cid, own)
+        assert [c["previous"] for c in own] == [None] + [c["LOYALTY_OPTIN"] for c in own[:-1]]
+        assert [c["updatedAt"] for c in own] == sorted(c["updatedAt"] for c in own), own
+        state = states[cid]
+        assert state.status_code == 200, (cid, state.text)
+        last = own[-1]
+        assert state.json() == {
+            "LOYALTY_OPTIN": last["LOYALTY_OPTIN"],
+            "updatedAt": last["updatedAt"],
+        }
+    put_pids = {line["pid"] for line in server.access_lines() if line["method"] == "PUT"}
+    assert len(put_pids) == workers, f"PUTs answered by {sorted(put_pids)}" + log_tail(server)
+    print(summary)
+
+
 # --- 6, 7: configurations gunicorn must refuse ---------------------------------------
 
 

@@ -21,7 +21,7 @@ import redis
 
 import backends.memory
 import backends.redis.store
-import backends.sqlite
+import backends.sqlite.sql
 from backends.memory import MemoryStore
 from backends.postgres import PostgresStore
 from backends.redis import RedisStore
@@ -34,6 +34,7 @@ from optin_service.storage import (
     StorageUnavailable,
 )
 from optin_service.testing import StoreContract
+from tests.redis_feed import redis_cursor_past_the_end
 from tests.servers import RedisProcess, RedisServer, free_port
 
 STAMP = datetime(2026, 11, 26, 12, 0, 0, 123456, tzinfo=timezone.utc)
@@ -121,6 +122,11 @@ class TestStoreContract(StoreContract):
         here, so the contract crosses every boundary (script calls within one
         pipeline: test_redis_import_crosses_script_calls_and_pipelines)."""
         monkeypatch.setattr(backends.redis.store, "SCAN_PAGE", 2)
+
+    def cursor_past_the_end(self, store, cursor):
+        if isinstance(store, RedisStore):
+            return redis_cursor_past_the_end(cursor)
+        return super().cursor_past_the_end(store, cursor)
 
 
 # --- memory ----------------------------------------------------------------------
@@ -313,9 +319,8 @@ def sqlite_store(sqlite_url):
 def _break_apply_current(monkeypatch, store, tmp_path):
     # The second statement of a write (the current state) becomes invalid SQL,
     # in a single write and in a bulk import.
-    monkeypatch.setattr(backends.sqlite, "_APPLY_CURRENT", "UPDATE optin SET nonsense")
-    for name in ("_CHUNK_CURRENT", "_CHUNK_CURRENT_STORED"):
-        monkeypatch.setattr(backends.sqlite, name, "UPDATE optin SET nonsense")
+    for name in ("APPLY_CURRENT", "CHUNK_CURRENT", "CHUNK_CURRENT_STORED"):
+        monkeypatch.setattr(backends.sqlite.sql, name, "UPDATE optin SET nonsense")
 
 
 def _drop_current_table(monkeypatch, store, tmp_path):

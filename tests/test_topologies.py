@@ -24,6 +24,11 @@ from optin_service import create_app
 from optin_service.registry import store_from_url
 from optin_service.storage import IdempotencyKeyReused, OptInRecord, StorageUnavailable
 from optin_service.testing import StoreContract
+from tests.redis_feed import (
+    RedisCursors,
+    assert_each_change_once_in_member_order,
+    tail_while_writing,
+)
 from tests.servers import LOOPBACK, Gunicorn, free_port
 from tests.topologies import ClusterTopology, SentinelTopology, slot_of, wait_until
 
@@ -212,7 +217,7 @@ def test_nothing_listening_is_unavailable_within_2s(scheme, call):
 
 @pytest.mark.slow
 @pytest.mark.redis_server
-class TestSentinelContract(StoreContract):
+class TestSentinelContract(RedisCursors, StoreContract):
     @pytest.fixture(params=["no-wait", "wait-1"])
     def store(self, request, sentinel_topology, monkeypatch):
         monkeypatch.delenv(MIN_REPLICAS_ENV, raising=False)
@@ -226,13 +231,24 @@ class TestSentinelContract(StoreContract):
 
 @pytest.mark.slow
 @pytest.mark.redis_server
-class TestClusterContract(StoreContract):
+class TestClusterContract(RedisCursors, StoreContract):
+    """The contract, with the Cluster's promise for a reader tailing the feed: across
+    groups, changes are ordered by the masters' clocks rather than by commit, so the
+    tail holds the same changes as a full read, each member's in the same order."""
+
     @pytest.fixture
     def store(self, cluster_topology, monkeypatch):
         monkeypatch.delenv(MIN_REPLICAS_ENV, raising=False)
         store = RedisStore.from_url(cluster_topology.url(prefix=_unique_prefix()))
         yield store
         _dispose(store)
+
+    def test_a_reader_tailing_while_threads_write_sees_each_change_once_in_order(self, store):
+        members = [f"member-{i}" for i in range(6)]
+        tailed, full, while_writing = tail_while_writing(store, members)
+        assert while_writing > 0
+        assert_each_change_once_in_member_order(store, tailed, full)
+        assert {c.event.correlation_id for c in full} == set(members)
 
 
 # --- Sentinel: what the topology adds -------------------------------------------------
@@ -886,7 +902,9 @@ def test_cluster_with_replicas_waits_for_them_while_slots_move(tmp_path, monkeyp
             with topology.node_at(int(replicas[0][1])).client() as replica:
                 replica.execute_command("READONLY")
                 declined = int(record.status == "declined")
-                assert replica.get(store.key(cid)) == f"{record.updated_at_us}{declined}"
+                value = replica.get(store.key(cid))  # then ":<version>" from the 2nd change
+                assert value.partition(":")[0] == f"{record.updated_at_us}{declined}"
+                assert value == store.client.get(store.key(cid)).decode()
         print(
             f"cluster with replicas, WAIT 1: reshard of {len(moving)} slots took {took:.2f}s; "
             f"{len(acked)} members written, {len(failing_for)} writes answered 503 first, "
