@@ -183,10 +183,13 @@ def test_first_use_creates_the_tables_at_the_current_version(store, postgres_ser
     )
     assert [t for (t,) in tables] == [
         "optin",
+        "optin_change",
         "optin_event",
+        "optin_feed",
         "optin_health",
         "optin_idempotency",
         "optin_schema_version",
+        "optin_state",
     ]
     assert postgres_server.execute(f"SELECT version FROM {schema}.optin_schema_version") == [
         (VERSION,)
@@ -377,18 +380,20 @@ def _open_transactions(server: PostgresServer) -> list[tuple]:
 @pytest.mark.slow
 @pytest.mark.postgres_server
 @pytest.mark.parametrize(
-    ("bad", "error"),
+    ("bad", "error", "kept"),
     [
-        (("m3", 2**63, "r3", "accepted", "API", ""), StorageError),  # refused by COPY
-        (("m3", 3, "r3", "maybe", "API", ""), StorageError),  # refused by the merge
-        (None, ZeroDivisionError),  # the stream itself fails
+        (("m3", 2**63, "r3", "accepted", "API", ""), StorageError, 0),  # refused by COPY
+        (("m3", 3, "r3", "maybe", "API", ""), StorageError, 2),  # refused by chunk 2's merge
+        (None, ZeroDivisionError, 0),  # the stream itself fails
     ],
 )
-def test_an_import_failing_in_a_later_batch_keeps_the_batches_before_it(
-    postgres_url, postgres_server, bad, error
+def test_an_import_failing_keeps_the_chunks_merged_before_it_and_no_stage(
+    postgres_url, postgres_server, bad, error, kept
 ):
-    """Batches of 2, two in flight: batch 1 commits; batch 2 fails (while staged, while
-    merged, or as its rows are read) and is rolled back, and so is batch 3 if staged."""
+    """Chunks of 2. The whole stream is staged before any merge, so a failure while
+    staging (COPY refusing a row, the stream failing) keeps nothing; a chunk whose merge
+    fails is rolled back, and the chunks merged before it stay, with their changes. No
+    transaction stays open, no temporary table is left, and importing again completes."""
     store = PostgresStore(postgres_url, import_batch=2)
     good = [_record(f"m{i}", rid=f"r{i}").row for i in range(6)]
 
@@ -402,9 +407,13 @@ def test_an_import_failing_in_a_later_batch_keeps_the_batches_before_it(
     try:
         with pytest.raises(error):
             store.import_rows(rows())
-        assert sorted(store.rows()) == sorted(good[:2])
+        assert sorted(store.rows()) == sorted(good[:kept])
+        assert [c.event.row for c in store.changes(None, 100).changes] == good[:kept]
         assert _open_transactions(postgres_server) == []
-        assert store.import_rows(good) == 4  # usable, and nothing of batch 2 or 3 was kept
+        temporary = "SELECT relname FROM pg_class WHERE relpersistence = 't'"
+        assert postgres_server.execute(temporary) == []
+        assert store.import_rows(good) == 6 - kept
+        assert [c.event.row for c in store.changes(None, 100).changes] == good
     finally:
         store.close()
 

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 import psycopg
-from psycopg.pq import ConnStatus
+from psycopg.pq import ConnStatus, TransactionStatus
 
+from optin_service.feed import (
+    UNSET,
+    Change,
+    ChangePage,
+    CursorExpired,
+    CursorInvalid,
+    decode_cursor,
+    encode_cursor,
+)
 from optin_service.storage import (
     IDEMPOTENCY_TTL,
     EventRow,
@@ -37,6 +45,13 @@ _NEWEST = (2**63 - 1, "")  # a position after every event: the first history pag
 _PRUNE_EVERY = 100  # writes (per process) between deletions of expired keys...
 _PRUNE_LIMIT = 1000  # ...of at most this many
 _EXPORT_FETCH = 10_000  # rows per FETCH of the export's server-side cursor
+# Times one import chunk is merged again after a write moved one of its members
+# between the merge's read of the state and its update.
+_MERGE_ATTEMPTS = 5
+# A cursor's text: the feed's generation (16 hex digits), a dot, a seq (a bigint).
+_CURSOR = re.compile(r"([0-9a-f]{16})\.(0|[1-9][0-9]{0,18})")
+_MAX_SEQ = 2**63 - 1
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 # Bulk work happens in the CLI, not under gunicorn: no statement timeout there,
 # and room to sort a batch in memory.
 _BULK_SETTINGS = ("SET LOCAL statement_timeout = 0", "SET LOCAL work_mem = '64MB'")
@@ -244,63 +259,146 @@ class PostgresStore(OptInStore):
                     yield from batch
 
     def import_rows(self, rows: Iterable[EventRow]) -> int:
-        """Batches of ``import_batch`` rows, each one transaction: ``COPY`` into a
-        temporary stage, then one merge (:data:`~.queries.MERGE`). Rows stream
-        from ``rows`` into the COPY: nothing is held in memory.
+        """The whole stream into ``COPY`` (rows stream from ``rows``: nothing is held in
+        memory), then numbered in import order, then merged ``import_batch`` events per
+        transaction (:data:`~.queries.MERGE`), each appending its changes.
 
-        Two batches are in flight, each on a connection of its own: while the
-        server merges one, the next is copied. Merges still run one after the
-        other, in stream order (a batch's merge starts once the previous one
-        committed), so the first of two events with one identity wins.
+        One connection holds the stage (temporary tables) for the whole import. A
+        failure while staging keeps nothing; one in a merge keeps the chunks merged
+        before it (each committed), and importing again completes the rest.
         """
-        added = 0
         size = self.options.import_batch
-        iterator = iter(rows)
-        pending: Future[int] | None = None
-        with ThreadPoolExecutor(1, thread_name_prefix="optin-merge") as merger:
+        with self._session(write=True, watch=False) as conn:
             try:
-                for first in iterator:
-                    batch = itertools.chain((first,), itertools.islice(iterator, size - 1))
-                    stack, conn = self._stage(batch)
-                    try:
-                        if pending is not None:
-                            added += pending.result()
-                    except BaseException:
-                        with stack:  # rolls this batch back
-                            raise
-                    pending = merger.submit(self._merge, stack, conn)
-                if pending is not None:
-                    added += pending.result()
+                conn.execute(queries.DROP_STAGE)  # left by a session that died mid-import
+                conn.execute(queries.STAGE)
+                conn.execute(queries.CHUNK_CHANGES)
+                with conn.transaction():
+                    for setting in _BULK_SETTINGS:
+                        conn.execute(setting)
+                    with conn.cursor().copy(queries.STAGE_COPY) as copy:
+                        for row in rows:
+                            copy.write_row(row)
+                    conn.execute(queries.NUMBER)
+                    conn.execute(queries.NUMBER_KEY)
+                    conn.execute("ANALYZE optin_unique")  # temp tables have no autovacuum
+                    total = conn.execute(queries.NUMBERED).fetchone()[0]
+                return sum(self._merge(conn, lo, lo + size) for lo in range(0, total, size))
             finally:
-                if pending is not None:
-                    wait([pending])  # never return while a merge runs
-        return added
-
-    def _stage(self, batch: Iterable[EventRow]) -> tuple[contextlib.ExitStack, Connection]:
-        """A transaction on a connection of its own, with ``batch`` copied into its stage;
-        the stack that ends the transaction and returns the connection."""
-        with contextlib.ExitStack() as stack:
-            conn = stack.enter_context(self._session(write=True, watch=False))
-            stack.enter_context(conn.transaction())
-            for setting in _BULK_SETTINGS:
-                conn.execute(setting)
-            conn.execute(queries.STAGE)
-            with conn.cursor().copy(queries.STAGE_COPY) as copy:
-                for row in batch:
-                    copy.write_row(row)
-            return stack.pop_all(), conn  # kept open for _merge
+                # Whatever stopped it, no transaction stays open and no stage is left.
+                if conn.info.transaction_status != TransactionStatus.IDLE:
+                    with contextlib.suppress(psycopg.Error):
+                        conn.rollback()
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute(queries.DROP_STAGE)
 
     @staticmethod
-    def _merge(stack: contextlib.ExitStack, conn: Connection) -> int:
-        """Merge a staged batch and commit (or roll back) its transaction; the new events."""
-        with stack:
-            return conn.execute(queries.MERGE).fetchone()[0]
+    def _merge(conn: Connection, lo: int, hi: int) -> int:
+        """Merge the staged events numbered ``lo`` < n <= ``hi`` in one transaction; the
+        new events. A write that moved one of the chunk's members since the merge
+        read its state rolls the chunk back, and it is merged again."""
+        for _ in range(_MERGE_ATTEMPTS):
+            conn.warnings.clear()
+            with conn.transaction() as transaction:
+                for setting in (*_BULK_SETTINGS, queries.BULK_FEED):
+                    conn.execute(setting)
+                new, moved, written = conn.execute(queries.MERGE, {"lo": lo, "hi": hi}).fetchone()
+                if written != moved:
+                    raise psycopg.Rollback(transaction)
+                conn.execute(queries.FEED_LOCK)  # held to the COMMIT: see the migration
+                conn.execute(queries.APPEND_CHUNK)
+            if conn.warnings:  # this COMMIT's wait for a synchronous standby was cancelled
+                raise StorageUnavailable(
+                    "postgresql: an import's batch may not have reached a synchronous "
+                    "standby: " + "; ".join(conn.warnings)
+                )
+            return new
+        raise StorageUnavailable(
+            f"postgresql: writes kept moving the states of the import's members "
+            f"{_MERGE_ATTEMPTS} times in a row; the batches before this one are stored: "
+            "import again (events already stored are skipped)"
+        )
 
     def count_events(self) -> int:
         with self._session(watch=False) as conn, conn.transaction():
             for setting in _BULK_SETTINGS:
                 conn.execute(setting)
             return conn.execute(queries.COUNT).fetchone()[0]
+
+    # --- the change feed -------------------------------------------------------------
+
+    def changes(self, after: str | None, limit: int) -> ChangePage:
+        """One statement, so one snapshot: any change it holds has every change of a
+        smaller seq that will ever be visible (the feed's lock, see the migration),
+        so reading on after the last one skips nothing."""
+        position = None if after is None else _position(after)
+        params = {"after": None if position is None else position[1], "limit": limit}
+        with self._session() as conn:
+            rows = conn.execute(queries.CHANGES, params).fetchall()
+        if not rows:
+            raise StorageError("postgresql: the table optin_feed has lost its row")
+        generation, pruned, last = rows[0][:3]
+        if position is not None:
+            if position[0] != generation:
+                raise CursorExpired("the change feed was rebuilt since this cursor was given out")
+            if position[1] > last:
+                raise CursorInvalid("cursor is not one this service gave out")
+            if position[1] < pruned:
+                raise CursorExpired("the changes after this cursor are no longer kept")
+        page = [
+            Change(OptInRecord.from_row(row[4:10]), row[10], row[11], _cursor(generation, row[3]))
+            for row in rows
+            if row[3] is not None
+        ]
+        start = pruned if position is None else position[1]
+        return ChangePage(page, page[-1].cursor if page else _cursor(generation, start))
+
+    def prune_changes(self, before: datetime) -> int:
+        """From the feed's start, ``import_batch`` changes per statement at most, up to
+        the first change appended at or after ``before`` (by the server's clock)."""
+        params = {"before": _to_us(before), "batch": self.options.import_batch}
+        removed = 0
+        while True:
+            with self._session() as conn:
+                cut, gone = conn.execute(queries.PRUNE, params).fetchone()
+            removed += gone
+            if cut < self.options.import_batch:
+                return removed
+
+    def rebuild_changes(self) -> int:
+        """In one transaction, writers locked out (readers see the old feed until it
+        commits): a write waits for it, up to ``statement_timeout_ms``, then answers
+        503. Stop the writers first on a big store."""
+        with self._session(write=True, watch=False) as conn, conn.transaction():
+            for setting in _BULK_SETTINGS:
+                conn.execute(setting)
+            conn.execute(queries.REBUILD_LOCK)
+            conn.execute(queries.REBUILD_CLEAR)
+            conn.execute(queries.REBUILD_GENERATION)
+            count = conn.execute(queries.REBUILD_CHANGES).rowcount
+            conn.execute(queries.REBUILD_VERSIONS)
+        return count
+
+    def load_state(self, key: str) -> str | None:
+        with self._session() as conn:
+            row = conn.execute(queries.STATE_GET, (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def save_state(self, key: str, value: str | None, *, expected: object = UNSET) -> bool:
+        with self._session(write=True) as conn:
+            if expected is UNSET:
+                if value is None:
+                    conn.execute(queries.STATE_DELETE, (key,))
+                else:
+                    conn.execute(queries.STATE_PUT, (key, value))
+                return True
+            if expected is None:
+                if value is None:
+                    return conn.execute(queries.STATE_ABSENT, (key,)).fetchone()[0]
+                return conn.execute(queries.STATE_ADD, (key, value)).fetchone() is not None
+            if value is None:
+                return conn.execute(queries.STATE_DELETE_IF, (key, expected)).fetchone() is not None
+            return conn.execute(queries.STATE_SWAP, (value, key, expected)).fetchone() is not None
 
 
 def _prune(conn: Connection) -> None:
@@ -319,3 +417,20 @@ def _prune(conn: Connection) -> None:
 def _now_us() -> int:
     """The time idempotency keys are stamped with (the service's clock, as on every backend)."""
     return time.time_ns() // 1000
+
+
+def _position(cursor: str) -> tuple[str, int]:
+    """The (generation, seq) a cursor holds; :class:`CursorInvalid` if it holds none."""
+    found = _CURSOR.fullmatch(decode_cursor(cursor))
+    if found is None or int(found[2]) > _MAX_SEQ:
+        raise CursorInvalid("cursor is not one this service gave out")
+    return found[1], int(found[2])
+
+
+def _cursor(generation: str, seq: int) -> str:
+    return encode_cursor(f"{generation}.{seq}")
+
+
+def _to_us(moment: datetime) -> int:
+    """``moment`` (timezone-aware) as whole µs since the epoch."""
+    return (moment - _EPOCH) // timedelta(microseconds=1)
