@@ -298,15 +298,19 @@ class PostgresStore(OptInStore):
         new events. A write that moved one of the chunk's members since the merge
         read its state rolls the chunk back, and it is merged again."""
         for _ in range(_MERGE_ATTEMPTS):
+            merged = False
             conn.warnings.clear()
             with conn.transaction() as transaction:
                 for setting in (*_BULK_SETTINGS, queries.BULK_FEED):
                     conn.execute(setting)
                 new, moved, written = conn.execute(queries.MERGE, {"lo": lo, "hi": hi}).fetchone()
                 if written != moved:
-                    raise psycopg.Rollback(transaction)
+                    raise psycopg.Rollback(transaction)  # leaves the block: try again
                 conn.execute(queries.FEED_LOCK)  # held to the COMMIT: see the migration
                 conn.execute(queries.APPEND_CHUNK)
+                merged = True
+            if not merged:
+                continue
             if conn.warnings:  # this COMMIT's wait for a synchronous standby was cancelled
                 raise StorageUnavailable(
                     "postgresql: an import's batch may not have reached a synchronous "
