@@ -546,6 +546,9 @@ def test_a_cancelled_wait_for_a_synchronous_standby_is_unavailable(own_server):
         own_server.reload()
         _until(lambda: not _raises(StorageUnavailable, store.check), "replication not required")
         assert store.set(_record(rid="r3"), idempotency_key="k") == first
+        # Its change is part of the write's transaction: in the feed once, retries or not.
+        changes = store.changes(None, 10).changes
+        assert [(c.event, c.version) for c in changes] == [(_record("warm-up"), 1), (first, 1)]
         assert store.history("member-1", 10) == [first]
         store.check()
     finally:
