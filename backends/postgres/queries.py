@@ -146,10 +146,14 @@ WITH new AS (
     SELECT {COLUMNS} FROM optin_unique WHERE n > %(lo)s AND n <= %(hi)s ORDER BY n
     ON CONFLICT DO NOTHING
     RETURNING {COLUMNS}
+), chunk AS (  -- its members are a range of ids: read the states of that range only
+    SELECT min(correlation_id) AS first, max(correlation_id) AS last FROM optin_unique
+    WHERE n > %(lo)s AND n <= %(hi)s
 ), moved AS (
     SELECT new.*, s.status AS prior_status, s.updated_us AS prior_us,
         s.request_id AS prior_rid, s.version AS prior_version
-    FROM new LEFT JOIN optin AS s USING (correlation_id)
+    FROM new LEFT JOIN optin AS s ON s.correlation_id = new.correlation_id
+        AND s.correlation_id BETWEEN (SELECT first FROM chunk) AND (SELECT last FROM chunk)
     WHERE s.correlation_id IS NULL
         OR (new.updated_us, new.status = 'declined', new.request_id)
         > (s.updated_us, s.status = 'declined', s.request_id)
@@ -170,6 +174,7 @@ WITH new AS (
         status = c.status, source = c.source, client = c.client, version = c.version
     FROM changes AS c
     WHERE c.last AND c.prior_version IS NOT NULL AND s.correlation_id = c.correlation_id
+        AND s.correlation_id BETWEEN (SELECT first FROM chunk) AND (SELECT last FROM chunk)
         AND (s.updated_us, s.request_id, s.version) = (c.prior_us, c.prior_rid, c.prior_version)
     RETURNING 1
 ), inserted AS (
