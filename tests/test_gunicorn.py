@@ -794,6 +794,7 @@ def feed_page(http: requests.Session, base: str, after: str | None, limit: int) 
         pytest.param("redis", 4, id="redis-4-workers", marks=pytest.mark.redis_server),
         pytest.param("sentinel", 4, id="sentinel-4-workers", marks=pytest.mark.redis_server),
         pytest.param("cluster", 4, id="cluster-4-workers", marks=pytest.mark.redis_server),
+        pytest.param("postgres", 4, id="postgres-4-workers", marks=pytest.mark.postgres_server),
     ],
 )
 def test_a_reader_tailing_the_feed_sees_every_change_once_in_commit_order(
@@ -811,6 +812,8 @@ def test_a_reader_tailing_the_feed_sees_every_change_once_in_commit_order(
         url = servers.sqlite_url()
     elif backend == "redis":
         url = servers.redis().url
+    elif backend == "postgres":  # the session's server, in a schema of this test's own
+        url = request.getfixturevalue("postgres_url")
     else:  # the session's Sentinel or Cluster, under a prefix of this test's own
         topology = request.getfixturevalue(f"{backend}_topology")
         url = topology.url(prefix=f"t-{uuid.uuid4().hex[:12]}:")
