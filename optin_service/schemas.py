@@ -213,18 +213,24 @@ class QueryInteger(fields.Integer):
         return super()._deserialize(value, attr, data, **kwargs)
 
 
+def _page_limit(default: int, most: int, what: str) -> QueryInteger:
+    """A page's ``limit``: 1 to ``most`` ``what`` per page, ``default`` without one."""
+    rule = f"limit must be a whole number from 1 to {most}"
+    return QueryInteger(
+        load_default=default,
+        validate=validate.Range(1, most, error=rule),
+        error_messages={"invalid": rule},
+        metadata={"description": f"{what} per page, 1 to {most}"},
+    )
+
+
 class HistoryQuerySchema(Schema):
     """``?limit=N&cursor=C`` of the history endpoint."""
 
     class Meta:
         unknown = EXCLUDE
 
-    limit = QueryInteger(
-        load_default=20,
-        validate=validate.Range(1, 100, error="limit must be a whole number from 1 to 100"),
-        error_messages={"invalid": "limit must be a whole number from 1 to 100"},
-        metadata={"description": "Events per page, 1 to 100"},
-    )
+    limit = _page_limit(20, 100, "Events")
     # An empty cursor is one this service never gave out: a 400, as the minLength says.
     cursor = fields.String(
         load_default=None,
@@ -298,12 +304,7 @@ class ChangesQuerySchema(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    limit = QueryInteger(
-        load_default=100,
-        validate=validate.Range(1, 1000, error="limit must be a whole number from 1 to 1000"),
-        error_messages={"invalid": "limit must be a whole number from 1 to 1000"},
-        metadata={"description": "Changes per page, 1 to 1000"},
-    )
+    limit = _page_limit(100, 1000, "Changes")
     # Read by the store, which refuses a cursor it did not give out (a 400): an empty
     # one, or one over MAX_CURSOR, never is one.
     after = fields.String(

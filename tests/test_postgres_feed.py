@@ -22,9 +22,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres_server]
 STAMP = datetime(2026, 11, 26, 12, 0, 0, 123456, tzinfo=timezone.utc)
 US = timedelta(microseconds=1)
 
-# A write as release 0.1 (schema version 1) shipped it: the event, and the state
+# A write as the backend wrote it at schema version 1 (before the feed): the event, and the state
 # copied from it when it takes precedence, in one statement. A worker of that
-# release still runs it during a rolling restart.
+# version still runs it during a rolling restart.
 _COLUMNS = "correlation_id, updated_us, request_id, status, source, client"
 PREVIOUS_WRITE = f"""
 WITH event AS (
@@ -69,7 +69,7 @@ def store(postgres_url):
 
 @pytest.fixture
 def previous_database(postgres_url):
-    """The URL of a schema that release 0.1 created (version 1) and wrote to."""
+    """The URL of a schema the backend created at version 1 (before the feed) and wrote to."""
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         conn.execute(MIGRATIONS[1])
         conn.execute(

@@ -509,7 +509,7 @@ def test_the_readme_receiver_verifies_and_takes_the_deliveries(store):
     from werkzeug.serving import make_server
 
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Webhooks") :]
+    section = readme[readme.index("## The change feed and webhooks") :]
     code = section[section.index("```python\n") + 10 :]
     code = code[: code.index("```")].replace('"whsec_..."', repr(SECRET))
     saved: list[tuple[str, dict]] = []

@@ -26,6 +26,7 @@ The deliverer's values are ``<prefix>state:<key>``.
 
 from __future__ import annotations
 
+import abc
 import re
 import secrets
 from collections.abc import Iterator, Sequence
@@ -94,20 +95,25 @@ class RedisFeed(OptInStore):
     def _generation_key(self) -> str:
         return f"{self.prefix}feed:generation"
 
+    @abc.abstractmethod
     def _run_calls(self, script: str, calls: Sequence[Call]) -> list:
-        raise NotImplementedError
+        """Run ``script`` once per call (keys, args), each on its keys' node; the replies."""
 
+    @abc.abstractmethod
     def _refuse_if_evicting(self) -> None:
-        raise NotImplementedError
+        """Raise StorageUnavailable while the server may evict keys without a TTL."""
 
+    @abc.abstractmethod
     def _history_keys(self) -> Iterator[list[bytes]]:
-        raise NotImplementedError
+        """Every member's history key, a SCAN page at a time."""
 
+    @abc.abstractmethod
     def _escaped_id(self, history_key: bytes) -> bytes | None:
-        raise NotImplementedError
+        """The escaped member id in a history key (None: not one of this store's)."""
 
+    @abc.abstractmethod
     def key(self, correlation_id: str) -> str:
-        raise NotImplementedError
+        """The key holding a member's current state."""
 
     # --- reading -----------------------------------------------------------------
 
