@@ -33,6 +33,11 @@ STATEMENT_TIMEOUT_MS = 2000
 REQUEST_TIMEOUT = 10.0
 STALL = 3.0  # seconds replication is stalled before the primary dies
 MAX_RESUME = 10.0  # seconds from the promotion to the first acknowledged write, at most
+FAULTS = {
+    "crash": "primary killed",
+    "stall-then-crash": f"replication stalled {STALL:.0f} s, then the primary killed",
+    "freeze": "primary hung",
+}
 
 
 def _stored(server: PostgresServer) -> dict[str, str]:
@@ -45,11 +50,24 @@ def _url(pair: PostgresReplication) -> str:
     return pair.url(statement_timeout_ms=str(STATEMENT_TIMEOUT_MS))
 
 
-@pytest.mark.parametrize("stall", [False, True], ids=["crash", "stalled-replication-then-crash"])
-@pytest.mark.parametrize("synchronous", ["primary", "off"], ids=["sync", "async"])
+@pytest.mark.parametrize(
+    ("synchronous", "fault"),
+    [
+        pytest.param("primary", "crash", id="sync-crash"),
+        pytest.param("primary", "stall-then-crash", id="sync-stalled-replication-then-crash"),
+        pytest.param("primary", "freeze", id="sync-hung-primary"),
+        pytest.param("off", "crash", id="async-crash"),
+        pytest.param("off", "stall-then-crash", id="async-stalled-replication-then-crash"),
+    ],
+)
 def test_writes_through_gunicorn_survive_a_failover_to_the_standby(
-    tmp_path, record_property, synchronous, stall
+    tmp_path, record_property, synchronous, fault
 ):
+    """``crash``: SIGKILL to every process of the primary. ``stall-then-crash``: the
+    replication stalled (:meth:`~tests.topologies.PostgresReplication.stall`) for
+    ``STALL`` s first. ``freeze``: the primary hangs instead of dying (its sockets stay
+    open: the service's connections to it answer nothing until cut at their deadline)."""
+    stall = fault == "stall-then-crash"
     pair = PostgresReplication(synchronous)
     server: Gunicorn | None = None
     load: WriteLoad | None = None
@@ -69,9 +87,12 @@ def test_writes_through_gunicorn_survive_a_failover_to_the_standby(
             pair.stall()  # the standby receives and acknowledges nothing from here
             stalled_at = time.monotonic()
             time.sleep(STALL)
-        crashed_at = time.monotonic()
-        pair.crash()
-        pair.resume()
+        fault_at = time.monotonic()
+        if fault == "freeze":
+            pair.freeze_primary()
+        else:
+            pair.crash()
+            pair.resume()
         pair.standby.promote()
         promoted_at = time.monotonic()
         wait_until(
@@ -91,20 +112,20 @@ def test_writes_through_gunicorn_survive_a_failover_to_the_standby(
         # Acknowledged while replication was stalled (from a moment after it stalled:
         # answers to writes the standby acknowledged just before may be on their way).
         during_stall = (
-            sorted(cid for cid, t in load.acked_at.items() if stalled_at + 0.5 < t < crashed_at)
+            sorted(cid for cid, t in load.acked_at.items() if stalled_at + 0.5 < t < fault_at)
             if stalled_at is not None
             else []
         )
         applied_503 = sum(1 for cid, status in load.given_up.items() if stored.get(cid) == status)
 
         summary = (
-            f"{'synchronous' if synchronous != 'off' else 'asynchronous'}"
-            f"{f', replication stalled {STALL:.0f} s before the crash' if stall else ''}: "
+            f"{'synchronous' if synchronous != 'off' else 'asynchronous'}, "
+            f"{FAULTS[fault]}: "
             f"{len(load.acked)} writes acknowledged, {len(lost)} lost, "
             f"{len(during_stall)} acknowledged while replication was stalled; "
-            f"longest gap without an ack {gap:.2f}s (from {gap_start - crashed_at:+.2f}s "
-            f"after the crash); writes resumed {resumed:.2f}s after the promotion "
-            f"(promoted {promoted_at - crashed_at:.2f}s after the crash); "
+            f"longest gap without an ack {gap:.2f}s (from {gap_start - fault_at:+.2f}s "
+            f"after the fault); writes resumed {resumed:.2f}s after the promotion "
+            f"(promoted {promoted_at - fault_at:.2f}s after the fault); "
             f"answers {dict(load.answers)}; {len(load.given_up)} given up ({applied_503} applied)"
         )
         print(summary)

@@ -430,7 +430,8 @@ class PostgresReplication:
     Faults are signals to every process of a server: the postmaster and its children
     (each child of a postmaster leads a process group of its own, so a signal to the
     postmaster's group reaches only the postmaster). :meth:`crash` is a host dying
-    (SIGKILL to them all), :meth:`stall` / :meth:`resume` a host frozen and thawed.
+    (SIGKILL to them all), :meth:`stall` a replication link stalled, :meth:`freeze_primary`
+    a primary hung, :meth:`resume` the end of either.
     """
 
     def __init__(self, synchronous: str = "primary") -> None:
@@ -503,6 +504,11 @@ class PostgresReplication:
         os.kill(walsender, signal.SIGSTOP)
         self._stalled.append(walsender)
         self._stalled.extend(self._freeze(self.standby))
+
+    def freeze_primary(self) -> None:
+        """Freeze every process of the primary (a host hung, its sockets open: the
+        service's connections to it neither answer nor fail) until :meth:`resume`."""
+        self._stalled.extend(self._freeze(self.primary))
 
     def resume(self) -> None:
         for pid in self._stalled:
