@@ -5,35 +5,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import time
 from collections.abc import Iterable, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 import psycopg
 from psycopg.pq import ConnStatus, TransactionStatus
 
-from optin_service.feed import (
-    UNSET,
-    Change,
-    ChangePage,
-    CursorExpired,
-    CursorInvalid,
-    decode_cursor,
-    encode_cursor,
-)
 from optin_service.storage import (
     IDEMPOTENCY_TTL,
     EventRow,
     IdempotencyKeyReused,
     OptInRecord,
-    OptInStore,
     StorageError,
     StorageUnavailable,
 )
 
 from . import queries, schema
 from .errors import wrap
+from .feed import BULK_SETTINGS, PostgresFeed
 from .pool import Connection, Pool
 from .url import Options, connection_defaults, split
 from .watchdog import Watchdog
@@ -48,13 +38,6 @@ _EXPORT_FETCH = 10_000  # rows per FETCH of the export's server-side cursor
 # Times one import chunk is merged again after a write moved one of its members
 # between the merge's read of the state and its update.
 _MERGE_ATTEMPTS = 5
-# A cursor's text: the feed's generation (16 hex digits), a dot, a seq (a bigint).
-_CURSOR = re.compile(r"([0-9a-f]{16})\.(0|[1-9][0-9]{0,18})")
-_MAX_SEQ = 2**63 - 1
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-# Bulk work happens in the CLI, not under gunicorn: no statement timeout there,
-# and room to sort a batch in memory.
-_BULK_SETTINGS = ("SET LOCAL statement_timeout = 0", "SET LOCAL work_mem = '64MB'")
 #: Past a request's deadline, how long a cancelled operation has to end before
 #: its connection is cut (the server is not answering at all).
 _GRACE = 1.0
@@ -62,7 +45,7 @@ _GRACE = 1.0
 _WATCHDOG = Watchdog(_GRACE)
 
 
-class PostgresStore(OptInStore):
+class PostgresStore(PostgresFeed):
     """Opt-in state in PostgreSQL, safe across processes, threads and a fork.
 
     ``url`` is a libpq URL, with this backend's options (:class:`~.url.Options`)
@@ -251,7 +234,7 @@ class PostgresStore(OptInStore):
                 (OptInRecord("-", "accepted", since).updated_at_us,),
             )
         with self._session(watch=False) as conn, conn.transaction():
-            for setting in _BULK_SETTINGS:
+            for setting in BULK_SETTINGS:
                 conn.execute(setting)
             with conn.cursor(name="optin_export") as cursor:
                 cursor.execute(query, params)
@@ -274,7 +257,7 @@ class PostgresStore(OptInStore):
                 conn.execute(queries.STAGE)
                 conn.execute(queries.CHUNK_CHANGES)
                 with conn.transaction():
-                    for setting in _BULK_SETTINGS:
+                    for setting in BULK_SETTINGS:
                         conn.execute(setting)
                     with conn.cursor().copy(queries.STAGE_COPY) as copy:
                         for row in rows:
@@ -301,7 +284,7 @@ class PostgresStore(OptInStore):
             merged = False
             conn.warnings.clear()
             with conn.transaction() as transaction:
-                for setting in (*_BULK_SETTINGS, queries.BULK_FEED):
+                for setting in (*BULK_SETTINGS, queries.BULK_FEED):
                     conn.execute(setting)
                 new, moved, written = conn.execute(queries.MERGE, {"lo": lo, "hi": hi}).fetchone()
                 if written != moved:
@@ -325,84 +308,9 @@ class PostgresStore(OptInStore):
 
     def count_events(self) -> int:
         with self._session(watch=False) as conn, conn.transaction():
-            for setting in _BULK_SETTINGS:
+            for setting in BULK_SETTINGS:
                 conn.execute(setting)
             return conn.execute(queries.COUNT).fetchone()[0]
-
-    # --- the change feed -------------------------------------------------------------
-
-    def changes(self, after: str | None, limit: int) -> ChangePage:
-        """One statement, so one snapshot: any change it holds has every change of a
-        smaller seq that will ever be visible (the feed's lock, see the migration),
-        so reading on after the last one skips nothing."""
-        position = None if after is None else _position(after)
-        params = {"after": None if position is None else position[1], "limit": limit}
-        with self._session() as conn:
-            rows = conn.execute(queries.CHANGES, params).fetchall()
-        if not rows:
-            raise StorageError("postgresql: the table optin_feed has lost its row")
-        generation, pruned, last = rows[0][:3]
-        if position is not None:
-            if position[0] != generation:
-                raise CursorExpired("the change feed was rebuilt since this cursor was given out")
-            if position[1] > last:
-                raise CursorInvalid("cursor is not one this service gave out")
-            if position[1] < pruned:
-                raise CursorExpired("the changes after this cursor are no longer kept")
-        page = [
-            Change(OptInRecord.from_row(row[4:10]), row[10], row[11], _cursor(generation, row[3]))
-            for row in rows
-            if row[3] is not None
-        ]
-        start = pruned if position is None else position[1]
-        return ChangePage(page, page[-1].cursor if page else _cursor(generation, start))
-
-    def prune_changes(self, before: datetime) -> int:
-        """From the feed's start, ``import_batch`` changes per statement at most, up to
-        the first change appended at or after ``before`` (by the server's clock)."""
-        params = {"before": _to_us(before), "batch": self.options.import_batch}
-        removed = 0
-        while True:
-            with self._session() as conn:
-                cut, gone = conn.execute(queries.PRUNE, params).fetchone()
-            removed += gone
-            if cut < self.options.import_batch:
-                return removed
-
-    def rebuild_changes(self) -> int:
-        """In one transaction, writers locked out (readers see the old feed until it
-        commits): a write waits for it, up to ``statement_timeout_ms``, then answers
-        503. Stop the writers first on a big store."""
-        with self._session(write=True, watch=False) as conn, conn.transaction():
-            for setting in _BULK_SETTINGS:
-                conn.execute(setting)
-            conn.execute(queries.REBUILD_LOCK)
-            conn.execute(queries.REBUILD_CLEAR)
-            conn.execute(queries.REBUILD_GENERATION)
-            count = conn.execute(queries.REBUILD_CHANGES).rowcount
-            conn.execute(queries.REBUILD_VERSIONS)
-        return count
-
-    def load_state(self, key: str) -> str | None:
-        with self._session() as conn:
-            row = conn.execute(queries.STATE_GET, (key,)).fetchone()
-        return None if row is None else row[0]
-
-    def save_state(self, key: str, value: str | None, *, expected: object = UNSET) -> bool:
-        with self._session(write=True) as conn:
-            if expected is UNSET:
-                if value is None:
-                    conn.execute(queries.STATE_DELETE, (key,))
-                else:
-                    conn.execute(queries.STATE_PUT, (key, value))
-                return True
-            if expected is None:
-                if value is None:
-                    return conn.execute(queries.STATE_ABSENT, (key,)).fetchone()[0]
-                return conn.execute(queries.STATE_ADD, (key, value)).fetchone() is not None
-            if value is None:
-                return conn.execute(queries.STATE_DELETE_IF, (key, expected)).fetchone() is not None
-            return conn.execute(queries.STATE_SWAP, (value, key, expected)).fetchone() is not None
 
 
 def _prune(conn: Connection) -> None:
@@ -421,20 +329,3 @@ def _prune(conn: Connection) -> None:
 def _now_us() -> int:
     """The time idempotency keys are stamped with (the service's clock, as on every backend)."""
     return time.time_ns() // 1000
-
-
-def _position(cursor: str) -> tuple[str, int]:
-    """The (generation, seq) a cursor holds; :class:`CursorInvalid` if it holds none."""
-    found = _CURSOR.fullmatch(decode_cursor(cursor))
-    if found is None or int(found[2]) > _MAX_SEQ:
-        raise CursorInvalid("cursor is not one this service gave out")
-    return found[1], int(found[2])
-
-
-def _cursor(generation: str, seq: int) -> str:
-    return encode_cursor(f"{generation}.{seq}")
-
-
-def _to_us(moment: datetime) -> int:
-    """``moment`` (timezone-aware) as whole µs since the epoch."""
-    return (moment - _EPOCH) // timedelta(microseconds=1)
