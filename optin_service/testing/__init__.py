@@ -34,9 +34,16 @@ rest as it grows), with the same ``store`` fixture::
 - :class:`ConcurrencyContract`: one store shared by threads;
 - :class:`FeedContract`: the change feed (``changes``, ``prune_changes``,
   ``rebuild_changes``) and the deliverer's state (``load_state``, ``save_state``),
-  including a reader tailing the feed while threads write (a backend whose cursors
-  are not ``encode_cursor("<generation>.<seq>")`` overrides
-  :meth:`FeedContract.cursor_past_the_end`);
+  itself the combination of
+
+  - :class:`ChangesContract`: which writes are changes, and their versions;
+  - :class:`ImportedChangesContract`: the changes an import makes;
+  - :class:`CursorsContract`: pages and cursors (a backend whose cursors are not
+    ``encode_cursor("<generation>.<seq>")`` overrides
+    :meth:`CursorsContract.cursor_past_the_end`);
+  - :class:`RetentionContract`: ``prune_changes`` and ``rebuild_changes``;
+  - :class:`StateContract`: ``load_state``, ``save_state`` and its compare-and-set;
+  - :class:`TailingContract`: a reader tailing the feed while threads write;
 - :class:`ModelContract`: a hypothesis state machine against a plain dict.
 
 :func:`store_state_machine` is also usable on its own, with any settings.
@@ -71,7 +78,15 @@ from __future__ import annotations
 from optin_service.testing._helpers import LONG_IDS, TRICKY_IDS
 from optin_service.testing.basics import BasicsContract
 from optin_service.testing.concurrency import ConcurrencyContract
-from optin_service.testing.feed import FeedContract
+from optin_service.testing.feed import (
+    ChangesContract,
+    CursorsContract,
+    FeedContract,
+    ImportedChangesContract,
+    RetentionContract,
+    StateContract,
+    TailingContract,
+)
 from optin_service.testing.history import HistoryContract
 from optin_service.testing.idempotency import IdempotencyContract
 from optin_service.testing.imports import ImportsContract
@@ -84,15 +99,21 @@ __all__ = [
     "STATE_MACHINE_SETTINGS",
     "TRICKY_IDS",
     "BasicsContract",
+    "ChangesContract",
     "ConcurrencyContract",
+    "CursorsContract",
     "FeedContract",
     "HistoryContract",
     "IdempotencyContract",
+    "ImportedChangesContract",
     "ImportsContract",
     "LifecycleContract",
     "ModelContract",
     "OrderingContract",
+    "RetentionContract",
+    "StateContract",
     "StoreContract",
+    "TailingContract",
     "store_state_machine",
 ]
 

@@ -18,8 +18,8 @@ import click
 from flask import current_app
 
 from ..feed import CursorExpired, CursorInvalid
+from ..formats import format_time
 from ..registry import redact
-from ..schemas import format_time
 from ..storage import OptInStore
 from . import state
 from .config import WebhookSettings

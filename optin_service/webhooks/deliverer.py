@@ -23,9 +23,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..feed import Change, CursorExpired, CursorInvalid
+from ..formats import format_time
 from ..logs import OncePer
 from ..registry import redact
-from ..schemas import format_time
 from ..storage import OptInStore, StorageError
 from . import state
 from .config import WebhookSettings
