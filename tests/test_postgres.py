@@ -496,7 +496,6 @@ def test_expired_keys_are_deleted_as_writes_go_on(
 
 @pytest.mark.slow
 @pytest.mark.postgres_server
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
 def test_a_forked_child_opens_its_own_connections(store):
     store.set(_record("parent"))
     pid = os.fork()

@@ -280,7 +280,6 @@ def test_sqlite_pragmas_default_to_wal_and_full(tmp_path, sqlite_url):
         store.close()
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
 def test_sqlite_store_used_after_fork_opens_its_own_connection(sqlite_url):
     store = SQLiteStore.from_url(sqlite_url)
     try:
