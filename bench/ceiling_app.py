@@ -13,7 +13,8 @@ Two more factories bring the ceiling closer to what the service must also be:
 - ``history``: as ``headers``, and the write also appends the event to the
   member's history in the same round trip or transaction (the consent record the
   service keeps as evidence): Redis runs one script doing ``SET`` and ``ZADD``,
-  SQLite one transaction doing the upsert and an ``INSERT`` into a second table.
+  SQLite one transaction doing the upsert and an ``INSERT`` into a second table,
+  PostgreSQL one statement doing both (one transaction, one round trip).
 - ``libraries``: as ``headers``, in a worker that has also imported the
   libraries the service is built on (marshmallow, flask-talisman,
   prometheus-client), unused: the least RSS of any service built on them.
@@ -28,6 +29,10 @@ The storage comes from ``OPTIN_STORAGE_URL``, as for the service:
   tries), with no timeout: a benchmark may wait forever, a service may not.
 - ``redis://host:port/db``: one ``SET`` per PUT through redis-py (a connection
   pool, hiredis when installed, as the service).
+- ``postgresql://...``: one autocommit upsert per PUT through psycopg 3 from a
+  ``psycopg_pool.ConnectionPool`` opened in each worker on its first PUT (after
+  the fork), as the service; text compared byte-wise (``COLLATE "C"``), as the
+  service's tables do; ``synchronous_commit`` the server's.
 
 ``bench/load.py --configs ceiling-sqlite-full,ceiling-redis,...`` pairs them
 with the plain reference.
@@ -119,9 +124,59 @@ def _redis_writer(url: str, history: bool) -> Writer:
     return write
 
 
+# The history event and the state in one statement: one transaction, one round trip.
+_PG_TABLES = """
+CREATE TABLE IF NOT EXISTS ceiling_optin (
+    id text COLLATE "C" PRIMARY KEY, status text NOT NULL);
+CREATE TABLE IF NOT EXISTS ceiling_history (
+    id text COLLATE "C", at bigint, event text COLLATE "C", PRIMARY KEY (id, at, event))
+"""
+_PG_STATE = (
+    "INSERT INTO ceiling_optin (id, status) VALUES (%(id)s, %(status)s)"
+    " ON CONFLICT (id) DO UPDATE SET status = excluded.status"
+)
+_PG_HISTORY = (
+    "WITH event AS (INSERT INTO ceiling_history (id, at, event)"
+    " VALUES (%(id)s, %(at)s, %(event)s)) " + _PG_STATE
+)
+
+
+def _postgres_writer(url: str, history: bool) -> Writer:
+    import psycopg_pool
+
+    pools: dict[int, psycopg_pool.ConnectionPool] = {}  # per process: after the fork
+    statement = _PG_HISTORY if history else _PG_STATE
+
+    def pool() -> psycopg_pool.ConnectionPool:
+        opened = pools.get(os.getpid())
+        if opened is None:
+            opened = pools[os.getpid()] = psycopg_pool.ConnectionPool(
+                url, min_size=1, kwargs={"autocommit": True}, open=True
+            )
+            with opened.connection() as conn, conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(7262)")  # workers start at once
+                conn.execute(_PG_TABLES)
+        return opened
+
+    def write(correlation_id: str, status: str, event_id: str) -> None:
+        params = {"id": correlation_id, "status": status}
+        if history:
+            params.update(at=time.time_ns() // 1000, event=f"{event_id} {status}")
+        with pool().connection() as conn:
+            conn.execute(statement, params)
+
+    return write
+
+
 def create(headers: bool, history: bool = False) -> Flask:
     url = os.environ["OPTIN_STORAGE_URL"]
-    writer = _sqlite_writer if url.startswith("sqlite:") else _redis_writer
+    writer = (
+        _sqlite_writer
+        if url.startswith("sqlite:")
+        else _postgres_writer
+        if url.startswith("postgresql:")
+        else _redis_writer
+    )
     write = writer(url, history)
     app = Flask(__name__)
 

@@ -24,6 +24,9 @@ SERVICE_APP = "wsgi:app"
 SQLITE_FULL = "sqlite:///{dir}/full.db"
 SQLITE_NORMAL = "sqlite:///{dir}/normal.db?synchronous=NORMAL"
 REDIS = "redis://127.0.0.1:{redis_port}/0"
+# A private server (bench/servers.py postgres_server), its defaults: fsync and
+# synchronous_commit on, no standby.
+POSTGRES = "postgresql://postgres@127.0.0.1:{postgres_port}/postgres"
 
 # Threaded workers, which keep connections alive (wrk reuses its 16): not the shipped
 # default; run beside the sync rows to see what the choice of worker class costs.
@@ -40,7 +43,8 @@ class Config:
     #: gunicorn's app spec, ``module:name`` or ``module:factory()``.
     app: str
     workers: int
-    #: ``OPTIN_STORAGE_URL``, a template of ``{dir}`` (the run's temp dir) and ``{redis_port}``.
+    #: ``OPTIN_STORAGE_URL``, a template of ``{dir}`` (the run's temp dir), ``{redis_port}``
+    #: and ``{postgres_port}``.
     storage: str | None = None
     #: The least requests/s ratio to the paired reference (None: no target).
     target: float | None = None
@@ -52,10 +56,16 @@ class Config:
     def uses_redis(self) -> bool:
         return bool(self.storage and self.storage.startswith("redis"))
 
-    def storage_url(self, workdir: Path, redis_port: int | None) -> str | None:
+    @property
+    def uses_postgres(self) -> bool:
+        return bool(self.storage and self.storage.startswith("postgresql"))
+
+    def storage_url(
+        self, workdir: Path, redis_port: int | None, postgres_port: int | None = None
+    ) -> str | None:
         if self.storage is None:
             return None
-        return self.storage.format(dir=workdir, redis_port=redis_port)
+        return self.storage.format(dir=workdir, redis_port=redis_port, postgres_port=postgres_port)
 
 
 def reference(workers: int, gunicorn_args: tuple[str, ...] = ()) -> Config:
@@ -77,6 +87,7 @@ def _services() -> list[Config]:
         Config("sqlite-full", SERVICE_APP, 2, SQLITE_FULL, 0.70, "synchronous=FULL (default)"),
         Config("sqlite-normal", SERVICE_APP, 2, SQLITE_NORMAL, 0.85, "synchronous=NORMAL"),
         Config("redis", SERVICE_APP, 2, REDIS + "?prefix=bench:", 0.80, "redis-server, AOF off"),
+        Config("postgres", SERVICE_APP, 2, POSTGRES, None, "PostgreSQL, its defaults"),
     ]
 
 
@@ -107,6 +118,7 @@ def _ceilings() -> list[Config]:
         ("sqlite-full", SQLITE_FULL, 0.70),
         ("sqlite-normal", SQLITE_NORMAL, 0.85),
         ("redis", REDIS, 0.80),
+        ("postgres", POSTGRES, None),
     )
     variants = (
         ("", "headers", " + the 15 headers"),
@@ -152,4 +164,5 @@ CEILING_OF: dict[str, tuple[str, float | None, float | None]] = {
     "sqlite-full": ("ceiling-history-sqlite-full", 0.95, 1.3),
     "sqlite-normal": ("ceiling-history-sqlite-normal", None, None),
     "redis": ("ceiling-history-redis", 0.85, 1.3),
+    "postgres": ("ceiling-history-postgres", 0.85, 1.3),
 }

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from configs import CONFIGS, Config, reference
-from servers import RESULTS, ROOT, benchmark_env, redis_server
+from servers import RESULTS, ROOT, benchmark_env, postgres_server, redis_server
 
 BODIES = (b'{"LOYALTY_OPTIN": "accepted"}', b'{"LOYALTY_OPTIN": "declined"}')
 WARMUP = 1000
@@ -125,14 +125,16 @@ def child(app_spec: str, count_requests: int, requests: int, repeats: int) -> di
     }
 
 
-def run(config: Config, args, workdir: Path, redis_port: int | None) -> dict:
+def run(
+    config: Config, args, workdir: Path, redis_port: int | None, postgres_port: int | None
+) -> dict:
     """``child`` for one configuration in a fresh interpreter, set up as a worker."""
     env = benchmark_env()
     env["PYTHONHASHSEED"] = "0"  # set iteration order, hence the calls, the same every run
     metrics = workdir / f"metrics-{config.name}"
     metrics.mkdir()
     env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
-    storage = config.storage_url(workdir, redis_port)
+    storage = config.storage_url(workdir, redis_port, postgres_port)
     if storage:
         env["OPTIN_STORAGE_URL"] = storage
     counts = (args.count_requests, args.requests, args.repeats)
@@ -186,11 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="optin-inproc-") as tmp:
         workdir = Path(tmp)
         with contextlib.ExitStack() as stack:
-            redis_port = None
+            redis_port = postgres_port = None
             if any(c.uses_redis for c in configs):
                 redis_port = stack.enter_context(redis_server(workdir))
+            if any(c.uses_postgres for c in configs):
+                postgres_port = stack.enter_context(postgres_server()).port
             for config in configs:
-                r = results[config.name] = run(config, args, workdir, redis_port)
+                r = results[config.name] = run(config, args, workdir, redis_port, postgres_port)
                 print(
                     f"{config.name:<22} {r['calls_per_request']:8.1f} calls/PUT  "
                     f"{r['cpu_us']:7.1f} µs CPU/PUT (min {r['cpu_us_min']:.1f})  "

@@ -15,7 +15,8 @@ to its paired reference, per round, then median [min, max] over the rounds; and
 each service over its ceiling (requests/s and p99) when both ran. The default run
 (10 configurations, 3 rounds of 10 s) takes about 15 minutes: each pair costs
 about 2 x (warmup + duration) + 6 seconds. Results go to ``bench/results/load.json``
-and a timestamped copy. Needs ``wrk`` (Debian's) and, for Redis, ``redis-server``.
+and a timestamped copy. Needs ``wrk`` (Debian's) and, for Redis, ``redis-server``;
+for PostgreSQL, Debian's ``postgresql`` (a server of its own is started, as the tests do).
 The exit code is 0 whether or not targets are met: the tables say.
 """
 
@@ -41,6 +42,7 @@ from servers import (
     Gunicorn,
     cpu_seconds,
     fsync_latency_us,
+    postgres_server,
     redis_server,
     rss_mib,
     run_wrk,
@@ -49,10 +51,12 @@ from servers import (
 # --- one pair: the reference and a server, in alternating slices ---------------------------
 
 
-def reset_storage(config: Config, workdir: Path, redis_client) -> None:
+def reset_storage(config: Config, workdir: Path, redis_client, postgres) -> None:
     """Each server starts on empty storage."""
     if config.uses_redis:
         redis_client.flushall()
+    if config.uses_postgres:  # the service's tables and the ceiling's are in "public"
+        postgres.execute("DROP SCHEMA public CASCADE", "CREATE SCHEMA public")
     for name in ("full.db", "normal.db"):
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
@@ -102,11 +106,18 @@ def server_result(config: Config, slices: list[dict], cpu_per_worker: list[float
 
 
 def measure_pair(
-    configs: tuple[Config, Config], args, workdir: Path, redis_port, redis_client, tag: str
+    configs: tuple[Config, Config],
+    args,
+    workdir: Path,
+    redis_port,
+    redis_client,
+    postgres,
+    tag: str,
 ) -> list[dict]:
     """The reference and a server, both started fresh and warmed up, then sliced."""
     for config in configs:
-        reset_storage(config, workdir, redis_client)
+        reset_storage(config, workdir, redis_client, postgres)
+    postgres_port = postgres.port if postgres is not None else None
     with contextlib.ExitStack() as stack:
         servers = [
             stack.enter_context(
@@ -114,7 +125,7 @@ def measure_pair(
                     c.app,
                     c.workers,
                     workdir / f"{tag}-{c.name}.stderr",
-                    c.storage_url(workdir, redis_port),
+                    c.storage_url(workdir, redis_port, postgres_port),
                     c.gunicorn_args,
                 )
             )
@@ -359,10 +370,15 @@ def run_rounds(chosen: list[Config], args, workdir: Path) -> tuple[list[dict], l
 
             redis_port = stack.enter_context(redis_server(workdir))
             redis_client = stack.enter_context(redis.Redis(port=redis_port))
+        postgres = None
+        if any(c.uses_postgres for c in chosen):
+            postgres = stack.enter_context(postgres_server())
         for round_no in range(1, args.rounds + 1):
             for config in chosen:
                 pair = (reference(config.workers, config.gunicorn_args), config)
-                done = measure_pair(pair, args, workdir, redis_port, redis_client, f"r{round_no}")
+                done = measure_pair(
+                    pair, args, workdir, redis_port, redis_client, postgres, f"r{round_no}"
+                )
                 for result in done:
                     result["round"] = round_no
                     runs.append(result)

@@ -12,11 +12,17 @@ Targets: at least 50,000 events/s each way, process start to exit, and a peak RS
 under 150 MB; the exit code is 0 only if both are met each way. The default
 1,000,000 members x 2 events takes about 2 minutes on 2 cores, ``--members
 100000`` about 15 seconds. Needs ``redis-server``.
+
+``--postgres`` puts PostgreSQL in the middle instead of Redis (SQLite -> PostgreSQL
+-> SQLite): a server of its own (Debian's postgresql, ``initdb`` and ``pg_ctl`` as
+the ``postgres`` user, its default settings: fsync and synchronous_commit on), with
+a target of 100,000 events/s each way; results in ``bench/results/migrate-postgres.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -28,16 +34,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from servers import LOOPBACK, redis_server  # noqa: E402  (bench/servers.py)
+from servers import LOOPBACK, cpu_seconds, redis_server  # noqa: E402  (bench/servers.py)
 
 RESULTS = ROOT / "bench" / "results" / "migrate.json"
 TARGET_RATE = 50_000  # events/s, each way
+TARGET_RATE_POSTGRES = 100_000
 TARGET_RSS_MB = 150
 GENERATE_BATCH = 100_000
 SOURCES = ("API", "WEB", "CLI", "SMS")
@@ -126,6 +134,55 @@ def redis_info(url: str) -> dict[str, object]:
         }
     finally:
         client.close()
+
+
+# --- PostgreSQL ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def middle_server(postgres: bool, workdir: Path) -> Iterator[tuple[str, object]]:
+    """The store in the middle: (its URL, the PostgreSQL server or None for Redis)."""
+    if not postgres:
+        with redis_server(workdir) as port:
+            log(f"redis-server on {LOOPBACK}:{port}, AOF off, no RDB snapshots")
+            yield f"redis://{LOOPBACK}:{port}/0?prefix=bench:", None
+        return
+    from tests.servers import PostgresServer  # initdb and pg_ctl, as the tests run them
+
+    server = PostgresServer().start()
+    try:
+        log(f"postgresql on {LOOPBACK}:{server.port}, default settings")
+        yield server.url(), server
+    finally:
+        server.cleanup()
+
+
+def postgres_info(server) -> dict[str, object]:
+    version, events, size = server.execute(
+        "SELECT current_setting('server_version'), (SELECT count(*) FROM optin_event), "
+        "pg_database_size(current_database())"
+    )[0]
+    return {"version": version, "events": events, "database_mb": round(size / 2**20, 1)}
+
+
+def server_cpu_seconds(server) -> float:
+    """CPU the PostgreSQL server used so far: its processes, and those that exited."""
+    if server is None:
+        return 0.0
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and _parent(entry.name) == server.pid:
+                total += cpu_seconds(int(entry.name))
+        except OSError:  # exited meanwhile: counted in the postmaster's children's time
+            continue
+    fields = Path(f"/proc/{server.pid}/stat").read_text().rpartition(")")[2].split()
+    children = (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")  # cutime, cstime
+    return total + cpu_seconds(server.pid) + children
+
+
+def _parent(pid: str) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
 
 
 def hiredis_in_use() -> bool:
@@ -232,8 +289,14 @@ def main() -> int:
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir afterwards")
     parser.add_argument("--no-verify", action="store_true", help="skip the row-by-row check")
+    parser.add_argument(
+        "--postgres", action="store_true", help="PostgreSQL in the middle instead of Redis"
+    )
     parser.add_argument("--generate-only", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    middle = "postgres" if args.postgres else "redis"
+    target_rate = TARGET_RATE_POSTGRES if args.postgres else TARGET_RATE
+    results = RESULTS.with_name("migrate-postgres.json") if args.postgres else RESULTS
     total = args.members * args.events_per_member
     if args.generate_only:
         generate(args.generate_only, args.members, args.events_per_member)
@@ -252,17 +315,20 @@ def main() -> int:
         generate_seconds = generate_in_child(source_db, args.members, args.events_per_member)
         log(f"  {total:,} events in {generate_seconds:.1f} s")
 
-        with redis_server(workdir) as port:
-            redis_url = f"redis://{LOOPBACK}:{port}/0?prefix=bench:"
-            log(f"redis-server on {LOOPBACK}:{port}, AOF off, no RDB snapshots")
+        with middle_server(args.postgres, workdir) as (middle_url, postgres):
+            log(f"optin migrate: sqlite -> {middle}")
+            cpu = server_cpu_seconds(postgres)
+            to_middle = migrate(f"sqlite:///{source_db}", middle_url, total, workdir)
+            if postgres:
+                to_middle["server_cpu_seconds"] = round(server_cpu_seconds(postgres) - cpu, 2)
+            log(f"  {to_middle['summary']}")
+            middle_after = postgres_info(postgres) if postgres else redis_info(middle_url)
 
-            log("optin migrate: sqlite -> redis")
-            to_redis = migrate(f"sqlite:///{source_db}", redis_url, total, workdir)
-            log(f"  {to_redis['summary']}")
-            redis_after = redis_info(redis_url)
-
-            log("optin migrate: redis -> sqlite")
-            to_sqlite = migrate(redis_url, f"sqlite:///{target_db}", total, workdir)
+            log(f"optin migrate: {middle} -> sqlite")
+            cpu = server_cpu_seconds(postgres)
+            to_sqlite = migrate(middle_url, f"sqlite:///{target_db}", total, workdir)
+            if postgres:
+                to_sqlite["server_cpu_seconds"] = round(server_cpu_seconds(postgres) - cpu, 2)
             log(f"  {to_sqlite['summary']}")
 
         differences = None
@@ -276,10 +342,10 @@ def main() -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     total_seconds = time.monotonic() - started
 
-    runs = {"sqlite_to_redis": to_redis, "redis_to_sqlite": to_sqlite}
+    runs = {f"sqlite_to_{middle}": to_middle, f"{middle}_to_sqlite": to_sqlite}
     passed = {
         name: {
-            "rate": run["events_per_second_wall"] >= TARGET_RATE,
+            "rate": run["events_per_second_wall"] >= target_rate,
             "rss": run["peak_rss_mb"] < TARGET_RSS_MB,
         }
         for name, run in runs.items()
@@ -293,29 +359,34 @@ def main() -> int:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "platform": platform.platform(),
-            "redis": redis_after["version"],
+            middle: middle_after["version"],
             "hiredis": hiredis,
         },
-        "redis_persistence": "none (appendonly no, save '')",
+        f"{middle}_persistence": (
+            "defaults (fsync on, synchronous_commit on)"
+            if args.postgres
+            else "none (appendonly no, save '')"
+        ),
         "target_sqlite_url_options": "none (synchronous=FULL, WAL)",
         "load_average_before": [round(x, 2) for x in load_before],
         "generate_seconds": round(generate_seconds, 1),
-        "redis_after_first_copy": redis_after,
+        f"{middle}_after_first_copy": middle_after,
         "runs": runs,
         "verified_rows_differing": differences,
-        "targets": {"events_per_second": TARGET_RATE, "peak_rss_mb": TARGET_RSS_MB},
+        "targets": {"events_per_second": target_rate, "peak_rss_mb": TARGET_RSS_MB},
         "passed": passed,
         "total_seconds": round(total_seconds, 1),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(result, indent=2) + "\n")
 
     print()
     print(
         f"optin migrate, {total:,} events ({args.members:,} members x "
         f"{args.events_per_member}); {os.cpu_count()} CPUs, load average "
-        f"{load_before[0]:.2f} before; redis {redis_after['version']} with AOF off and no "
-        f"snapshots; hiredis {'on' if hiredis else 'off'}"
+        f"{load_before[0]:.2f} before; {middle} {middle_after['version']} with "
+        + ("default settings" if args.postgres else "AOF off and no snapshots")
+        + f"; hiredis {'on' if hiredis else 'off'}"
     )
     header = (
         "direction", "events/s", "copy loop", "wall s", "CPU s", "events/CPU-s", "peak RSS MB",
@@ -347,13 +418,20 @@ def main() -> int:
         "events/CPU-s: events per second of that CPU time, the rate with a core to itself "
         "(an upper bound for events/s on a busy machine)."
     )
-    print(f"targets: >= {TARGET_RATE:,} events/s each way, peak RSS < {TARGET_RSS_MB} MB")
+    for name, run in runs.items():
+        if "server_cpu_seconds" in run:
+            server = run["server_cpu_seconds"]
+            print(
+                f"{name.replace('_to_', ' -> ')}: the PostgreSQL server used {server:.1f} CPU s "
+                f"({total / server if server else 0:,.0f} events per server CPU-second)"
+            )
+    print(f"targets: >= {target_rate:,} events/s each way, peak RSS < {TARGET_RSS_MB} MB")
     if not all(run["peak_rss_is_the_clis_own"] for run in runs.values()):
         print("WARNING: peak RSS not above this script's own peak; it may be inherited")
     if differences is not None:
         print("the SQLite copy equals the source row for row (events and current states)")
     print(f"source generated in {generate_seconds:.1f} s; total {total_seconds:.1f} s")
-    print(f"results: {RESULTS.relative_to(ROOT)}")
+    print(f"results: {results.relative_to(ROOT)}")
     return 0 if all(all(p.values()) for p in passed.values()) else 1
 
 

@@ -3,8 +3,9 @@
 Not a script: ``bench/load.py``, ``bench/inproc.py``, ``bench/storage.py`` and
 ``bench/migrate.py`` import it. It starts gunicorn the way production does
 (from the repository root, with the shipped ``gunicorn.conf.py``), a private
-``redis-server`` that keeps nothing on disk, and ``wrk`` with ``bench/put.lua``;
-and it reads a process's RSS and CPU time from ``/proc``.
+``redis-server`` that keeps nothing on disk, a private PostgreSQL with its default
+settings, and ``wrk`` with ``bench/put.lua``; and it reads a process's RSS and CPU
+time from ``/proc``.
 """
 
 from __future__ import annotations
@@ -97,6 +98,30 @@ def wait_for_redis(proc: subprocess.Popen, port: int, timeout: float = 10.0) -> 
             pass
         time.sleep(0.05)
     raise SystemExit(f"redis-server did not answer PING within {timeout:.0f} s")
+
+
+# --- PostgreSQL ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator:
+    """A private PostgreSQL on a free loopback port, started as the tests start theirs
+    (``tests/servers.py`` ``PostgresServer``: ``initdb`` and ``pg_ctl`` from Debian's
+    ``postgresql``, as the ``postgres`` user when run as root, in a temp dir of its own);
+    yields it (``.port``, ``.execute(...)``) and removes it afterwards.
+
+    Its settings are PostgreSQL's defaults (``fsync`` and ``synchronous_commit`` on,
+    no standby), as a user's server would have them, but ``max_connections`` 200.
+    """
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from tests.servers import PostgresServer
+
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
 
 
 # --- gunicorn ------------------------------------------------------------------------------

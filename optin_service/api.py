@@ -1,4 +1,5 @@
-"""The blueprint: the seed's PUT, the GET of current state, and health checks.
+"""The blueprint: the seed's PUT, the GET of current state, the change feed, and
+health checks.
 
 Routes stay thin: check the id, validate the body, call the store. Each view
 carries its own OpenAPI :class:`~.operation.Operation` (what it takes, what it
@@ -7,6 +8,7 @@ answers); ``openapi.py`` adds what every route shares.
 
 from __future__ import annotations
 
+import functools
 import json
 from contextlib import AbstractContextManager, nullcontext
 
@@ -17,6 +19,7 @@ from werkzeug.exceptions import NotFound
 from .auth import check_request, client_name
 from .body import read_body
 from .errors import ApiError, register_error_handlers
+from .feed import CursorExpired, CursorInvalid
 from .headers import no_https_redirect, request_id
 from .metrics import consent_changed, exposition, storage_operation
 from .openapi import document
@@ -26,15 +29,19 @@ from .schemas import (
     CORRELATION_ID_RULE,
     IDEMPOTENCY_KEY,
     SOURCE,
+    ChangesPageSchema,
+    ChangesQuerySchema,
     HealthSchema,
     HistoryPageSchema,
     HistoryQuerySchema,
     OptInRequestSchema,
     OptInStateSchema,
     OptInUpdatedSchema,
+    dump_changes,
     dump_page,
     dump_state,
     encode_cursor,
+    load_changes_query,
     load_history_query,
     load_optin_status,
 )
@@ -60,8 +67,16 @@ def _options() -> Response | None:
 
 
 OPTIN_PATH = "/client/users/<correlation_id>/profile/optin"
+CHANGES_PATH = "/client/optin/changes"
 #: Path prefixes of the API when mounted without a url_prefix (its 404s and 405s).
-API_PATHS = ("/client/users/", "/healthz", "/readyz", "/metrics", "/openapi.json")
+API_PATHS = (
+    "/client/users/",
+    "/client/optin/",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/openapi.json",
+)
 #: The seed's 200 body, exactly these 29 bytes (``jsonify`` would add a newline).
 UPDATED_BODY = b'{"message":"Opt-in updated."}'
 
@@ -191,7 +206,12 @@ def put_optin(correlation_id: str) -> Response:
         ) from None
     if state.metrics and current.request_id == record.request_id:
         consent_changed(status)
-    return Response(UPDATED_BODY, 200, mimetype="application/json")
+    response = Response(UPDATED_BODY, 200, mimetype="application/json")
+    retention = current_app.extensions["optin"].retention
+    if retention is not None and retention.due():
+        # Once the answer is sent: the client never waits for the prune.
+        response.call_on_close(functools.partial(retention.prune, store()))
+    return response
 
 
 @bp.get(OPTIN_PATH)
@@ -252,6 +272,55 @@ def get_history(correlation_id: str) -> Response:
     page = events[:limit]
     next_cursor = encode_cursor(page[-1].position) if len(events) > limit else None
     return _json(dump_page(page, next_cursor))
+
+
+@bp.get(CHANGES_PATH)
+@no_https_redirect
+@Operation(
+    "getOptInChanges",
+    "The change feed: every change of a member's state, in commit order",
+    tag="consent",
+    description=(
+        "A change is an event that became its member's current state (a PUT, an imported "
+        "newer event), appended atomically with it. Pages come in commit order: a reader "
+        "tailing the feed while writers run sees each change once, in the order a reader "
+        "from the start sees them later. Pass `next` back as `after`; an empty page is the "
+        "end for now (poll again from the same cursor). `version` counts a member's "
+        "changes without a gap."
+    ),
+    query=ChangesQuerySchema,
+    ok="Up to `limit` changes after `after`, oldest first, and the cursor to read on from",
+    returns=ChangesPageSchema,
+    links={
+        "NextPage": {
+            "operationId": "getOptInChanges",
+            "parameters": {"after": "$response.body#/next"},
+        }
+    },
+    errors={
+        400: "A limit that is not a whole number from 1 to 1000, or an after this service "
+        "did not give out",
+        410: "The changes after this cursor are no longer kept (OPTIN_CHANGES_RETENTION, or "
+        "the feed was rebuilt): resynchronise, then read from the start without after",
+        500: "A bug or a storage fault (no details; see the log)",
+        503: "Storage is unreachable or busy: retry after Retry-After",
+    },
+)
+def get_changes() -> Response:
+    """The change feed: up to ``limit`` changes in commit order, after the cursor ``after``."""
+    limit, after = load_changes_query(request.args)
+    try:
+        with _timed("changes"):
+            page = store().changes(after, limit)
+    except CursorInvalid:
+        raise ApiError(400, "after is not a cursor this service gave out") from None
+    except CursorExpired:
+        raise ApiError(
+            410,
+            "The changes after this cursor are no longer kept (retention, or the feed was "
+            "rebuilt): read the feed again from the start, without after",
+        ) from None
+    return _json(dump_changes(page))
 
 
 @bp.get("/healthz")

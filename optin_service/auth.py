@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from flask import Request, current_app, g, request
 
 from .errors import ApiError
-from .schemas import CLIENT
+from .formats import CLIENT
 
 if TYPE_CHECKING:  # PyJWT and cryptography are heavy: loaded for OPTIN_AUTH=jwt only
     import jwt

@@ -60,6 +60,23 @@ OPTIN_TRUSTED_PROXIES: int = 0
 #: 0 sends no WAIT. A ``min_replicas_acked`` option in OPTIN_STORAGE_URL takes precedence.
 OPTIN_REDIS_MIN_REPLICAS_ACKED: int = 0
 
+#: Days the change feed keeps a change (``GET /client/optin/changes``); 0 keeps every one.
+#: Older changes are pruned after a PUT, at most once a minute per process; a reader whose
+#: cursor points into them gets 410 CURSOR_EXPIRED. The events themselves are never pruned.
+OPTIN_CHANGES_RETENTION: int = 0
+
+#: Webhooks (``optin webhooks run``): the receiver every change is POSTed to; empty: none.
+OPTIN_WEBHOOK_URL: str = ""
+#: Webhooks: the signing secret, ``whsec_`` + base64 of at least 24 random bytes (Standard
+#: Webhooks form). The deliverer refuses to start with a malformed one; it is never logged.
+OPTIN_WEBHOOK_SECRET: str = ""
+#: Webhooks: seconds to connect, send, and for each read of the answer; then the attempt failed.
+OPTIN_WEBHOOK_TIMEOUT_SECONDS: int = 15
+#: Webhooks: seconds to wait before each retry of a refused change (the first attempt is
+#: immediate), comma-separated; then it is marked failed and delivery moves on. The default
+#: is the Standard Webhooks schedule: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h (about 28 h).
+OPTIN_WEBHOOK_RETRY_SCHEDULE: str = "5,300,1800,7200,18000,36000,36000"
+
 DEFAULTS: dict[str, Any] = {
     name: value for name, value in globals().items() if name.startswith("OPTIN_")
 }

@@ -29,6 +29,7 @@ from .logs import ACCESS
 from .metrics import observe_request
 from .ratelimit import init_rate_limit
 from .registry import redact, store_from_url
+from .retention import Retention
 from .storage import OptInStore
 
 if TYPE_CHECKING:
@@ -63,6 +64,8 @@ class OptInState:
     limiter: Limiter | None = None
     #: The OpenAPI document as served, built on its first request.
     openapi: bytes | None = None
+    #: When to prune the change feed (``None`` with ``OPTIN_CHANGES_RETENTION=0``).
+    retention: Retention | None = None
 
     def owns(self, req: Request) -> bool:
         """Whether ``req`` is the opt-in API's to answer (envelope, headers, request id)."""
@@ -120,6 +123,7 @@ class OptIn:
             raise RuntimeError("OptIn is already registered on this app")
         defaults.apply(app.config)
         _check_body_timeout(app.config["OPTIN_BODY_TIMEOUT_SECONDS"])
+        retention = Retention(app.config["OPTIN_CHANGES_RETENTION"])
         url = None
         if store is None:
             configured = app.config["OPTIN_STORAGE_URL"]
@@ -150,6 +154,7 @@ class OptIn:
             body_timeout=config["OPTIN_BODY_TIMEOUT_SECONDS"],
         )
         state.authenticator = build_authenticator(app.config)
+        state.retention = retention if retention.days else None
         app.extensions["optin"] = state
         app.register_blueprint(bp, url_prefix=prefix or None)
         state.limiter = init_rate_limit(app, bp.name)

@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from .storage import OptInStore
 
@@ -87,10 +87,16 @@ _SECRET_OPTIONS = re.compile(r"(?<=[?&])([^=&#]*password)=[^&#]*", re.IGNORECASE
 
 
 def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***``, for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is not None:
-        netloc = parts.netloc.rsplit("@", 1)[1]
-        user = parts.username or ""
-        url = urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    """``url`` with any password replaced by ``***``, for logs and error messages.
+
+    The user part is everything after ``://`` up to the last ``@`` before the
+    path, as a driver may read it: libpq takes a password up to its ``@``, ``#``
+    and ``?`` included, where urllib would end it at the ``#`` and show the rest.
+    """
+    scheme, slashes, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    userinfo, at, hosts = authority.rpartition("@")
+    if slashes and at and ":" in userinfo:
+        user = userinfo.split(":", 1)[0]
+        url = f"{scheme}://{user}:***@{hosts}{slash}{path}"
     return _SECRET_OPTIONS.sub(r"\1=***", url)

@@ -1,151 +1,84 @@
-"""Bodies in and out: strict JSON parsing, then marshmallow schemas, built once.
+"""Bodies in and out: the marshmallow schemas of the API and of an export line, built
+once, and the functions that load and dump with them.
 
-The standard ``json`` module accepts NaN, Infinity and duplicate keys; a
-consent body that says both "accepted" and "declined" is not consent, so the
-parser here rejects all three before marshmallow sees the data.
+JSON text is parsed strictly first (:mod:`.strict_json`); the schemas' field types are
+in :mod:`.fields`, what a value may look like and how a time is written in
+:mod:`.formats`. Names of those modules that callers import from here stay importable
+from here.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
 import re
-from datetime import datetime, timezone
 from typing import Any
 
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate
 
 from .errors import ERROR_CODES, ApiError
-from .storage import DEFAULT_SOURCE, EARLIEST, LATEST, STATUSES, OptInRecord, Status
+from .feed import MAX_CURSOR
+from .fields import INVALID_OPTIN, FullMatch, QueryInteger, Timestamp, page_limit, status_field
+from .formats import (
+    CLIENT,
+    CORRELATION_ID,
+    CORRELATION_ID_RULE,
+    IDEMPOTENCY_KEY,
+    REQUEST_ID,
+    SHOWN,
+    SOURCE,
+    SUBMICROSECOND,
+    cut,
+    format_time,
+)
+from .storage import DEFAULT_SOURCE, STATUSES, Change, ChangePage, OptInRecord, Status
+from .strict_json import loads_object
 
-INVALID_OPTIN = "Invalid opt-in response provided"
+# What others import from here, the value formats, field types and strict parser the
+# schemas are built on included.
+__all__ = [
+    "CLIENT",
+    "CORRELATION_ID",
+    "CORRELATION_ID_RULE",
+    "ERROR_CODE_VALUES",
+    "IDEMPOTENCY_KEY",
+    "INVALID_OPTIN",
+    "MISSING_OPTIN",
+    "REQUEST_ID",
+    "SHOWN",
+    "SOURCE",
+    "SUBMICROSECOND",
+    "ChangeSchema",
+    "ChangesPageSchema",
+    "ChangesQuerySchema",
+    "ErrorSchema",
+    "EventSchema",
+    "HealthSchema",
+    "HistoryItemSchema",
+    "HistoryPageSchema",
+    "HistoryQuerySchema",
+    "OptInRequestSchema",
+    "OptInStateSchema",
+    "OptInUpdatedSchema",
+    "QueryInteger",
+    "Timestamp",
+    "cut",
+    "decode_cursor",
+    "dump_change",
+    "dump_changes",
+    "dump_event",
+    "dump_page",
+    "dump_state",
+    "encode_cursor",
+    "format_time",
+    "load_changes_query",
+    "load_event",
+    "load_history_query",
+    "load_optin_status",
+    "loads_object",
+]
+
 MISSING_OPTIN = "LOYALTY_OPTIN missing from body"
-
-#: A member id: what the path segment, the CLI and import accept. Not ``.`` or ``..``:
-#: clients remove those segments from a URL path, so such a member could never be read.
-#: (A lookahead with ``$`` rather than ``\Z``: the same in ECMA-262, for the OpenAPI pattern.)
-CORRELATION_ID = re.compile(r"(?!\.\.?$)[A-Za-z0-9._:@-]{1,128}")
-#: :data:`CORRELATION_ID` in words, for error messages and documentation.
-CORRELATION_ID_RULE = "1 to 128 characters of A-Z a-z 0-9 . _ : @ -, not . or .."
-#: ``X-Consent-Source``: the channel a consent came through.
-SOURCE = re.compile(r"[A-Za-z0-9_-]{1,32}")
-#: ``Idempotency-Key``: printable ASCII, space included.
-IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
-#: A request id in an imported event (ours are UUID4s): printable, no spaces.
-REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
-#: The client recorded on an event: printable ASCII, possibly empty.
-CLIENT = re.compile(r"[\x20-\x7e]{0,128}")
-
-
-#: Characters of a value or a key an error message quotes: an import line can be
-#: megabytes long, and its message is one line of a terminal or a log. Longer than
-#: any valid id (128), so a value is cut only when its length alone is wrong.
-SHOWN = 130
-
-
-def cut(text: str, *, quote: bool = False, limit: int = SHOWN) -> str:
-    """``text`` for an error message (``repr`` with ``quote``): whole up to ``limit``
-    characters, else its start and its length."""
-    if len(text) <= limit:
-        return repr(text) if quote else text
-    head = repr(text[:limit]) if quote else text[:limit]
-    return f"{head}... ({len(text)} characters)"
-
-
-class _FullMatch(validate.Validator):
-    """The whole value matches ``pattern`` (marshmallow's Regexp only anchors the
-    start); the error quotes the value, cut to :data:`SHOWN` characters."""
-
-    def __init__(self, pattern: re.Pattern[str]) -> None:
-        self.pattern = pattern
-
-    def __call__(self, value: str) -> str:
-        if self.pattern.fullmatch(value) is None:
-            raise ValidationError(f"{cut(value, quote=True)} is not valid")
-        return value
-
-
-class _BadJSON(ValueError):
-    pass
-
-
-def _reject_constant(name: str) -> Any:
-    raise _BadJSON(f"{name} is not a valid JSON value")
-
-
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):  # a key came twice: name the first that did
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _BadJSON(f"Duplicate key in JSON body: {cut(key)}")
-            seen.add(key)
-    return obj
-
-
-# Built once: json.loads with hooks builds a new decoder and scanner on every call.
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_reject_duplicates)
-
-
-def loads_object(text: str | bytes, what: str = "Request body") -> dict[str, Any]:
-    """One JSON object, strictly: no NaN/Infinity, no duplicate keys, UTF-8.
-
-    Raises ``ValueError`` with a message fit for a client, naming ``what`` was read.
-    """
-    try:
-        if isinstance(text, bytes):
-            text = text.decode("utf-8")
-        if text.startswith("\ufeff"):  # what json.loads refuses before decoding
-            raise ValueError("Unexpected UTF-8 BOM")
-        value = _DECODER.decode(text)
-    except _BadJSON:
-        raise
-    except UnicodeDecodeError:
-        raise ValueError(f"{what} is not valid UTF-8") from None
-    except (ValueError, RecursionError):
-        raise ValueError(f"{what} is not valid JSON") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{what} must be a JSON object")
-    return value
-
-
-#: More than six fractional digits: a time finer than the µs stores keep.
-SUBMICROSECOND = re.compile(r"[.,]\d{7,}")
-
-
-def format_time(moment: datetime) -> str:
-    """``2026-11-26T12:00:00.123456Z``: UTC, four-digit year, always six fractional digits."""
-    # isoformat pads the year to four digits (strftime's %Y does not, before 1000).
-    return moment.astimezone(timezone.utc).replace(tzinfo=None).isoformat("T", "microseconds") + "Z"
-
-
-class Timestamp(fields.AwareDateTime):
-    """An ISO 8601 time with a zone in; ``...T12:00:00.123456Z`` out."""
-
-    def _serialize(self, value: datetime | None, attr: Any, obj: Any, **kwargs: Any) -> str | None:
-        return None if value is None else format_time(value)
-
-    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> datetime:
-        # Stores keep microseconds: a finer time would be cut silently, and two
-        # events could then share one identity.
-        if isinstance(value, str) and SUBMICROSECOND.search(value):
-            raise ValidationError("has more than six fractional digits (microseconds)")
-        moment = super()._deserialize(value, attr, data, **kwargs)
-        if not EARLIEST <= moment <= LATEST:
-            raise ValidationError(
-                f"must be between {format_time(EARLIEST)} and {format_time(LATEST)}"
-            )
-        return moment
-
-
-def _status(**kwargs: Any) -> fields.String:
-    return fields.String(
-        validate=validate.OneOf(STATUSES, error=INVALID_OPTIN),
-        metadata={"description": "The member's answer", "enum": list(STATUSES)},
-        **kwargs,
-    )
 
 
 class OptInRequestSchema(Schema):
@@ -154,7 +87,7 @@ class OptInRequestSchema(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    LOYALTY_OPTIN = _status(
+    LOYALTY_OPTIN = status_field(
         required=True,
         error_messages={"required": MISSING_OPTIN, "null": INVALID_OPTIN, "invalid": INVALID_OPTIN},
     )
@@ -167,7 +100,7 @@ class OptInRequestSchema(Schema):
 class OptInStateSchema(Schema):
     """The current state answered by ``GET``."""
 
-    LOYALTY_OPTIN = _status(attribute="status", required=True)
+    LOYALTY_OPTIN = status_field(attribute="status", required=True)
     updatedAt = Timestamp(
         attribute="updated_at", required=True, metadata={"description": "When it was recorded"}
     )
@@ -193,34 +126,98 @@ class HistoryPageSchema(Schema):
     next = fields.String(allow_none=True, required=True)
 
 
-class QueryInteger(fields.Integer):
-    """A whole number written in ASCII digits only (``int()`` would also take
-    spaces, signs, underscores and non-ASCII digits)."""
-
-    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> int:
-        if not (isinstance(value, str) and value.isascii() and value.isdigit()):
-            raise self.make_error("invalid")
-        return super()._deserialize(value, attr, data, **kwargs)
-
-
 class HistoryQuerySchema(Schema):
     """``?limit=N&cursor=C`` of the history endpoint."""
 
     class Meta:
         unknown = EXCLUDE
 
-    limit = QueryInteger(
-        load_default=20,
-        validate=validate.Range(1, 100, error="limit must be a whole number from 1 to 100"),
-        error_messages={"invalid": "limit must be a whole number from 1 to 100"},
-        metadata={"description": "Events per page, 1 to 100"},
-    )
+    limit = page_limit(20, 100, "Events")
     # An empty cursor is one this service never gave out: a 400, as the minLength says.
     cursor = fields.String(
         load_default=None,
         metadata={
             "description": "The `next` of the previous page; only cursors this service gave out",
             "minLength": 1,
+        },
+    )
+
+
+class ChangeSchema(Schema):
+    """One change of the feed: an event that became its member's current state."""
+
+    class Meta:
+        ordered = True
+
+    correlationId = fields.String(attribute="event.correlation_id", required=True)
+    LOYALTY_OPTIN = status_field(attribute="event.status", required=True)
+    previous = fields.String(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "The status it replaced; null for the member's first change",
+            "enum": [*STATUSES, None],
+        },
+    )
+    updatedAt = Timestamp(
+        attribute="event.updated_at",
+        required=True,
+        metadata={"description": "When it was recorded"},
+    )
+    requestId = fields.String(attribute="event.request_id", required=True)
+    source = fields.String(
+        attribute="event.source",
+        required=True,
+        metadata={"description": "X-Consent-Source of the request"},
+    )
+    client = fields.String(
+        attribute="event.client",
+        required=True,
+        metadata={"description": "The authenticated client that recorded it (empty without auth)"},
+    )
+    version = fields.Integer(
+        required=True,
+        metadata={
+            "description": "The member's change count: 1, 2, 3... without a gap",
+            "minimum": 1,
+        },
+    )
+
+
+class ChangesPageSchema(Schema):
+    """A page of the change feed, in commit order, and where to read on."""
+
+    items = fields.List(fields.Nested(ChangeSchema), required=True)
+    next = fields.String(
+        required=True,
+        metadata={
+            "description": (
+                "Pass it back as `after` to read on; after an empty page it is the cursor "
+                "sent (or the start), to poll again from"
+            ),
+            "minLength": 1,
+        },
+    )
+
+
+class ChangesQuerySchema(Schema):
+    """``?after=CURSOR&limit=N`` of the change feed."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    limit = page_limit(100, 1000, "Changes")
+    # Read by the store, which refuses a cursor it did not give out (a 400): an empty
+    # one, or one over MAX_CURSOR, never is one.
+    after = fields.String(
+        load_default=None,
+        metadata={
+            "description": (
+                "The `next` of the previous page; without it, from the oldest change kept. "
+                "Only cursors this service gave out; one into changes no longer kept is a 410"
+            ),
+            "minLength": 1,
+            "maxLength": MAX_CURSOR,
         },
     )
 
@@ -266,19 +263,17 @@ class EventSchema(Schema):
         ordered = True
 
     correlationId = fields.String(
-        attribute="correlation_id", required=True, validate=_FullMatch(CORRELATION_ID)
+        attribute="correlation_id", required=True, validate=FullMatch(CORRELATION_ID)
     )
-    LOYALTY_OPTIN = _status(attribute="status", required=True)
+    LOYALTY_OPTIN = status_field(attribute="status", required=True)
     updatedAt = Timestamp(
         attribute="updated_at",
         required=True,
         error_messages={"invalid_awareness": "needs a time zone, such as Z for UTC"},
     )
-    requestId = fields.String(
-        attribute="request_id", required=True, validate=_FullMatch(REQUEST_ID)
-    )
-    source = fields.String(load_default=DEFAULT_SOURCE, validate=_FullMatch(SOURCE))
-    client = fields.String(load_default="", validate=_FullMatch(CLIENT))
+    requestId = fields.String(attribute="request_id", required=True, validate=FullMatch(REQUEST_ID))
+    source = fields.String(load_default=DEFAULT_SOURCE, validate=FullMatch(SOURCE))
+    client = fields.String(load_default="", validate=FullMatch(CLIENT))
 
 
 _request_schema = OptInRequestSchema()
@@ -286,6 +281,9 @@ _state_schema = OptInStateSchema()
 _page_schema = HistoryPageSchema()
 _query_schema = HistoryQuerySchema()
 _event_schema = EventSchema()
+_change_schema = ChangeSchema()
+_changes_schema = ChangesPageSchema()
+_changes_query_schema = ChangesQuerySchema()
 
 
 def load_optin_status(data: bytes) -> Status:
@@ -340,6 +338,26 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
         return int(us), rid
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise ApiError(400, "cursor is not one this service gave out") from None
+
+
+def load_changes_query(args: Any) -> tuple[int, str | None]:
+    """``limit`` and ``after`` (the cursor, still opaque: the store reads it) of a
+    change feed request, or a 400."""
+    try:
+        query = _changes_query_schema.load(args)
+    except ValidationError as exc:
+        raise ApiError(400, _first_message(exc)) from None
+    return query["limit"], query["after"]
+
+
+def dump_changes(page: ChangePage) -> dict[str, Any]:
+    """The change feed's body for ``page``."""
+    return _changes_schema.dump({"items": page.changes, "next": page.next})
+
+
+def dump_change(change: Change) -> dict[str, Any]:
+    """One change, as in the feed's ``items`` (and a line of ``optin changes list``)."""
+    return _change_schema.dump(change)
 
 
 def dump_event(record: OptInRecord) -> dict[str, Any]:

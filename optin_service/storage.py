@@ -37,6 +37,15 @@ def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield batch
 
 
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+#: ``save_state(..., expected=UNSET)``: write whatever the stored value is.
+UNSET = _Unset()
+
+
 class StorageError(Exception):
     """A store failed in a way retrying will not fix (answered as a 500)."""
 
@@ -168,6 +177,40 @@ class OptInRecord:
         return f"{self.status}|{self.source}"
 
 
+# --- the change feed's types (optin_service.feed has the rest of the feed) ---------
+
+
+class CursorInvalid(ValueError):
+    """A cursor the store did not give out (answered as a 400)."""
+
+
+class CursorExpired(Exception):
+    """A cursor into changes already removed (retention), or from before a rebuild
+    (answered as a 410: the reader must resynchronise)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Change:
+    """One entry of the feed: ``event`` became its member's current state."""
+
+    event: OptInRecord
+    #: The status it replaced; ``None`` for the member's first change.
+    previous: Status | None
+    #: The member's change count, 1, 2, 3... without a gap.
+    version: int
+    #: The position right after this change: read on from here with ``after=cursor``.
+    cursor: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChangePage:
+    """A page of the feed, in commit order."""
+
+    changes: list[Change]
+    #: Where to read on: after the last change, or where this page started if it is empty.
+    next: str
+
+
 class OptInStore(abc.ABC):
     """Where opt-in state lives. Backends subclass this and register an entry point.
 
@@ -278,6 +321,45 @@ class OptInStore(abc.ABC):
     def count_events(self) -> int:
         """How many events are stored, over all members."""
 
+    # --- the change feed (optin_service/feed.py) ---------------------------------
+
+    @abc.abstractmethod
+    def changes(self, after: str | None, limit: int) -> ChangePage:
+        """Up to ``limit`` changes in commit order, after the cursor ``after`` (``None``:
+        from the oldest change kept).
+
+        Every write that makes an event its member's current state (:meth:`set`,
+        :meth:`import_rows`) appends one :class:`~optin_service.feed.Change`
+        atomically with the event; a reader tailing the feed while writers run
+        sees each change once, in the order a later reader from the start sees
+        them. :meth:`import_rows` applies each member's events oldest first
+        (:func:`~optin_service.feed.import_order`), so an import gives every
+        backend the same changes. Raises
+        :class:`~optin_service.feed.CursorInvalid` for a cursor this store did not
+        give out, :class:`~optin_service.feed.CursorExpired` for one into changes
+        :meth:`prune_changes` removed or from before :meth:`rebuild_changes`.
+        """
+
+    @abc.abstractmethod
+    def prune_changes(self, before: datetime) -> int:
+        """Remove the changes appended before ``before``; return how many went."""
+
+    @abc.abstractmethod
+    def rebuild_changes(self) -> int:
+        """Replace the feed with one rebuilt from the events: each member's events
+        in precedence order, each a change (versions from 1), members one after
+        another; every earlier cursor expires. Returns how many changes it holds."""
+
+    @abc.abstractmethod
+    def load_state(self, key: str) -> str | None:
+        """A value :meth:`save_state` stored (the webhook deliverer's position, lease...)."""
+
+    @abc.abstractmethod
+    def save_state(self, key: str, value: str | None, *, expected: object = UNSET) -> bool:
+        """Store ``value`` under ``key`` (``None`` deletes it). With ``expected`` (a
+        value, or ``None`` for "absent"), only if the stored value is that one, as
+        one atomic step; return whether it was written."""
+
     @abc.abstractmethod
     def check(self) -> None:
         """Raise :class:`StorageUnavailable` unless the store can read and write right now."""
@@ -289,6 +371,11 @@ class OptInStore(abc.ABC):
 
 #: The public methods whose driver errors :class:`OptInStore` wraps.
 _WRAPPED_METHODS = (
+    "changes",
+    "prune_changes",
+    "rebuild_changes",
+    "load_state",
+    "save_state",
     "get",
     "set",
     "history",

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 from optin_service import create_app
-from tests.servers import RedisServer
+from tests.servers import PostgresServer, RedisServer
 
 #: Fixtures that start real servers (redis-server, Sentinels, a Cluster).
 SERVER_FIXTURES = frozenset({"redis_server", "sentinel_topology", "cluster_topology"})
@@ -28,6 +30,24 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory):
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL for the session, on a free loopback port; each test that
+    uses it works in a schema of its own (``postgres_url``)."""
+    server = PostgresServer().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A ``postgresql://`` URL whose tables live in a fresh schema, dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    postgres_server.execute(f"CREATE SCHEMA {name}")
+    yield postgres_server.url(options=f"-c search_path={name}")
+    postgres_server.execute(f"DROP SCHEMA {name} CASCADE")
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Real servers for tests: redis-server and gunicorn on free loopback ports.
+"""Real servers for tests: redis-server, PostgreSQL and gunicorn on free loopback ports.
 
 Each starts on 127.0.0.1 only, waits until it answers, and is stopped by the
 fixture that started it. Nothing here touches any other address.
@@ -14,9 +14,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import redis
@@ -287,3 +289,131 @@ class ReadmeGunicorn(Gunicorn):
         self.cwd = workdir
         self.proc = None
         self.log_path = None
+
+
+def postgres_bin() -> Path:
+    """The folder of Debian's PostgreSQL server binaries (the newest installed), or a
+    test failure saying how to install them."""
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
+    if not found:
+        pytest.fail("PostgreSQL is not installed (apt-get install postgresql)")
+    return found[-1].parent
+
+
+class PostgresServer:
+    """A PostgreSQL cluster of our own: ``initdb`` into a temp dir, ``pg_ctl start`` on a
+    free loopback port, trust authentication on loopback, the socket in the data dir.
+
+    The server refuses to run as root, so as root every command runs as the
+    ``postgres`` user (``runuser``), in a dir it owns outside pytest's tmp_path (that
+    one is private to root). :meth:`cleanup` removes the dir.
+    """
+
+    def __init__(self, port: int | None = None, settings: dict[str, str] | None = None) -> None:
+        self.port = port or free_port()
+        self.bin = postgres_bin()
+        self.root = Path(tempfile.mkdtemp(prefix="optin-pg-"))
+        self.data = self.root / "data"
+        self.settings = {
+            "listen_addresses": LOOPBACK,
+            "unix_socket_directories": str(self.root),
+            "port": str(self.port),
+            "fsync": "on",
+            "max_connections": "200",
+            **(settings or {}),
+        }
+        self._as_postgres = os.geteuid() == 0
+        if self._as_postgres:
+            shutil.chown(self.root, "postgres", "postgres")
+
+    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        command = [str(a) for a in args]
+        if self._as_postgres:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=self.root)
+        if check and result.returncode != 0:
+            raise RuntimeError(
+                f"{args[0]} failed ({result.returncode}):\n{result.stderr}\n{self.log()}"
+            )
+        return result
+
+    def start(self) -> PostgresServer:
+        if not (self.data / "PG_VERSION").exists():
+            self._run(
+                self.bin / "initdb", "-D", self.data, "-U", "postgres", "-A", "trust",
+                "-E", "UTF8", "--locale=C.UTF-8", "--no-sync",
+            )  # fmt: skip
+        options = " ".join(f"-c {key}={value}" for key, value in self.settings.items())
+        self._run(
+            self.bin / "pg_ctl", "start", "-D", self.data, "-l", self.root / "postgres.log",
+            "-w", "-t", "30", "-o", options,
+        )  # fmt: skip
+        wait_for_port(self.port)
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        """The postmaster's pid while it runs."""
+        pidfile = self.data / "postmaster.pid"
+        try:
+            return int(pidfile.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    @property
+    def running(self) -> bool:
+        return (
+            self._run(self.bin / "pg_ctl", "status", "-D", self.data, check=False).returncode == 0
+        )
+
+    def stop(self, mode: str = "fast") -> None:
+        """``pg_ctl stop``: ``fast`` disconnects clients (they see admin shutdown)."""
+        if self.running:
+            self._run(self.bin / "pg_ctl", "stop", "-D", self.data, "-m", mode, "-w", "-t", "30")
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster: no shutdown checkpoint (its backends exit on their own)."""
+        pid = self.pid
+        if pid is not None:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+                time.sleep(0.05)
+
+    def cleanup(self) -> None:
+        """Stop the server and remove its dir."""
+        with contextlib.suppress(Exception):
+            self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def url(self, database: str = "postgres", **options: str) -> str:
+        """A ``postgresql://`` URL for ``database`` on loopback, as the superuser."""
+        query = "&".join(f"{key}={quote(value, safe='')}" for key, value in options.items())
+        return f"postgresql://postgres@{LOOPBACK}:{self.port}/{database}" + (
+            f"?{query}" if query else ""
+        )
+
+    def execute(self, *statements: str, database: str = "postgres") -> list[tuple]:
+        """Run statements as the superuser (autocommit); the last one's rows."""
+        import psycopg
+
+        with psycopg.connect(self.url(database), autocommit=True, connect_timeout=5) as conn:
+            rows: list[tuple] = []
+            for statement in statements:
+                cursor = conn.execute(statement)
+                rows = cursor.fetchall() if cursor.description else []
+            return rows
+
+    def reload(self) -> None:
+        self.execute("SELECT pg_reload_conf()")
+
+    def log(self, chars: int = 4000) -> str:
+        path = self.root / "postgres.log"
+        try:
+            return path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""

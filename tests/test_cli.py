@@ -49,6 +49,8 @@ COPIED = re.compile(
     r"target holds (\d+) events"
 )
 REDIS = (pytest.mark.redis_server, pytest.mark.slow)
+POSTGRES = (pytest.mark.postgres_server, pytest.mark.slow)
+SERVER_MARKS = {"redis": REDIS, "postgres": POSTGRES}
 BAR = re.compile(r"\[[#-]+\]|\d+%|\r|\x1b\[")  # click's progress bar, or a redraw
 
 
@@ -98,23 +100,26 @@ class Backend:
 
 
 def kinds(*names: str) -> list:
-    return [pytest.param(n, id=n, marks=REDIS if n == "redis" else ()) for n in names]
+    return [pytest.param(n, id=n, marks=SERVER_MARKS.get(n, ())) for n in names]
 
 
 def pairs(*items: tuple[str, str]) -> list:
     return [
-        pytest.param(s, t, id=f"{s}-to-{t}", marks=REDIS if "redis" in (s, t) else ())
+        pytest.param(
+            s, t, id=f"{s}-to-{t}", marks=(*SERVER_MARKS.get(s, ()), *SERVER_MARKS.get(t, ()))
+        )
         for s, t in items
     ]
 
 
-ALL = ("memory", "sqlite", "fakeredis", "redis")
+ALL = ("memory", "sqlite", "fakeredis", "redis", "postgres")
 
 
 @pytest.fixture
 def make_backend(request, tmp_path) -> Iterable[Callable[[str], Backend]]:
     """Builds apps on fresh, empty stores; closes them and removes their Redis keys."""
     made: list[Backend] = []
+    schemas: list[str] = []  # PostgreSQL: one per store
 
     def make(kind: str) -> Backend:
         name = f"{kind}{len(made)}"
@@ -128,6 +133,12 @@ def make_backend(request, tmp_path) -> Iterable[Callable[[str], Backend]]:
         elif kind == "redis":
             server = request.getfixturevalue("redis_server")
             url = f"{server.url}?prefix=cli-{uuid.uuid4().hex}:"
+        elif kind == "postgres":
+            server = request.getfixturevalue("postgres_server")
+            schema = f"cli_{uuid.uuid4().hex[:12]}"
+            server.execute(f"CREATE SCHEMA {schema}")
+            schemas.append(schema)
+            url = server.url(options=f"-c search_path={schema}")
         else:
             raise ValueError(kind)
         backend = Backend(kind, url, create_app({"TESTING": True, "OPTIN_STORAGE_URL": url}))
@@ -142,6 +153,8 @@ def make_backend(request, tmp_path) -> Iterable[Callable[[str], Backend]]:
             if keys:
                 store.client.delete(*keys)
         store.close()
+    for schema in schemas:
+        request.getfixturevalue("postgres_server").execute(f"DROP SCHEMA {schema} CASCADE")
     unregister(FAKE_SCHEME)
     _FAKE_SERVERS.clear()
 
@@ -320,6 +333,40 @@ def test_storage_down_ends_a_command_with_one_error_line(args):
     assert error.startswith("Error: storage: redis: "), result.stderr
     assert "s3cret" not in result.stderr + result.stdout
     assert "Traceback" not in result.stderr + result.stdout
+
+
+# --- db upgrade --------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.postgres_server
+def test_db_upgrade_creates_the_schema_then_finds_it_up_to_date(make_backend):
+    from backends.postgres.schema import VERSION
+
+    backend = make_backend("postgres")
+    result = check(backend.optin("db", "upgrade"))
+    assert result.stderr == f"schema upgraded from version 0 to {VERSION}\n"
+    result = check(backend.optin("db", "upgrade"))
+    assert result.stderr == f"schema version {VERSION}: up to date\n"
+    check(backend.optin("set", "member-1", "accepted"))
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_db_upgrade_on_a_store_without_a_schema_does_nothing(make_backend, kind):
+    result = check(make_backend(kind).optin("db", "upgrade"))
+    assert result.stderr.endswith("has no schema to upgrade\n"), result.stderr
+
+
+@pytest.mark.slow  # a second's wait for a connection
+def test_db_upgrade_with_storage_down_ends_with_one_error_line():
+    url = f"postgresql://127.0.0.1:{free_port()}/optin"
+    app = create_app({"TESTING": True, "OPTIN_STORAGE_URL": url})
+    result = check(app.test_cli_runner().invoke(args=["optin", "db", "upgrade"]), 1)
+    named, error = result.stderr.splitlines()
+    assert named == f"opt-in storage: {url}", named
+    assert error.startswith("Error: storage: postgresql: "), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    app.extensions["optin"].store.close()
 
 
 # --- export ------------------------------------------------------------------------
@@ -720,6 +767,11 @@ MIGRATIONS = pairs(
     ("fakeredis", "sqlite"),
     ("sqlite", "redis"),
     ("redis", "sqlite"),
+    ("sqlite", "postgres"),
+    ("postgres", "sqlite"),
+    ("postgres", "redis"),
+    ("redis", "postgres"),
+    ("postgres", "postgres"),
 )
 
 
@@ -852,6 +904,120 @@ def test_export_then_import_elsewhere_gives_the_same_history(
     assert summary(result, IMPORTED) == (n, n, "0", "0")
     same_members(source.store, target.store, members(events))
     assert set(target.store.events()) == set(events)
+
+
+# --- changes -----------------------------------------------------------------------
+
+CHANGE_KEYS = [*LINE_KEYS[:2], "previous", *LINE_KEYS[2:], "version"]
+
+
+def listed(backend: Backend, *args: str) -> tuple[list[dict], str]:
+    """``optin changes list ARGS``: the changes printed, and the cursor stderr ends with."""
+    ran = backend.optin("changes", "list", *args)
+    assert ran.exit_code == 0, (ran.stderr, ran.exception)
+    *rest, cursor = ran.stderr.splitlines()
+    assert not rest and cursor, ran.stderr
+    return [json.loads(text) for text in ran.stdout.splitlines()], cursor
+
+
+@pytest.mark.parametrize("kind", kinds("memory", "sqlite"))
+def test_changes_list_prints_a_page_and_the_cursor_to_read_on_from(make_backend, kind):
+    backend = make_backend(kind)
+    for cid, status in [("m1", "accepted"), ("m2", "declined"), ("m1", "declined")]:
+        assert backend.optin("set", cid, status).exit_code == 0
+    everything, end = listed(backend)
+    assert [list(change) for change in everything] == [CHANGE_KEYS] * 3
+    assert [(c["correlationId"], c["previous"], c["version"]) for c in everything] == [
+        ("m1", None, 1),
+        ("m2", None, 1),
+        ("m1", "accepted", 2),
+    ]
+    assert all(c["source"] == "CLI" and TIME.fullmatch(c["updatedAt"]) for c in everything)
+    first, after = listed(backend, "--limit", "2")
+    rest, again = listed(backend, "--after", after)
+    assert first + rest == everything and again == end
+    # Nothing new: no line, and the same cursor to poll again from.
+    assert listed(backend, "--after", end) == ([], end)
+    assert backend.optin("set", "m3", "accepted").exit_code == 0
+    new, _ = listed(backend, "--after", end)
+    assert [c["correlationId"] for c in new] == ["m3"]
+
+
+@pytest.mark.parametrize("kind", kinds("memory", "sqlite"))
+def test_changes_list_refuses_a_foreign_cursor_and_explains_an_expired_one(make_backend, kind):
+    backend = make_backend(kind)
+    assert backend.optin("set", "m1", "accepted").exit_code == 0
+    foreign = backend.optin("changes", "list", "--after", "bm90LWEtY3Vyc29y")
+    assert foreign.exit_code == 2 and "not a cursor this store gave out" in foreign.stderr
+    assert foreign.stdout == ""
+    _, cursor = listed(backend)
+    assert backend.optin("changes", "rebuild").exit_code == 0
+    expired = backend.optin("changes", "list", "--after", cursor)
+    assert expired.exit_code == 1 and expired.stdout == ""
+    assert "Error: the changes after this cursor are no longer kept" in expired.stderr
+    assert backend.optin("changes", "list", "--limit", "0").exit_code == 2
+
+
+@pytest.mark.parametrize("kind", kinds("memory", "sqlite"))
+def test_changes_rebuild_replays_every_event_oldest_first(make_backend, kind):
+    backend = make_backend(kind)
+    # An imported old event is history, not a change; a rebuild makes every event one.
+    backend.store.import_events(
+        [
+            event("m1", "declined", 60, "r-new"),
+            event("m1", "accepted", 0, "r-old"),
+            event("m2", "accepted", 30, "r-m2"),
+        ]
+    )
+    backend.store.import_events([event("m1", "accepted", -60, "r-older")])
+    before, _ = listed(backend)
+    assert [c["requestId"] for c in before] == ["r-old", "r-new", "r-m2"]
+    ran = backend.optin("changes", "rebuild")
+    assert ran.exit_code == 0
+    assert ran.stdout == "rebuilt the change feed: 4 changes; every earlier cursor has expired\n"
+    after, _ = listed(backend)
+    assert [(c["correlationId"], c["requestId"], c["previous"], c["version"]) for c in after] == [
+        ("m1", "r-older", None, 1),
+        ("m1", "r-old", "accepted", 2),
+        ("m1", "r-new", "accepted", 3),
+        ("m2", "r-m2", None, 1),
+    ]
+    # New changes count on from the rebuilt versions.
+    assert backend.optin("set", "m1", "accepted").exit_code == 0
+    last, _ = listed(backend, "--after", _position_after(backend, 4))
+    assert [(c["correlationId"], c["previous"], c["version"]) for c in last] == [
+        ("m1", "declined", 4)
+    ]
+
+
+def _position_after(backend: Backend, count: int) -> str:
+    """The cursor after the first ``count`` changes."""
+    _, cursor = listed(backend, "--limit", str(count))
+    return cursor
+
+
+@pytest.mark.parametrize("kind", kinds("memory"))
+def test_changes_prune_removes_changes_older_than_the_days_given(make_backend, kind, monkeypatch):
+    import backends.memory
+
+    now = [T0]
+    monkeypatch.setattr(backends.memory, "_now", lambda: now[0])
+    monkeypatch.setattr("optin_service.retention._now", lambda: now[0])
+    backend = make_backend(kind)
+    assert backend.optin("set", "old", "accepted").exit_code == 0
+    now[0] += timedelta(days=10)
+    assert backend.optin("set", "new", "accepted").exit_code == 0
+    now[0] += timedelta(days=1)
+    ran = backend.optin("changes", "prune", "--days", "5")
+    assert ran.exit_code == 0
+    assert ran.stdout == "removed 1 changes appended before 2026-03-07T12:00:00.000000Z\n"
+    remaining, _ = listed(backend)
+    assert [c["correlationId"] for c in remaining] == ["new"]
+    assert backend.store.get("old") is not None  # the event stays
+    assert backend.optin("changes", "prune", "--days", "5").stdout.startswith("removed 0 ")
+    missing = backend.optin("changes", "prune")
+    assert missing.exit_code == 2 and "--days" in missing.stderr
+    assert backend.optin("changes", "prune", "--days", "-1").exit_code == 2
 
 
 # --- progress ----------------------------------------------------------------------

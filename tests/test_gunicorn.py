@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.servers import ROOT, Gunicorn, RedisServer
+from tests.servers import ROOT, Gunicorn, PostgresServer, RedisServer
 
 pytestmark = pytest.mark.slow
 
@@ -37,12 +37,14 @@ UPDATED_BODY = b'{"message":"Opt-in updated."}'
 
 
 class Servers:
-    """Starts gunicorns and redis-servers for one test; :meth:`close` stops them all."""
+    """Starts gunicorns, redis-servers and PostgreSQL servers for one test; :meth:`close`
+    stops them all."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
         self.gunicorns: list[Gunicorn] = []
         self.redises: list[RedisServer] = []
+        self.postgreses: list[PostgresServer] = []
         self.stopped_redises: set[int] = set()  # pids we SIGSTOPped
 
     def gunicorn(self, env: dict[str, str], workers: int = 2, name: str = "gunicorn") -> Gunicorn:
@@ -56,6 +58,11 @@ class Servers:
     def redis(self, name: str = "redis") -> RedisServer:
         server = RedisServer(self.tmp_path / name)
         self.redises.append(server)
+        return server.start()
+
+    def postgres(self) -> PostgresServer:
+        server = PostgresServer()
+        self.postgreses.append(server)
         return server.start()
 
     def sqlite_url(self, name: str = "optin.db") -> str:
@@ -84,6 +91,8 @@ class Servers:
                 server.stop()
             except Exception:  # keep stopping the others
                 pass
+        for server in self.postgreses:
+            server.cleanup()
 
 
 @pytest.fixture
@@ -353,12 +362,22 @@ KILL_AT = (1.0, 2.5)  # seconds into the load
 
 
 @pytest.mark.parametrize(
-    "backend", ["sqlite", pytest.param("redis", marks=pytest.mark.redis_server)]
+    "backend",
+    [
+        "sqlite",
+        pytest.param("redis", marks=pytest.mark.redis_server),
+        pytest.param("postgres", marks=pytest.mark.postgres_server),
+    ],
 )
 def test_sigkill_worker_under_load_loses_no_acknowledged_write(
     servers: Servers, backend: str
 ) -> None:
-    url = servers.sqlite_url() if backend == "sqlite" else servers.redis().url
+    urls = {
+        "sqlite": servers.sqlite_url,
+        "redis": lambda: servers.redis().url,
+        "postgres": lambda: servers.postgres().url(),
+    }
+    url = urls[backend]()
     server = servers.gunicorn({"OPTIN_STORAGE_URL": url}, workers=2)
     wait_for_workers(server, 2, set())
 
@@ -481,7 +500,7 @@ def test_redis_outage_gives_fast_503_and_recovers_without_restart(
 
 def check_outage_and_recovery(
     servers: Servers,
-    redis_server: RedisServer,
+    storage_server: RedisServer | PostgresServer,
     server: Gunicorn,
     http: requests.Session,
     outage: str,
@@ -496,9 +515,9 @@ def check_outage_and_recovery(
     assert readyz.status_code == 200, readyz.text + log_tail(server)
 
     if outage == "sigterm":
-        redis_server.stop()  # refuses connections
+        storage_server.stop()  # refuses connections
     else:
-        servers.sigstop(redis_server)  # accepts connections, never answers
+        servers.sigstop(storage_server)  # accepts connections, never answers
 
     latencies = {}
     requests_during_outage = {
@@ -514,9 +533,9 @@ def check_outage_and_recovery(
     assert healthz.status_code == 200, healthz.text + log_tail(server)
 
     if outage == "sigterm":
-        redis_server.start()  # same workdir and port
+        storage_server.start()  # same workdir and port
     else:
-        servers.sigcont(redis_server)
+        servers.sigcont(storage_server)
 
     recovery = {
         "readyz": poll_until_ok(
@@ -539,7 +558,7 @@ def check_outage_and_recovery(
     assert after == before, f"{measured}: written before the outage {before}, now {after}" + (
         log_tail(server)
     )
-    # A PUT answered 503 may still have reached Redis (a hung server reads it on SIGCONT):
+    # A PUT answered 503 may still have reached storage (a hung server reads it on SIGCONT):
     # 503 means "unknown", so either outcome is allowed, but only with the status sent.
     late = get(http, base, "during-outage")
     assert late.status_code == 404 or late.json()["LOYALTY_OPTIN"] == "declined", (
@@ -549,6 +568,54 @@ def check_outage_and_recovery(
         f"{measured}: workers changed {workers} -> {server.worker_pids()}" + log_tail(server)
     )
     print(f"{measured}; the PUT answered 503 later reads {late.status_code} {late.text}")
+
+
+@pytest.mark.postgres_server
+def test_postgres_outage_gives_fast_503_and_recovers_without_restart(servers: Servers) -> None:
+    """pg_ctl stop (fast: clients are disconnected), then start on the same port."""
+    postgres = servers.postgres()
+    server = servers.gunicorn({"OPTIN_STORAGE_URL": postgres.url()}, workers=2)
+    master, workers = server.proc.pid, wait_for_workers(server, 2, set())
+    with requests.Session() as http:
+        check_outage_and_recovery(servers, postgres, server, http, "sigterm", master, workers)
+
+
+@pytest.mark.postgres_server
+def test_postgres_read_only_answers_writes_503_and_reads_200(servers: Servers) -> None:
+    """A server turned read-only (as a standby is): PUT and /readyz answer 503 fast, GET
+    still answers; writable again, it all answers 200 without a worker restart."""
+    postgres = servers.postgres()
+    server = servers.gunicorn({"OPTIN_STORAGE_URL": postgres.url()}, workers=2)
+    master, workers = server.proc.pid, wait_for_workers(server, 2, set())
+    base = server.base
+    with requests.Session() as http:
+        assert_put_ok(server, http, "member-ro", "accepted")
+        before = read_state(server, http, "member-ro")
+        postgres.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+        postgres.reload()
+        # The server's sessions apply the reload a moment later: until a write fails.
+        for _ in range(100):
+            if put(http, base, "probe", "accepted").status_code == 503:
+                break
+            time.sleep(0.05)
+        for name, request in {
+            "PUT": lambda: put(http, base, "member-ro", "declined"),
+            "readyz": lambda: http.get(f"{base}/readyz", timeout=TIMEOUT),
+        }.items():
+            for _ in range(4):  # both workers, whichever answers
+                resp, elapsed = timed(server, f"{name} on a read-only server", request)
+                assert_unavailable(server, resp, elapsed, f"{name} on a read-only server")
+        for _ in range(4):
+            assert read_state(server, http, "member-ro") == before
+        postgres.execute("ALTER SYSTEM RESET default_transaction_read_only")
+        postgres.reload()
+        poll_until_ok(server, lambda: put(http, base, "member-ro", "declined"), "PUT")
+        for i in range(6):
+            assert_put_ok(server, http, f"after-ro-{i}", STATUSES[i % 2])
+            readyz = http.get(f"{base}/readyz", timeout=TIMEOUT)
+            assert readyz.status_code == 200, readyz.text + log_tail(server)
+        assert read_state(server, http, "member-ro")["LOYALTY_OPTIN"] == "declined"
+    assert server.proc.pid == master and server.worker_pids() == workers, log_tail(server)
 
 
 def _rounded(seconds: dict[str, float]) -> dict[str, float]:
@@ -702,6 +769,156 @@ def test_four_workers_hammering_one_sqlite_file(servers: Servers) -> None:
         if found[cid] != status
     ]
     assert not wrong, f"{summary}\n{wrong[:20]}" + log_tail(server)
+    print(summary)
+
+
+# --- the change feed: a reader tailing it while workers write -------------------------
+
+
+def feed_page(http: requests.Session, base: str, after: str | None, limit: int) -> dict:
+    query: dict[str, str | int] = {"limit": limit}
+    if after is not None:
+        query["after"] = after
+    resp = http.get(f"{base}/client/optin/changes", params=query, timeout=TIMEOUT)
+    assert resp.status_code == 200, f"GET changes: {resp.status_code} {resp.text[:300]}"
+    body = resp.json()
+    assert isinstance(body["next"], str), body
+    return body
+
+
+@pytest.mark.parametrize(
+    ("backend", "workers"),
+    [
+        pytest.param("memory", 1, id="memory-1-worker"),
+        pytest.param("sqlite", 4, id="sqlite-4-workers"),
+        pytest.param("redis", 4, id="redis-4-workers", marks=pytest.mark.redis_server),
+        pytest.param("sentinel", 4, id="sentinel-4-workers", marks=pytest.mark.redis_server),
+        pytest.param("cluster", 4, id="cluster-4-workers", marks=pytest.mark.redis_server),
+        pytest.param("postgres", 4, id="postgres-4-workers", marks=pytest.mark.postgres_server),
+    ],
+)
+def test_a_reader_tailing_the_feed_sees_every_change_once_in_commit_order(
+    servers: Servers, request: pytest.FixtureRequest, backend: str, workers: int
+) -> None:
+    """Several clients PUT concurrently (across 4 workers but on memory) while a reader
+    tails the feed in pages of 3: it sees exactly what a full read after the writes sees,
+    in the same order (on a Redis Cluster: the same changes, each member's in the same
+    order: across its groups, changes are ordered by the masters' clocks, not by commit);
+    each member's versions run 1..k; its last change is GET's state. A feed numbered
+    before commit would let the tail skip a slower writer's change."""
+    if backend == "memory":
+        url = "memory://"
+    elif backend == "sqlite":
+        url = servers.sqlite_url()
+    elif backend == "redis":
+        url = servers.redis().url
+    elif backend == "postgres":  # the session's server, in a schema of this test's own
+        url = request.getfixturevalue("postgres_url")
+    else:  # the session's Sentinel or Cluster, under a prefix of this test's own
+        topology = request.getfixturevalue(f"{backend}_topology")
+        url = topology.url(prefix=f"t-{uuid.uuid4().hex[:12]}:")
+    server = servers.gunicorn({"OPTIN_STORAGE_URL": url}, workers=workers)
+    base = server.base
+    members = [f"feed-{i}" for i in range(12)]
+    lock = threading.Lock()
+    acked: set[str] = set()  # request ids of the PUTs answered 200
+    problems: list[str] = []
+    writing = threading.Event()
+    writing.set()
+    tailed: list[dict] = []
+    pages_while_writing = 0
+
+    def writer(tid: int) -> None:
+        rng = random.Random(tid)
+        try:
+            with requests.Session() as http:
+                for _ in range(40):
+                    cid = rng.choice(members)
+                    resp = put(http, base, cid, rng.choice(STATUSES))
+                    if resp.status_code != 200:
+                        raise AssertionError(f"PUT {cid}: {resp.status_code} {resp.text[:200]}")
+                    with lock:
+                        acked.add(resp.headers["x-amzn-RequestId"])
+        except Exception as exc:
+            with lock:
+                problems.append(f"writer {tid}: {exc!r}")
+
+    def tail() -> None:
+        nonlocal pages_while_writing
+        after = None
+        deadline = time.monotonic() + 90
+        try:
+            with requests.Session() as http:
+                while time.monotonic() < deadline:
+                    still_writing = writing.is_set()
+                    body = feed_page(http, base, after, 3)
+                    tailed.extend(body["items"])
+                    after = body["next"]
+                    if body["items"] and still_writing:
+                        pages_while_writing += 1
+                    if not body["items"]:
+                        if not still_writing:  # read after the last write was answered
+                            return
+                        time.sleep(0.005)
+                raise AssertionError("the tailing reader ran out of time")
+        except Exception as exc:
+            with lock:
+                problems.append(f"reader: {exc!r}")
+
+    reader = threading.Thread(target=tail, daemon=True)
+    writers = [threading.Thread(target=writer, args=(t,), daemon=True) for t in range(6)]
+    reader.start()
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join(timeout=90)
+    writing.clear()
+    reader.join(timeout=90)
+    assert not reader.is_alive() and not any(t.is_alive() for t in writers), "threads hung"
+    assert not problems, f"{problems[:10]}" + log_tail(server)
+
+    full: list[dict] = []
+    after = None
+    with requests.Session() as http:
+        for _ in range(1000):
+            body = feed_page(http, base, after, 1000)
+            if not body["items"]:
+                break
+            full.extend(body["items"])
+            after = body["next"]
+        states = {cid: get(http, base, cid) for cid in members}
+
+    summary = (
+        f"{len(acked)} PUTs answered 200, {len(full)} changes, the reader got "
+        f"{pages_while_writing} non-empty pages while the writes ran"
+    )
+    if backend == "cluster":
+        assert sorted(map(json.dumps, tailed)) == sorted(map(json.dumps, full)), summary
+        for cid in members:
+            mine = [change for change in tailed if change["correlationId"] == cid]
+            assert mine == [change for change in full if change["correlationId"] == cid]
+    else:
+        assert tailed == full, summary
+    ids = [change["requestId"] for change in full]
+    assert len(set(ids)) == len(ids), summary
+    assert set(ids) <= acked, summary  # no change without an acknowledged PUT
+    # A PUT that lost a race to a later-stamped one is no change; most PUTs are.
+    assert len(full) > len(acked) // 2, summary
+    assert pages_while_writing >= 3, summary  # it did tail while the writers ran
+    for cid in members:
+        own = [change for change in full if change["correlationId"] == cid]
+        assert [c["version"] for c in own] == list(range(1, len(own) + 1)), (cid, own)
+        assert [c["previous"] for c in own] == [None] + [c["LOYALTY_OPTIN"] for c in own[:-1]]
+        assert [c["updatedAt"] for c in own] == sorted(c["updatedAt"] for c in own), own
+        state = states[cid]
+        assert state.status_code == 200, (cid, state.text)
+        last = own[-1]
+        assert state.json() == {
+            "LOYALTY_OPTIN": last["LOYALTY_OPTIN"],
+            "updatedAt": last["updatedAt"],
+        }
+    put_pids = {line["pid"] for line in server.access_lines() if line["method"] == "PUT"}
+    assert len(put_pids) == workers, f"PUTs answered by {sorted(put_pids)}" + log_tail(server)
     print(summary)
 
 

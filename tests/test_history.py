@@ -1,4 +1,5 @@
-"""Consent as evidence over HTTP: provenance, history pages, ordering, idempotency."""
+"""Consent as evidence over HTTP: provenance, history pages, ordering, idempotency,
+on the memory store and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -14,6 +15,20 @@ from tests.test_api import PATH, TIME, envelope, put
 
 URL = PATH.format("member-1")
 HISTORY = URL + "/history"
+
+
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("postgres", marks=[pytest.mark.slow, pytest.mark.postgres_server]),
+    ]
+)
+def app(request):
+    """The standalone app on memory and on PostgreSQL (a schema of its own)."""
+    url = "memory://" if request.param == "memory" else request.getfixturevalue("postgres_url")
+    app = create_app({"TESTING": True, "OPTIN_STORAGE_URL": url})
+    yield app
+    app.extensions["optin"].store.close()
 
 
 def history(client, **query):

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 import backends.memory
-import backends.sqlite
+import backends.sqlite.store
 from backends.memory import MemoryStore
 from backends.sqlite import SQLiteStore
 from optin_service import create_app
@@ -45,7 +45,7 @@ def backend(request, tmp_path, monkeypatch):
     if request.param == "memory":
         monkeypatch.setattr(backends.memory, "_now", lambda: clock.now)
         return "memory://", clock
-    monkeypatch.setattr(backends.sqlite, "_now_us", lambda: clock.us)
+    monkeypatch.setattr(backends.sqlite.store, "_now_us", lambda: clock.us)
     return f"sqlite:///{tmp_path}/optin.db", clock
 
 

@@ -132,3 +132,13 @@ def test_no_import_cycles():
     for name in sorted(graph):
         walk(name, [name])
     assert not cycles, cycles
+
+
+def test_the_readme_names_every_setting():
+    """Every OPTIN_* setting of defaults.py is in the README's configuration table."""
+    from optin_service import defaults
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Configuration") : readme.index("### Storage")]
+    missing = [name for name in defaults.DEFAULTS if f"`{name}`" not in table]
+    assert not missing, missing

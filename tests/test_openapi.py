@@ -29,6 +29,7 @@ from schemathesis.config import SchemathesisConfig
 
 from optin_service import OptIn, create_app
 from optin_service.api import UPDATED_BODY
+from optin_service.feed import MAX_CURSOR
 from optin_service.headers import RESPONSE_HEADERS
 from optin_service.openapi import build_spec
 from optin_service.operation import Operation, Parameter
@@ -37,7 +38,8 @@ from optin_service.storage import STATUSES, OptInRecord, StorageUnavailable
 
 OPTIN = "/client/users/{correlation_id}/profile/optin"
 HISTORY = OPTIN + "/history"
-API_OPERATIONS = {("put", OPTIN), ("get", OPTIN), ("get", HISTORY)}
+CHANGES = "/client/optin/changes"
+API_OPERATIONS = {("put", OPTIN), ("get", OPTIN), ("get", HISTORY), ("get", CHANGES)}
 OPEN_OPERATIONS = {("get", p) for p in ("/healthz", "/readyz", "/metrics", "/openapi.json")}
 REQUEST_ID_HEADERS = ("x-amzn-RequestId", "X-Request-Id")
 
@@ -154,7 +156,7 @@ def test_every_route_of_the_blueprint_is_documented_and_nothing_more(app):
             path = rule.rule.replace("<", "{").replace(">", "}")
             routes |= {(m.lower(), path) for m in rule.methods - {"HEAD", "OPTIONS"}}
     assert {(method, path) for method, path, _ in operations(spec)} == routes
-    assert len(routes) == 7
+    assert len(routes) == 8
 
 
 def test_a_declared_view_is_documented_with_what_every_operation_shares():
@@ -229,6 +231,7 @@ EXPECTED_STATUSES = {
     ("put", OPTIN): {"200", "400", "408", "413", "415", "422", "500", "503"},
     ("get", OPTIN): {"200", "400", "404", "500", "503"},
     ("get", HISTORY): {"200", "400", "404", "500", "503"},
+    ("get", CHANGES): {"200", "400", "410", "500", "503"},
     ("get", "/healthz"): {"200", "500"},
     ("get", "/readyz"): {"200", "500", "503"},
     ("get", "/metrics"): {"200", "500"},
@@ -286,6 +289,7 @@ def test_errors_answer_the_envelope_with_their_own_code():
         ("401", "UNAUTHORIZED"),
         ("404", "NOT_FOUND"),
         ("413", "PAYLOAD_TOO_LARGE"),
+        ("410", "CURSOR_EXPIRED"),
         ("415", "UNSUPPORTED_MEDIA_TYPE"),
         ("422", "IDEMPOTENCY_KEY_REUSED"),
         ("429", "TOO_MANY_REQUESTS"),
@@ -357,6 +361,16 @@ def test_parameters_carry_the_services_rules():
         "maximum": 100,
     }
     assert query["cursor"]["schema"] == {"type": "string", "minLength": 1}
+    feed = {p["name"]: p for p in spec["paths"][CHANGES]["get"]["parameters"]}
+    assert set(feed) == {"after", "limit"}
+    assert feed["limit"]["schema"] == {
+        "type": "integer",
+        "default": 100,
+        "minimum": 1,
+        "maximum": 1000,
+    }
+    assert feed["after"]["schema"] == {"type": "string", "minLength": 1, "maxLength": MAX_CURSOR}
+    assert not feed["after"]["required"] and not feed["limit"]["required"]
 
 
 def test_bodies_come_from_the_marshmallow_schemas():
@@ -380,6 +394,37 @@ def test_bodies_come_from_the_marshmallow_schemas():
     assert page["properties"]["items"]["items"] == {"$ref": "#/components/schemas/HistoryItem"}
     assert page["properties"]["next"]["type"] == ["string", "null"]
     assert {"requestId", "source"} <= set(schemas["HistoryItem"]["required"])
+    changes = schemas["ChangesPage"]
+    assert changes["required"] == ["items", "next"]
+    assert changes["properties"]["items"]["items"] == {"$ref": "#/components/schemas/Change"}
+    change = schemas["Change"]
+    assert sorted(change["required"]) == sorted(
+        [
+            "correlationId",
+            "LOYALTY_OPTIN",
+            "previous",
+            "updatedAt",
+            "requestId",
+            "source",
+            "client",
+            "version",
+        ]
+    )
+    assert change["properties"]["previous"]["type"] == ["string", "null"]
+    check = validator(spec, {"$ref": "#/components/schemas/Change"})
+    first = {
+        "correlationId": "m1",
+        "LOYALTY_OPTIN": "accepted",
+        "previous": None,
+        "updatedAt": "2026-11-26T12:00:00.123456Z",
+        "requestId": "r1",
+        "source": "API",
+        "client": "",
+        "version": 1,
+    }
+    check.validate(first)
+    assert not check.is_valid({**first, "previous": "maybe"})
+    assert not check.is_valid({**first, "version": 0})
     health = spec["paths"]["/healthz"]["get"]["responses"]["200"]["content"]["application/json"]
     assert validator(spec, health["schema"]).is_valid({"status": "ok"})
     metrics = spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
@@ -451,6 +496,9 @@ def test_jwt_answers_conform(jwt_app, rsa_key):
     assert check(jwt_app, "put", OPTIN, **put) == 401
     get = {"path_parameters": {"correlation_id": "m1"}}
     assert check(jwt_app, "get", HISTORY, headers=read, **get) == 200
+    assert check(jwt_app, "get", CHANGES, headers=read) == 200
+    write = {"Authorization": f"Bearer {token(rsa_key, 'optin:write')}"}
+    assert check(jwt_app, "get", CHANGES, headers=write) == 403
     assert check(jwt_app, "get", OPTIN, headers={"Authorization": "Bearer x"}, **get) == 401
     assert check(jwt_app, "get", "/healthz") == 200
 
@@ -470,14 +518,25 @@ def test_storage_down_answers_conform(monkeypatch):
         raise StorageUnavailable("down")
 
     store = app.extensions["optin"].store
-    for name in ("get", "set", "history", "check"):
+    for name in ("get", "set", "history", "changes", "check"):
         monkeypatch.setattr(store, name, down)
     get = {"path_parameters": {"correlation_id": "m1"}}
     assert check(app, "get", OPTIN, **get) == 503
     assert check(app, "get", HISTORY, **get) == 503
+    assert check(app, "get", CHANGES) == 503
     put = {**get, "body": {"LOYALTY_OPTIN": "declined"}}
     assert check(app, "put", OPTIN, **put) == 503
     assert check(app, "get", "/readyz") == 503
+
+
+def test_an_expired_cursor_answers_conform():
+    app = make_app()
+    store = app.extensions["optin"].store
+    store.set(OptInRecord.now("m1", "accepted", "r1"))
+    before = store.changes(None, 1).next
+    store.rebuild_changes()
+    assert check(app, "get", CHANGES, query={"after": before}) == 410
+    assert check(app, "get", CHANGES, query={"after": store.changes(None, 1).next}) == 200
 
 
 def test_metrics_off_answers_conform():
@@ -541,6 +600,10 @@ def call_and_validate(case, app: Flask) -> None:
         if positive and case.query and "cursor" in case.query:
             events = store.history(cid, 1, None)
             case.query["cursor"] = encode_cursor(events[0].position if events else (0, "-"))
+    positive = case.meta is not None and case.meta.generation.mode.is_positive
+    if positive and case.query and "after" in case.query:
+        store = app.extensions["optin"].store
+        case.query["after"] = store.changes(None, 1).next  # the position after a change, if any
     case.call_and_validate()
 
 

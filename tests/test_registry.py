@@ -16,7 +16,7 @@ from optin_service import create_app, registry
 from optin_service.storage import OptInStore
 
 PLUGIN_DIR = Path(__file__).parent / "plugins" / "optin-dummy-backend"
-BUILT_IN = ["memory", "redis", "rediss", "sqlite", "unix"]
+BUILT_IN = ["memory", "postgres", "postgresql", "redis", "rediss", "sqlite", "unix"]
 
 
 @pytest.mark.parametrize("scheme", BUILT_IN)
@@ -28,9 +28,9 @@ def test_every_built_in_scheme_is_an_entry_point_to_a_store(scheme):
 
 def test_unknown_scheme_names_it_and_lists_installed_ones():
     with pytest.raises(registry.BackendNotFound) as info:
-        registry.store_from_url("postgres://db/optin")
+        registry.store_from_url("dynamodb://db/optin")
     message = str(info.value)
-    assert "'postgres'" in message
+    assert "'dynamodb'" in message
     assert registry.GROUP in message
     for scheme in BUILT_IN:
         assert scheme in message
@@ -111,6 +111,22 @@ def test_a_backend_missing_a_method_fails_at_construction():
             "redis+sentinel://h:26379/m?prefix=p:&sentinel_password=***&SSL_PASSWORD=***",
         ),
         ("unix:///run/r.sock?db=0&password=s3cret", "unix:///run/r.sock?db=0&password=***"),
+        # libpq's URLs: several hosts, IPv6, a socket folder, password options.
+        (
+            "postgresql://app:s3cret@db1:5432,db2:5432/optin?target_session_attrs=read-write",
+            "postgresql://app:***@db1:5432,db2:5432/optin?target_session_attrs=read-write",
+        ),
+        ("postgres://app:s3cret@[::1]:5432/optin", "postgres://app:***@[::1]:5432/optin"),
+        ("postgresql://app:s3cret@/optin?host=/tmp", "postgresql://app:***@/optin?host=/tmp"),
+        (
+            "postgresql://db/optin?sslpassword=k3y&password=s3cret&sslmode=require",
+            "postgresql://db/optin?sslpassword=***&password=***&sslmode=require",
+        ),
+        # libpq reads a password up to the "@" whatever it holds ("#" and "?" included);
+        # urllib would have ended the user part there and shown the whole password.
+        ("postgresql://app:s#cret@db/optin", "postgresql://app:***@db/optin"),
+        ("postgresql://app:s?cr#t@db1,db2/optin", "postgresql://app:***@db1,db2/optin"),
+        ("redis://:s#cret@host:6379/0", "redis://:***@host:6379/0"),
     ],
 )
 def test_redact_hides_passwords(url, shown):

@@ -21,8 +21,9 @@ import redis
 
 import backends.memory
 import backends.redis.store
-import backends.sqlite
+import backends.sqlite.sql
 from backends.memory import MemoryStore
+from backends.postgres import PostgresStore
 from backends.redis import RedisStore
 from backends.sqlite import SQLiteStore
 from optin_service.storage import (
@@ -33,6 +34,7 @@ from optin_service.storage import (
     StorageUnavailable,
 )
 from optin_service.testing import StoreContract
+from tests.redis_feed import redis_cursor_past_the_end
 from tests.servers import RedisProcess, RedisServer, free_port
 
 STAMP = datetime(2026, 11, 26, 12, 0, 0, 123456, tzinfo=timezone.utc)
@@ -64,6 +66,11 @@ def _redis(request, tmp_path, import_batch=SMALL_IMPORT_BATCH):
     return RedisStore.from_url(url)
 
 
+def _postgres(request, tmp_path):
+    # Small import batches: the contract crosses every batch boundary.
+    return PostgresStore(request.getfixturevalue("postgres_url"), import_batch=7)
+
+
 def _dispose(store):
     store.close()
     if isinstance(store, RedisStore):
@@ -80,8 +87,18 @@ _REDIS_PARAMS = [
 ]
 
 
+_POSTGRES_PARAM = pytest.param(
+    _postgres, id="postgres", marks=[pytest.mark.postgres_server, pytest.mark.slow]
+)
+
+
 @pytest.fixture(
-    params=[pytest.param(_memory, id="memory"), pytest.param(_sqlite, id="sqlite"), *_REDIS_PARAMS]
+    params=[
+        pytest.param(_memory, id="memory"),
+        pytest.param(_sqlite, id="sqlite"),
+        *_REDIS_PARAMS,
+        _POSTGRES_PARAM,
+    ]
 )
 def store(request, tmp_path):
     """A fresh, empty store on each backend; closed (and its Redis keys removed) afterwards."""
@@ -105,6 +122,11 @@ class TestStoreContract(StoreContract):
         here, so the contract crosses every boundary (script calls within one
         pipeline: test_redis_import_crosses_script_calls_and_pipelines)."""
         monkeypatch.setattr(backends.redis.store, "SCAN_PAGE", 2)
+
+    def cursor_past_the_end(self, store, cursor):
+        if isinstance(store, RedisStore):
+            return redis_cursor_past_the_end(cursor)
+        return super().cursor_past_the_end(store, cursor)
 
 
 # --- memory ----------------------------------------------------------------------
@@ -258,7 +280,6 @@ def test_sqlite_pragmas_default_to_wal_and_full(tmp_path, sqlite_url):
         store.close()
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
 def test_sqlite_store_used_after_fork_opens_its_own_connection(sqlite_url):
     store = SQLiteStore.from_url(sqlite_url)
     try:
@@ -297,9 +318,8 @@ def sqlite_store(sqlite_url):
 def _break_apply_current(monkeypatch, store, tmp_path):
     # The second statement of a write (the current state) becomes invalid SQL,
     # in a single write and in a bulk import.
-    monkeypatch.setattr(backends.sqlite, "_APPLY_CURRENT", "UPDATE optin SET nonsense")
-    for name in ("_CHUNK_CURRENT", "_CHUNK_CURRENT_STORED"):
-        monkeypatch.setattr(backends.sqlite, name, "UPDATE optin SET nonsense")
+    for name in ("APPLY_CURRENT", "CHUNK_CURRENT", "CHUNK_CURRENT_STORED"):
+        monkeypatch.setattr(backends.sqlite.sql, name, "UPDATE optin SET nonsense")
 
 
 def _drop_current_table(monkeypatch, store, tmp_path):

@@ -9,7 +9,6 @@ ones (started only if these tests run); anything destructive starts its own in
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import threading
 import time
 import uuid
@@ -24,6 +23,12 @@ from optin_service import create_app
 from optin_service.registry import store_from_url
 from optin_service.storage import IdempotencyKeyReused, OptInRecord, StorageUnavailable
 from optin_service.testing import StoreContract
+from tests.failover import STATUSES, TIMEOUT, Readiness, WriteLoad, gunicorn_log_tail, wait_ready
+from tests.redis_feed import (
+    RedisCursors,
+    assert_each_change_once_in_member_order,
+    tail_while_writing,
+)
 from tests.servers import LOOPBACK, Gunicorn, free_port
 from tests.topologies import ClusterTopology, SentinelTopology, slot_of, wait_until
 
@@ -212,7 +217,7 @@ def test_nothing_listening_is_unavailable_within_2s(scheme, call):
 
 @pytest.mark.slow
 @pytest.mark.redis_server
-class TestSentinelContract(StoreContract):
+class TestSentinelContract(RedisCursors, StoreContract):
     @pytest.fixture(params=["no-wait", "wait-1"])
     def store(self, request, sentinel_topology, monkeypatch):
         monkeypatch.delenv(MIN_REPLICAS_ENV, raising=False)
@@ -226,13 +231,24 @@ class TestSentinelContract(StoreContract):
 
 @pytest.mark.slow
 @pytest.mark.redis_server
-class TestClusterContract(StoreContract):
+class TestClusterContract(RedisCursors, StoreContract):
+    """The contract, with the Cluster's promise for a reader tailing the feed: across
+    groups, changes are ordered by the masters' clocks rather than by commit, so the
+    tail holds the same changes as a full read, each member's in the same order."""
+
     @pytest.fixture
     def store(self, cluster_topology, monkeypatch):
         monkeypatch.delenv(MIN_REPLICAS_ENV, raising=False)
         store = RedisStore.from_url(cluster_topology.url(prefix=_unique_prefix()))
         yield store
         _dispose(store)
+
+    def test_a_reader_tailing_while_threads_write_sees_each_change_once_in_order(self, store):
+        members = [f"member-{i}" for i in range(6)]
+        tailed, full, while_writing = tail_while_writing(store, members)
+        assert while_writing > 0
+        assert_each_change_once_in_member_order(store, tailed, full)
+        assert {c.event.correlation_id for c in full} == set(members)
 
 
 # --- Sentinel: what the topology adds -------------------------------------------------
@@ -372,146 +388,7 @@ def test_cluster_wait_without_replicas_is_unavailable(cluster_topology, monkeypa
 
 # --- failover through gunicorn ----------------------------------------------------------
 
-TIMEOUT = 5.0  # seconds, for every HTTP request
-STATUSES = ("accepted", "declined")
 MAX_GAP = 10.0  # seconds without an acknowledged write, at most
-
-
-class WriteLoad:
-    """Client threads PUTting new members through gunicorn, without pause.
-
-    Each logical write has its own Idempotency-Key and is sent again with it
-    after a 503 or a lost connection, for at most ``retry_for`` seconds. What
-    was acknowledged (200) is kept with the time of the acknowledgement.
-    """
-
-    def __init__(self, base: str, threads: int = 4, retry_for: float = 20.0) -> None:
-        self.base = base
-        self.retry_for = retry_for
-        self.lock = threading.Lock()
-        self.acked: dict[str, str] = {}  # id -> status answered 200
-        self.ack_times: list[float] = []
-        self.given_up: dict[str, str] = {}  # id -> status never acknowledged
-        self.first_failure: dict[str, float] = {}  # id -> first 503 or connection error
-        self.answers: Counter[str] = Counter()
-        self.unexpected: list[str] = []
-        self.stopping = threading.Event()
-        self.threads = [
-            threading.Thread(target=self._writer, args=(tid,), daemon=True)
-            for tid in range(threads)
-        ]
-
-    def start(self) -> WriteLoad:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join(timeout=self.retry_for + 15)
-        assert not any(t.is_alive() for t in self.threads), "writers did not stop"
-
-    def _writer(self, tid: int) -> None:
-        try:
-            with requests.Session() as http:
-                for n in range(1_000_000):
-                    if self.stopping.is_set():
-                        return
-                    self.write(http, f"w{tid}-{n}", STATUSES[(tid + n) % 2])
-        except Exception as exc:  # reported by the test, not lost in a thread
-            with self.lock:
-                self.unexpected.append(f"writer {tid}: {exc!r}")
-
-    def write(self, http: requests.Session, cid: str, status: str) -> None:
-        key = uuid.uuid4().hex
-        deadline = time.monotonic() + self.retry_for
-        url = f"{self.base}/client/users/{cid}/profile/optin"
-        for _ in range(5000):
-            if time.monotonic() > deadline:
-                break
-            try:
-                resp = http.put(
-                    url,
-                    json={"LOYALTY_OPTIN": status},
-                    headers={"Idempotency-Key": key},
-                    timeout=TIMEOUT,
-                )
-            except requests.RequestException as exc:
-                with self.lock:
-                    self.answers[type(exc).__name__] += 1
-                    self.first_failure.setdefault(cid, time.monotonic())
-                time.sleep(0.05)
-                continue
-            with self.lock:
-                self.answers[str(resp.status_code)] += 1
-                if resp.status_code == 200:
-                    self.acked[cid] = status
-                    self.ack_times.append(time.monotonic())
-                    return
-                if resp.status_code != 503:
-                    self.unexpected.append(f"PUT {cid}: {resp.status_code} {resp.text[:200]}")
-                    return
-                self.first_failure.setdefault(cid, time.monotonic())
-            time.sleep(0.05)
-        with self.lock:
-            self.given_up[cid] = status
-
-    def acks_after(self, moment: float) -> int:
-        with self.lock:
-            return sum(1 for t in self.ack_times if t > moment)
-
-    def longest_gap(self, start: float, end: float) -> tuple[float, float]:
-        """The longest time in [start, end] without an acknowledgement: (length, start)."""
-        with self.lock:
-            times = sorted(t for t in self.ack_times if start <= t <= end)
-        edges = [start, *times, end]
-        return max((b - a, a) for a, b in itertools.pairwise(edges))
-
-
-class Readiness:
-    """Polls /readyz every 0.1 s in a thread, keeping (time, status code)."""
-
-    def __init__(self, base: str) -> None:
-        self.base = base
-        self.seen: list[tuple[float, int]] = []
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._poll, daemon=True)
-
-    def start(self) -> Readiness:
-        self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.thread.join(timeout=15)
-
-    def _poll(self) -> None:
-        with requests.Session() as http:
-            for _ in range(10_000):
-                if self.stopping.is_set():
-                    return
-                try:
-                    code = http.get(f"{self.base}/readyz", timeout=TIMEOUT).status_code
-                except requests.RequestException:
-                    code = 0
-                self.seen.append((time.monotonic(), code))
-                time.sleep(0.1)
-
-    def codes_between(self, start: float, end: float) -> list[int]:
-        return [code for t, code in self.seen if start <= t <= end]
-
-
-def gunicorn_log_tail(server: Gunicorn, chars: int = 4000) -> str:
-    text = server.log()
-    return f"\n--- gunicorn log ---\n{text[-chars:]}\n--- end ---"
-
-
-def wait_ready(server: Gunicorn, timeout: float = 15.0) -> None:
-    def probe() -> bool:
-        return requests.get(f"{server.base}/readyz", timeout=TIMEOUT).status_code == 200
-
-    wait_until("gunicorn ready", probe, timeout=timeout, every=0.1)
 
 
 @pytest.mark.slow
@@ -886,7 +763,9 @@ def test_cluster_with_replicas_waits_for_them_while_slots_move(tmp_path, monkeyp
             with topology.node_at(int(replicas[0][1])).client() as replica:
                 replica.execute_command("READONLY")
                 declined = int(record.status == "declined")
-                assert replica.get(store.key(cid)) == f"{record.updated_at_us}{declined}"
+                value = replica.get(store.key(cid))  # then ":<version>" from the 2nd change
+                assert value.partition(":")[0] == f"{record.updated_at_us}{declined}"
+                assert value == store.client.get(store.key(cid)).decode()
         print(
             f"cluster with replicas, WAIT 1: reshard of {len(moving)} slots took {took:.2f}s; "
             f"{len(acked)} members written, {len(failing_for)} writes answered 503 first, "

@@ -1,5 +1,6 @@
-"""Real Redis topologies on loopback for tests: Sentinel (master, replica, three
-Sentinels) and Cluster (three masters), from Debian's redis-server and redis-cli.
+"""Real topologies on loopback for tests: Redis Sentinel (master, replica, three
+Sentinels) and Cluster (three masters), from Debian's redis-server and redis-cli;
+a PostgreSQL primary with a streaming standby, from Debian's postgresql.
 
 Every process binds 127.0.0.1 only, on a free port, in its own directory under
 the temp dir it is given; :meth:`stop` ends every process it started (by pid).
@@ -9,6 +10,8 @@ Every wait is bounded in time and in count, and fails with what it last saw.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +21,7 @@ from typing import TypeVar
 import redis
 from redis.cluster import key_slot
 
-from tests.servers import LOOPBACK, RedisProcess, client, free_port
+from tests.servers import LOOPBACK, PostgresServer, RedisProcess, child_pids, client, free_port
 from tests.servers import binary as _binary
 
 T = TypeVar("T")
@@ -376,3 +379,160 @@ class ClusterTopology:
 def slot_of(store_key: str) -> int:
     """The Cluster slot of a key (the hash tag's, when it has one)."""
     return key_slot(store_key.encode())
+
+
+# --- PostgreSQL: a primary and a streaming standby -----------------------------------------
+
+STANDBY = "standby1"  # the standby's cluster_name: its application_name on the primary
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+class PostgresStandby(PostgresServer):
+    """A streaming standby of ``primary``: ``pg_basebackup -R`` (the primary's data and
+    settings, with ``primary_conninfo``), then started on a port of its own."""
+
+    def __init__(self, primary: PostgresServer, name: str = STANDBY) -> None:
+        super().__init__(settings={"cluster_name": name})
+        self.primary = primary
+        self.name = name
+
+    def start(self) -> PostgresStandby:
+        if not (self.data / "PG_VERSION").exists():
+            self._run(
+                self.bin / "pg_basebackup", "-D", self.data,
+                "-h", LOOPBACK, "-p", self.primary.port, "-U", "postgres",
+                "-R", "-X", "stream", "-c", "fast", "--no-sync",
+            )  # fmt: skip
+        super().start()
+        return self
+
+    def promote(self) -> None:
+        """``pg_ctl promote -w``: returns once this server takes writes."""
+        self._run(self.bin / "pg_ctl", "promote", "-D", self.data, "-w", "-t", "30")
+
+
+class PostgresReplication:
+    """A primary and one streaming standby on loopback, each in a temp dir of its own.
+
+    ``synchronous``: ``"off"`` (asynchronous streaming), ``"primary"``
+    (``synchronous_standby_names`` naming the standby, set on the primary once the
+    standby is copied) or ``"both"`` (set before the copy, so the standby inherits
+    it: promoted, it waits for a standby that does not exist).
+
+    Faults are signals to every process of a server: the postmaster and its children
+    (each child of a postmaster leads a process group of its own, so a signal to the
+    postmaster's group reaches only the postmaster). :meth:`crash` is a host dying
+    (SIGKILL to them all), :meth:`stall` a replication link stalled, :meth:`freeze_primary`
+    a primary hung, :meth:`resume` the end of either.
+    """
+
+    def __init__(self, synchronous: str = "primary") -> None:
+        if synchronous not in ("off", "primary", "both"):
+            raise ValueError(f"synchronous={synchronous!r}")
+        self.synchronous = synchronous
+        self.primary = PostgresServer()
+        self.standby = PostgresStandby(self.primary)
+        self._stalled: list[int] = []
+
+    def start(self) -> PostgresReplication:
+        try:
+            self.primary.start()
+            if self.synchronous == "both":
+                self.require_standby(self.primary)
+            self.standby.start()
+            if self.synchronous == "primary":
+                self.require_standby(self.primary)
+            wanted = "async" if self.synchronous == "off" else "sync"
+            wait_until(
+                f"{STANDBY} streaming ({wanted})",
+                lambda: self.primary.execute(
+                    "SELECT 1 FROM pg_stat_replication "
+                    f"WHERE application_name = '{STANDBY}' AND state = 'streaming' "
+                    f"AND sync_state = '{wanted}'"
+                ),
+                timeout=20,
+                every=0.1,
+            )
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    @staticmethod
+    def require_standby(server: PostgresServer) -> None:
+        """Commits on ``server`` wait for the standby (``synchronous_commit`` is on)."""
+        server.execute(f"ALTER SYSTEM SET synchronous_standby_names = '{STANDBY}'")
+        server.reload()
+
+    def url(self, **options: str) -> str:
+        """The service's URL: both hosts, the writable one wanted."""
+        query = "&".join(
+            f"{k}={v}" for k, v in {"target_session_attrs": "read-write", **options}.items()
+        )
+        hosts = f"{LOOPBACK}:{self.primary.port},{LOOPBACK}:{self.standby.port}"
+        return f"postgresql://postgres@{hosts}/postgres?{query}"
+
+    @staticmethod
+    def _freeze(server: PostgresServer) -> list[int]:
+        """SIGSTOP the postmaster (so it starts no new child), then each of its children:
+        every pid stopped, the postmaster first."""
+        pid = server.pid
+        assert pid is not None, f"{server.data} is not running"
+        os.kill(pid, signal.SIGSTOP)
+        children = child_pids(pid)
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGSTOP)
+        return [pid, *children]
+
+    def stall(self) -> None:
+        """Stall replication until :meth:`resume`: freeze the primary's WAL sender (what
+        the primary writes from now on stays there, as behind a network partition) and
+        every process of the standby (it flushes and acknowledges nothing). WAL sent
+        before is in the standby's socket buffer: it gets it once thawed."""
+        (walsender,) = self.primary.execute(
+            f"SELECT pid FROM pg_stat_replication WHERE application_name = '{STANDBY}'"
+        )[0]
+        os.kill(walsender, signal.SIGSTOP)
+        self._stalled.append(walsender)
+        self._stalled.extend(self._freeze(self.standby))
+
+    def freeze_primary(self) -> None:
+        """Freeze every process of the primary (a host hung, its sockets open: the
+        service's connections to it neither answer nor fail) until :meth:`resume`."""
+        self._stalled.extend(self._freeze(self.primary))
+
+    def resume(self) -> None:
+        for pid in self._stalled:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        self._stalled.clear()
+
+    def crash(self) -> None:
+        """SIGKILL every process of the primary (a host dying), and wait until they are
+        gone."""
+        pids = self._freeze(self.primary)
+        for pid in reversed(pids):  # the children, then the postmaster
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+        wait_until("the primary's processes gone", lambda: not any(map(_alive, pids)), every=0.02)
+
+    def cleanup(self) -> None:
+        self.resume()
+        for server in (self.standby, self.primary):
+            server.cleanup()
+
+    def logs(self, chars: int = 2500) -> str:
+        return "\n".join(
+            f"--- {name} :{server.port} ---\n{server.log(chars)}"
+            for name, server in (("primary", self.primary), ("standby", self.standby))
+        )

@@ -3,14 +3,17 @@
 - :mod:`.store`: :class:`RedisStore`, one server, and the key layout;
 - :mod:`.sentinel`: :class:`RedisSentinelStore`, the master a set of Sentinels names;
 - :mod:`.cluster`: :class:`RedisClusterStore`, a Redis Cluster;
+- :mod:`.feed`: the change feed (streams of changes, cursors, retention,
+  rebuild) and the webhook deliverer's state;
 - :mod:`.url`: reading the URL and its options; :mod:`.codec`: events as Redis
   values; :mod:`.scripts`: the Lua scripts (``lua/*.lua``); :mod:`.errors`:
-  which driver errors are transient.
+  which driver errors are transient; :mod:`.policy`: eviction policies.
 
-Every write is one Lua script: the event, the current state and the
-idempotency key change together or not at all (the current state is read and
-checked before anything is written). An event is its member, time and request
-id: one already stored is skipped whole, whatever its other fields say.
+Every write is one Lua script: the event, the current state, the idempotency
+key and the change it makes (its entry in the feed) change together or not at
+all (the current state is read and checked before anything is written). An
+event is its member, time and request id: one already stored is skipped whole,
+whatever its other fields say.
 
 A dead or hung Redis must cost a request about a second, not a minute:
 redis-py's own defaults are 5 s timeouts with up to 10 retries, and ``from_url``

@@ -1,16 +1,31 @@
 """``RedisClusterStore``: a Redis Cluster, through redis-py's RedisCluster.
 
 ``redis+cluster://[user:password@]host:port[,host:port...]``: reached through any
-of the listed nodes. A member's keys share one slot, so its atomic write works
-there; a write that meets a slot being migrated (``TRYAGAIN``) is retried briefly
-here before answering "unavailable". Every master's eviction policy counts, and
+of the listed nodes. A script reaches one slot, so members are grouped: member
+``m`` is in group ``crc32(m) % 64`` (:data:`GROUPS`; fixed for a store), and all
+of its keys, and its group's feed stream, carry the group's hash tag:
+
+- ``<prefix>{g<k>}{<escaped id>}``, ``...:h``, ``...:i:<key>``: the member's keys
+  as in :mod:`.store` (Redis hashes the first tag only; the escaped id in the
+  second pair of braces keeps members apart);
+- ``<prefix>{g<k>}feed`` and ``<prefix>{g<k>}feed:pruned``: the group's feed.
+
+So a write, its change included, is one script on one slot. The reader merges
+the 64 streams by id (:mod:`.feed`): per member, changes are in commit order;
+across members, in the order of the masters' clocks (to the µs; equal ids in
+group order), each exactly once.
+
+A write that meets a slot being migrated (``TRYAGAIN``) is retried briefly here
+before answering "unavailable". Every master's eviction policy counts, and
 ``check()`` writes a key of its own on every master.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -26,12 +41,19 @@ from redis.exceptions import (
     TryAgainError,
 )
 
+from optin_service.feed import sorted_for_import
 from optin_service.storage import EventRow, StorageUnavailable, batched
 
 from . import codec, scripts
 from . import url as parse
-from .store import CHECK_KEY_SECONDS, RedisStore, policy_of
+from .policy import policy_of
+from .store import CHECK_KEY_SECONDS, RedisStore
 from .url import DEFAULT_PREFIX, DEFAULT_WAIT_TIMEOUT_MS
+
+#: How many groups (feed streams, hash tags) a Cluster store's members are in.
+GROUPS = 64
+#: A history key after the prefix: group, escaped id.
+_HISTORY_KEY = re.compile(rb"\{g[0-9]+\}\{([^}]*)\}:h")
 
 #: How long a Cluster store keeps retrying a write that meets a slot in migration.
 CLUSTER_RETRY_SECONDS = 2.0
@@ -56,6 +78,9 @@ class RedisClusterStore(RedisStore):
     """
 
     schemes: ClassVar[tuple[str, ...]] = ("redis+cluster",)
+    groups: ClassVar[int] = GROUPS
+    _one_server: ClassVar[bool] = False
+    _history_pattern = "{g*}{*}:h"
 
     def __init__(
         self,
@@ -73,7 +98,7 @@ class RedisClusterStore(RedisStore):
         self._factory = factory
         self._lock = threading.Lock()
         self._client: RedisCluster | None = None
-        self._script_on: set[str] = set()  # nodes known to hold the script
+        self._script_on: set[tuple[str, str]] = set()  # (node, sha) known to be loaded
 
     @classmethod
     def from_url(
@@ -111,6 +136,25 @@ class RedisClusterStore(RedisStore):
 
         return cls(factory, **ours)
 
+    def _group_of(self, correlation_id: str) -> int:
+        return zlib.crc32(correlation_id.encode()) % GROUPS
+
+    def key(self, correlation_id: str) -> str:
+        """The key holding a member's current state, tagged by its group."""
+        group = self._group_of(correlation_id)
+        return f"{self.prefix}{{g{group}}}{{{codec.escape(correlation_id)}}}"
+
+    def _feed_keys(self, group: int) -> list[str]:
+        feed = f"{self.prefix}{{g{group}}}feed"
+        return [feed, feed + ":pruned"]
+
+    def _feed_for(self, correlation_id: str) -> list[str]:
+        return self._feed_keys(self._group_of(correlation_id))
+
+    def _escaped_id(self, history_key: bytes) -> bytes | None:
+        match = _HISTORY_KEY.fullmatch(history_key, len(self.prefix.encode()))
+        return None if match is None else match[1]
+
     @property
     def client(self) -> RedisCluster:  # type: ignore[override]
         client = self._client
@@ -131,7 +175,7 @@ class RedisClusterStore(RedisStore):
 
     def _write(self, keys: list[str], args: list[object]) -> list:
         if self.min_replicas_acked:
-            return self._on_nodes([(keys, args)])[0]
+            return self._on_nodes(scripts.SET, [(keys, args)])[0]
         client = self.client
         deadline = time.monotonic() + CLUSTER_RETRY_SECONDS
         for _ in range(_CLUSTER_ATTEMPTS):
@@ -145,15 +189,21 @@ class RedisClusterStore(RedisStore):
                 time.sleep(0.05)
         raise StorageUnavailable("redis cluster: a slot stayed in migration")
 
-    def _on_nodes(self, calls: Sequence[_Call]) -> list:
-        """Run the write script for each call on the node owning its slot, in one
-        pipeline per node (ending with WAIT when replicas must acknowledge).
+    def _run_calls(self, script: str, calls: Sequence[_Call]) -> list:
+        return self._on_nodes(script, calls)
+
+    def _on_nodes(self, script: str, calls: Sequence[_Call]) -> list:
+        """Run ``script`` for each call on the node owning its slot, in one pipeline
+        per node, in order (ending with WAIT when replicas must acknowledge).
 
         A call redirected (MOVED, ASK), refused during a migration (TRYAGAIN) or
-        missing the script is sent again, within :data:`CLUSTER_RETRY_SECONDS`.
+        missing the script is sent again, within :data:`CLUSTER_RETRY_SECONDS`. A
+        slot's keys only ever leave a node during a migration, so once a call of a
+        slot is redirected, the later calls of that slot on that node are too: the
+        calls of one member still run in the order given.
         """
         client = self.client
-        sha = self._set_script.sha
+        sha = client.register_script(script).sha
         replies: list = [None] * len(calls)
         pending = list(range(len(calls)))
         asking: dict[int, ClusterNode] = {}
@@ -167,9 +217,9 @@ class RedisClusterStore(RedisStore):
             again, pause = [], False
             for node, indexes in groups.values():
                 node_client = client.get_redis_connection(node)
-                if node.name not in self._script_on:  # else a first batch is all NOSCRIPT
-                    node_client.script_load(scripts.SET)
-                    self._script_on.add(node.name)
+                if (node.name, sha) not in self._script_on:  # else a batch is all NOSCRIPT
+                    node_client.script_load(script)
+                    self._script_on.add((node.name, sha))
                 pipe = node_client.pipeline(transaction=False)
                 for i in indexes:
                     keys, args = calls[i]
@@ -200,7 +250,7 @@ class RedisClusterStore(RedisStore):
                         else:
                             asking[i] = target
                     elif isinstance(reply, NoScriptError):  # a restarted or new node
-                        node_client.script_load(scripts.SET)
+                        node_client.script_load(script)
                     elif isinstance(reply, TryAgainError):  # a slot halfway through a migration
                         pause = True
                     elif isinstance(reply, Exception):
@@ -231,16 +281,18 @@ class RedisClusterStore(RedisStore):
 
     def import_rows(self, rows: Iterable[EventRow]) -> int:
         """``import_batch`` events at a time, one script call each (a script reaches
-        one slot), in one pipeline per master."""
+        one slot), in one pipeline per master, in import order (each member's oldest
+        first)."""
         touch = self.min_replicas_acked > 0
         added = 0
         self._refuse_if_evicting()
-        for batch in batched(rows, self.import_batch):
+        for batch in batched(sorted_for_import(rows), self.import_batch):
             calls = []
             for row in batch:
                 key = self.key(row[0])
-                calls.append(([key, key + ":h"], codec.set_args(row, touch=touch)))
-            added += sum(reply[2] for reply in self._on_nodes(calls))
+                keys = [key, key + ":h", *self._feed_for(row[0])]
+                calls.append((keys, codec.set_args(row, touch=touch)))
+            added += sum(reply[2] for reply in self._on_nodes(scripts.SET, calls))
         return added
 
     # A script reaches one slot: a pipeline instead, which redis-py splits by node.

@@ -5,14 +5,19 @@ A member's history is a sorted set scored by µs; each member is
 ``<request id> <status> <source>[\\n<client>[\\n<µs>]]``. The client (who recorded
 the event) follows a newline, with its own backslashes and newlines escaped as
 ``\\\\`` and ``\\n``; ``\\n<µs>`` is added by the write script when the same words
-are already stored at another time. The state value is ``<µs><1 if declined else 0>``.
+are already stored at another time. The state value is ``<µs><1 if declined else 0>``,
+then ``:<version>`` (the member's change count) once it is 2 or more: a member who
+answered once keeps a value of digits only, which Redis stores as an integer.
+
+A change is a feed stream entry (read by :func:`change`); its stream id
+(``<µs>-<n>``) is its position in the feed.
 """
 
 from __future__ import annotations
 
 import re
 
-from optin_service.storage import IDEMPOTENCY_TTL, EventRow, OptInRecord, StorageError
+from optin_service.storage import IDEMPOTENCY_TTL, EventRow, OptInRecord, Status, StorageError
 
 #: An idempotency key's TTL in seconds.
 KEY_TTL = int(IDEMPOTENCY_TTL.total_seconds())
@@ -22,8 +27,8 @@ _EXACT = 2**53
 
 def event_args(row: EventRow) -> list[object]:
     """An event's ARGV for the write scripts: µs, history member, state value,
-    1 if declined, request id."""
-    _, us, request_id, status, source, client = row
+    1 if declined, request id, correlation id, source, client."""
+    correlation_id, us, request_id, status, source, client = row
     if not -_EXACT <= us <= _EXACT:  # rows skip OptInRecord's own check
         raise StorageError(f"redis: a time of {us} µs since the epoch cannot be scored exactly")
     # The history member is "<request id> <status> <source>": a source that is empty
@@ -39,7 +44,8 @@ def event_args(row: EventRow) -> list[object]:
     # client has no newline part.
     caller = f"\n{_escape_client(client)}" if client else ""
     declined = 1 if status == "declined" else 0
-    return [us, f"{request_id} {status} {source}{caller}", f"{us}{declined}", declined, request_id]
+    member = f"{request_id} {status} {source}{caller}"
+    return [us, member, f"{us}{declined}", declined, request_id, correlation_id, source, client]
 
 
 def set_args(row: EventRow, *, touch: bool = False) -> list[object]:
@@ -52,11 +58,29 @@ def set_args(row: EventRow, *, touch: bool = False) -> list[object]:
 
 
 def current(correlation_id: str, state: bytes | None, member: bytes | None) -> OptInRecord:
-    """The current record from a state value (``<µs><0|1>``) and its event's history member."""
+    """The current record from a state value (``<µs><0|1>[:<version>]``) and its event's
+    history member."""
     if state is None or member is None:
         what = "a state" if state is None else f"an event for its state {state!r}"
         raise StorageError(f"redis: member {correlation_id!r} has no {what}")
-    return event(correlation_id, member, int(state[:-1]))
+    return event(correlation_id, member, int(state.partition(b":")[0][:-1]))
+
+
+def change(fields: dict[bytes, bytes]) -> tuple[OptInRecord, Status | None, int]:
+    """The event, previous status and version of a feed stream entry, whose fields
+    ``lua/functions.lua``'s ``append`` writes: correlation_id, us, status, previous
+    ("" for none), request_id, source, client, version."""
+    text = {name.decode(): value.decode() for name, value in fields.items()}
+    record = OptInRecord.from_us(
+        text["correlation_id"],
+        text["status"],  # type: ignore[arg-type]
+        int(text["us"]),
+        text["request_id"],
+        text["source"],
+        text["client"],
+    )
+    previous = text["previous"] or None
+    return record, previous, int(text["version"])  # type: ignore[return-value]
 
 
 def event(correlation_id: str, member: bytes, us: int) -> OptInRecord:

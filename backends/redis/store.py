@@ -1,12 +1,13 @@
 """``RedisStore``: opt-in state on one Redis server (``redis://``, ``rediss://``,
 ``unix://``), and the base of the Sentinel and Cluster stores.
 
-Keys per member, all sharing the hash tag ``{<correlation_id>}`` so they land in
-one Cluster slot and one Lua call can change them together:
+Keys per member, all sharing the hash tag ``{<correlation_id>}`` (on a Cluster,
+see :mod:`.cluster`):
 
-- ``<prefix>{<id>}``: the current state, ``<µs since epoch><1 if declined else 0>``:
-  digits only, so Redis keeps it as an integer inside the key's object, with no
-  string of its own. The rest of the current event (request id, source, client)
+- ``<prefix>{<id>}``: the current state, ``<µs since epoch><1 if declined else 0>``
+  then ``:<version>`` from the member's second change on (:mod:`.codec`): digits
+  only for most members, so Redis keeps it as an integer inside the key's object.
+  The rest of the current event (request id, source, client)
   is read from the history: it is the event at that time and status with the
   greatest request id;
 - ``<prefix>{<id>}:h``: the history, a sorted set scored by µs (members as
@@ -14,20 +15,15 @@ one Cluster slot and one Lua call can change them together:
 - ``<prefix>{<id>}:i:<Idempotency-Key>``: the fingerprint of the first request
   with that key, expiring after 24 hours.
 
-A member's keys have no TTL, so under an ``allkeys-*`` eviction policy Redis may
-drop them to free memory: consent acknowledged, then gone. The store reads
-``maxmemory_policy`` from ``INFO memory`` (``CONFIG`` is often disabled on managed
-Redis, and the policy can change at runtime) before writing, at most once a
-second while it is safe, and refuses to write (:class:`StorageUnavailable`) under
-any policy but ``noeviction`` and ``volatile-*``. A server that does not answer
-``INFO`` (a proxy, an ACL without it) cannot be checked: writes go ahead, and a
-warning says so once per store.
+The change feed (``<prefix>feed``...) and the deliverer's state: :mod:`.feed`.
+
+Before writing, the store makes sure no server may evict a member's keys
+(:mod:`.policy`).
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -39,25 +35,25 @@ from urllib.parse import urlencode, urlsplit
 import redis
 from redis.exceptions import NoScriptError
 
+from optin_service.feed import sorted_for_import
 from optin_service.storage import (
     EventRow,
     IdempotencyKeyReused,
     OptInRecord,
-    OptInStore,
     StorageError,
     StorageUnavailable,
     batched,
 )
 
 from . import codec, errors, scripts
+from . import policy as policy_module
 from . import url as parse
+from .feed import Call, RedisFeed
+from .policy import policy_of
 from .url import DEFAULT_PREFIX, DEFAULT_WAIT_TIMEOUT_MS
 
 #: How long a store trusts a safe eviction policy it read before reading it again.
 POLICY_RECHECK_SECONDS = 1.0
-#: The eviction policies that never evict a key without a TTL (a member's state and
-#: history have none); any other (``allkeys-*``, or one we do not know) may.
-_KEEPING_POLICIES = re.compile(r"noeviction|volatile-[a-z]+")
 #: How long check()'s own key lives: it proves a write, then goes.
 CHECK_KEY_SECONDS = 10
 #: Keys per SCAN step, and history keys per ranges or count call.
@@ -71,10 +67,9 @@ _GLOB_CHARS = re.compile(r"[\\*?\[\]]")
 
 T = TypeVar("T")
 R = TypeVar("R")
-log = logging.getLogger(__package__)  # "backends.redis", for every Redis store
 
 
-class RedisStore(OptInStore):
+class RedisStore(RedisFeed):
     """Opt-in state in Redis, through a redis-py client (ours, or one passed in).
 
     With ``min_replicas_acked`` N > 0, every write is followed by ``WAIT N
@@ -117,6 +112,7 @@ class RedisStore(OptInStore):
         self._import_script = client.register_script(scripts.IMPORT)
         self._ranges_script = client.register_script(scripts.RANGES)
         self._count_script = client.register_script(scripts.COUNT)
+        self._feed = self._feed_keys(0)
 
     def _set_options(
         self, min_replicas_acked: int, wait_timeout_ms: int, import_batch: int
@@ -193,21 +189,11 @@ class RedisStore(OptInStore):
         for server, policy in self._policies():
             if policy is None:
                 unread.append(server)
-            elif not _KEEPING_POLICIES.fullmatch(policy):
-                raise StorageUnavailable(
-                    f"redis: {server} has maxmemory-policy {policy}, under which Redis may "
-                    "evict a member's consent to free memory; refusing to write until it is "
-                    "noeviction (or a volatile-* policy)",
-                    reason=f"Redis's maxmemory-policy {policy} may evict consent records; "
-                    "writes are refused until it is noeviction or a volatile-* policy",
-                )
+            else:
+                policy_module.refuse_if_evicting(server, policy)
         if unread and not self._warned_unread_policy:
             self._warned_unread_policy = True
-            log.warning(
-                "redis: %s does not answer INFO memory, so its maxmemory-policy cannot be "
-                "checked; make sure it is noeviction (allkeys-* policies evict consent)",
-                ", ".join(unread),
-            )
+            policy_module.warn_unread(unread)
 
     def _refuse_if_evicting(self) -> None:
         """:meth:`_check_policy`, trusted for :data:`POLICY_RECHECK_SECONDS` once it passes
@@ -219,7 +205,7 @@ class RedisStore(OptInStore):
 
     def set(self, record: OptInRecord, *, idempotency_key: str | None = None) -> OptInRecord:
         key = self.key(record.correlation_id)
-        keys = [key, key + ":h"]
+        keys = [key, key + ":h", *self._feed_for(record.correlation_id)]
         if idempotency_key is not None:
             keys.append(f"{key}:i:{idempotency_key}")
         self._refuse_if_evicting()
@@ -229,6 +215,10 @@ class RedisStore(OptInStore):
         if reply[0] == 1 and reply[1] is not None and reply[3] is None:
             return record  # it is the current state now
         return codec.current(record.correlation_id, reply[1], reply[3])
+
+    def _feed_for(self, correlation_id: str) -> list[str]:
+        """The keys of the feed a member's changes go to: its stream and marker."""
+        return self._feed
 
     def _write(self, keys: list[str], args: list[object]) -> list:
         """Run the write script once: alone, or followed by WAIT on the same connection."""
@@ -288,10 +278,12 @@ class RedisStore(OptInStore):
     def import_rows(self, rows: Iterable[EventRow]) -> int:
         """``import_batch`` events per pipeline (ending with WAIT when replicas must
         acknowledge), ``min(100, import_batch)`` per script call; the next pipeline
-        is built while Redis runs the previous one."""
+        is built while Redis runs the previous one. Events go in import order (each
+        member's oldest first), so their changes do too."""
         touch = self.min_replicas_acked > 0
+        ordered = sorted_for_import(rows)
         pipelines = (
-            self._import_pipeline(batch, touch) for batch in batched(rows, self.import_batch)
+            self._import_pipeline(batch, touch) for batch in batched(ordered, self.import_batch)
         )
         self._refuse_if_evicting()
         return sum(_overlapped(pipelines, functools.partial(self._run_import, touch=touch)))
@@ -301,7 +293,7 @@ class RedisStore(OptInStore):
         key = self.key
         per_call = min(SCRIPT_EVENTS, self.import_batch)
         for start in range(0, len(batch), per_call):
-            keys: list[str] = []
+            keys: list[str] = list(self._feed)
             args: list[object] = [1 if touch else 0]
             for row in batch[start : start + per_call]:
                 current = key(row[0])
@@ -318,16 +310,21 @@ class RedisStore(OptInStore):
             self._check_acked(replies.pop())
         return sum(replies)
 
-    def _escaped_id(self, history_key: bytes) -> bytes:
+    #: SCAN's pattern for history keys, after the prefix.
+    _history_pattern = "{*}:h"
+
+    def _escaped_id(self, history_key: bytes) -> bytes | None:
         """The id part of ``<prefix>{<id>}:h``, cut after the prefix's bytes (not its
-        letters: the prefix may not be ASCII)."""
-        return history_key[len(self.prefix.encode()) + 1 : -3]
+        letters: the prefix may not be ASCII); ``None`` for another prefix's key (ids
+        are escaped: no ``}``; the prefixes "" and "{x}:" both match)."""
+        escaped = history_key[len(self.prefix.encode()) + 1 : -3]
+        return None if b"}" in escaped else escaped
 
     def _history_keys(self) -> Iterator[list[bytes]]:
-        pattern = _GLOB_CHARS.sub(r"\\\g<0>", self.prefix) + "{*}:h"  # the prefix literally
+        pattern = _GLOB_CHARS.sub(r"\\\g<0>", self.prefix) + self._history_pattern
         batch: list[bytes] = []
         for key in self.client.scan_iter(match=pattern, count=SCAN_PAGE, _type="zset"):
-            if b"}" in self._escaped_id(key):  # ids are escaped: another prefix's ("" and "{x}:")
+            if self._escaped_id(key) is None:
                 continue
             batch.append(key)
             if len(batch) == SCAN_PAGE:
@@ -340,7 +337,7 @@ class RedisStore(OptInStore):
         low = "-inf" if since is None else OptInRecord("-", "accepted", since).updated_at_us
         for keys in self._history_keys():
             for key, pairs in zip(keys, self._ranges(keys, low), strict=True):
-                cid = codec.unescape(self._escaped_id(key).decode())
+                cid = codec.unescape(self._escaped_id(key).decode())  # type: ignore[union-attr]
                 for member, score in pairs:
                     yield codec.event_row(cid, member, score)
 
@@ -348,6 +345,14 @@ class RedisStore(OptInStore):
         """For each history key, its (member, score) pairs at or after ``low``."""
         for flat in self._ranges_script(keys, [low]):
             yield zip(flat[::2], flat[1::2], strict=True)
+
+    def _run_calls(self, script: str, calls: list[Call]) -> list:
+        """``script`` once per call, in one pipeline, in order; the replies."""
+        runner = self.client.register_script(script)
+        pipe = self.client.pipeline(transaction=False)
+        for keys, args in calls:
+            runner(keys, args, client=pipe)
+        return pipe.execute()
 
     def count_events(self) -> int:
         return sum(self._count(keys) for keys in self._history_keys())
@@ -368,20 +373,6 @@ class RedisStore(OptInStore):
     def close(self) -> None:
         if self._owns_client:
             self.client.close()
-
-
-def policy_of(client: redis.Redis) -> str | None:
-    """The server's ``maxmemory_policy`` from ``INFO memory``; ``None`` if it does not
-    answer INFO (unknown to a proxy or to fakeredis, or denied by an ACL)."""
-    try:
-        info = client.info("memory")
-    except redis.exceptions.NoPermissionError:
-        return None
-    except redis.ResponseError as exc:
-        if str(exc).lower().startswith("unknown command"):
-            return None
-        raise
-    return info.get("maxmemory_policy")
 
 
 def _overlapped(items: Iterator[T], run: Callable[[T], R]) -> Iterator[R]:

@@ -32,6 +32,18 @@ rest as it grows), with the same ``store`` fixture::
 - :class:`IdempotencyContract`: ``Idempotency-Key`` replays and refusals;
 - :class:`LifecycleContract`: ``check``, ``close`` and reopening;
 - :class:`ConcurrencyContract`: one store shared by threads;
+- :class:`FeedContract`: the change feed (``changes``, ``prune_changes``,
+  ``rebuild_changes``) and the deliverer's state (``load_state``, ``save_state``),
+  itself the combination of
+
+  - :class:`ChangesContract`: which writes are changes, and their versions;
+  - :class:`ImportedChangesContract`: the changes an import makes;
+  - :class:`CursorsContract`: pages and cursors (a backend whose cursors are not
+    ``encode_cursor("<generation>.<seq>")`` overrides
+    :meth:`CursorsContract.cursor_past_the_end`);
+  - :class:`RetentionContract`: ``prune_changes`` and ``rebuild_changes``;
+  - :class:`StateContract`: ``load_state``, ``save_state`` and its compare-and-set;
+  - :class:`TailingContract`: a reader tailing the feed while threads write;
 - :class:`ModelContract`: a hypothesis state machine against a plain dict.
 
 :func:`store_state_machine` is also usable on its own, with any settings.
@@ -47,7 +59,11 @@ What the suite holds a store to (see :class:`~optin_service.storage.OptInStore`)
 - history is newest first by :attr:`~optin_service.storage.OptInRecord.position`,
   and a cursor is a position, so pages stay exact while events arrive;
 - an ``Idempotency-Key`` replays (same fingerprint) or is refused (another
-  fingerprint) per member, writing nothing either way.
+  fingerprint) per member, writing nothing either way;
+- every event that becomes its member's state appends one change (versions 1, 2,
+  3... per member), and nothing else does; an import applies each member's events
+  oldest first; the feed reads in commit order, so a reader tailing it while
+  writers run sees each change once, in the order a later reader sees them.
 
 Every test uses only the public :class:`~optin_service.storage.OptInStore` API;
 each mixin's tests may use any of its methods, not only the ones the mixin is
@@ -62,6 +78,15 @@ from __future__ import annotations
 from optin_service.testing._helpers import LONG_IDS, TRICKY_IDS
 from optin_service.testing.basics import BasicsContract
 from optin_service.testing.concurrency import ConcurrencyContract
+from optin_service.testing.feed import (
+    ChangesContract,
+    CursorsContract,
+    FeedContract,
+    ImportedChangesContract,
+    RetentionContract,
+    StateContract,
+    TailingContract,
+)
 from optin_service.testing.history import HistoryContract
 from optin_service.testing.idempotency import IdempotencyContract
 from optin_service.testing.imports import ImportsContract
@@ -74,14 +99,21 @@ __all__ = [
     "STATE_MACHINE_SETTINGS",
     "TRICKY_IDS",
     "BasicsContract",
+    "ChangesContract",
     "ConcurrencyContract",
+    "CursorsContract",
+    "FeedContract",
     "HistoryContract",
     "IdempotencyContract",
+    "ImportedChangesContract",
     "ImportsContract",
     "LifecycleContract",
     "ModelContract",
     "OrderingContract",
+    "RetentionContract",
+    "StateContract",
     "StoreContract",
+    "TailingContract",
     "store_state_machine",
 ]
 
@@ -94,6 +126,7 @@ class StoreContract(
     IdempotencyContract,
     LifecycleContract,
     ConcurrencyContract,
+    FeedContract,
     ModelContract,
 ):
     """What every store must do: all the mixins. Subclass as ``Test...`` and supply a

@@ -1,22 +1,30 @@
 -- Functions shared by the write and read scripts (put in front of each one).
 --
--- A state value is <µs><0|1> (1 if declined); µs are compared as decimal
+-- A state value is <µs><0|1>[:<version>] (1 if declined; the member's change
+-- count, absent when it is 1, so a member who answered once keeps a value of
+-- digits only, which Redis stores as an integer); µs are compared as decimal
 -- strings, never as Lua numbers (doubles: inexact beyond 2^53).
--- state(key): a member's current state: the value, its µs and its declined flag
---   (nil if none; an error, before any write, if unparsable).
+-- state(key): a member's current state: the value, its µs, its declined flag and
+--   its version (nil if none; an error, before any write, if unparsable).
 -- event_of(history, us, declined): the history member of the current event.
+-- append(feed, marker, ...): appends one change to a feed stream; its id is
+--   <µs of the server's clock>-<n>, greater than every id the stream gave out
+--   (the last entry's, else the marker's: the greatest id a prune removed).
 -- apply(...): stores one event unless it is stored already (an event is its
 --   member, time and request id: one already stored is skipped whole) and makes
 --   it the current state if it takes precedence: newer; as new and declined over
---   accepted; then the greater request id. Returns the current value, 1 if the
+--   accepted; then the greater request id. An event that becomes the current
+--   state appends its change to the feed. Returns the current value, 1 if the
 --   event was added (else 0), and whether the event is now the current state.
 
 local function state(key)
   local current = redis.call('GET', key)
   if not current then return nil end
   local us, declined = string.match(current, '^(%-?%d+)([01])$')
+  local version = '1'
+  if not us then us, declined, version = string.match(current, '^(%-?%d+)([01]):(%d+)$') end
   if not us then error({err = 'ERR unparsable opt-in state in ' .. key}) end
-  return current, us, declined
+  return current, us, declined, tonumber(version)
 end
 
 -- a > b byte by byte, as Python compares the ids: Lua's > uses strcoll, which
@@ -57,7 +65,32 @@ local function event_of(history, us, declined)
   return member or false
 end
 
-local function apply(key, history, us, member, value, declined, rid, current, cur_us, cur_declined)
+local function status_of(declined)
+  return declined == '1' and 'declined' or 'accepted'
+end
+
+local function append(feed, marker, cid, us, declined, previous, rid, source, client, version)
+  local time = redis.call('TIME')
+  local now = time[1] .. string.format('%06d', tonumber(time[2]))
+  local top = redis.call('XREVRANGE', feed, '+', '-', 'COUNT', 1)[1]
+  local top_id = top and top[1] or redis.call('GET', marker)
+  local id = now .. '-0'
+  if top_id then
+    local top_us, top_n = string.match(top_id, '^(%d+)-(%d+)$')
+    if not greater(now, top_us) then  -- the clock stepped back, or the same µs
+      id = top_us .. '-' .. string.format('%d', tonumber(top_n) + 1)
+    end
+  end
+  redis.call('XADD', feed, id, 'correlation_id', cid, 'us', us, 'status', status_of(declined),
+             'previous', previous and status_of(previous) or '', 'request_id', rid,
+             'source', source, 'client', client, 'version', version)
+end
+
+-- KEYS of one event: current, history, feed, marker; ARGV: µs, history member,
+-- state value, declined, request id, correlation id, source, client.
+local function apply(keys, args, current, cur_us, cur_declined, cur_version)
+  local key, history = keys[1], keys[2]
+  local us, member, value, declined, rid = args[1], args[2], args[3], args[4], args[5]
   local same_time = redis.call('ZRANGEBYSCORE', history, us, us)
   for _, stored in ipairs(same_time) do
     local head = string.match(stored, '^[^\n]*')
@@ -80,7 +113,11 @@ local function apply(key, history, us, member, value, declined, rid, current, cu
   end
   redis.call('ZADD', history, us, member)
   if replace then
+    local version = current and cur_version + 1 or 1
+    if version > 1 then value = value .. ':' .. version end
     redis.call('SET', key, value)
+    append(keys[3], keys[4], args[6], us, declined, current and cur_declined, rid, args[7],
+           args[8], version)
     current = value
   end
   return current, 1, replace

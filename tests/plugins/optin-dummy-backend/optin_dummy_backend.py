@@ -8,6 +8,8 @@ from datetime import datetime, timezone
 
 from optin_service.storage import (
     IDEMPOTENCY_TTL,
+    UNSET,
+    ChangePage,
     EventRow,
     IdempotencyKeyReused,
     OptInRecord,
@@ -22,6 +24,7 @@ class DummyStore(OptInStore):
         self.log: list[OptInRecord] = []  # every event, as it arrived
         self.keys: dict[tuple[str, str], tuple[str, datetime]] = {}  # -> fingerprint, when
         self._seen: set[tuple[str, int, str]] = set()  # member, µs, request id
+        self.state: dict[str, str] = {}  # save_state's values
         self._lock = threading.Lock()
 
     @classmethod
@@ -78,6 +81,29 @@ class DummyStore(OptInStore):
 
     def count_events(self) -> int:
         return len(self.log)
+
+    # No change feed: the tests of this plugin are about finding it, not its feed.
+    def changes(self, after: str | None, limit: int) -> ChangePage:
+        raise NotImplementedError("the dummy backend keeps no change feed")
+
+    def prune_changes(self, before: datetime) -> int:
+        raise NotImplementedError("the dummy backend keeps no change feed")
+
+    def rebuild_changes(self) -> int:
+        raise NotImplementedError("the dummy backend keeps no change feed")
+
+    def load_state(self, key: str) -> str | None:
+        return self.state.get(key)
+
+    def save_state(self, key: str, value: str | None, *, expected: object = UNSET) -> bool:
+        with self._lock:
+            if expected is not UNSET and self.state.get(key) != expected:
+                return False
+            if value is None:
+                self.state.pop(key, None)
+            else:
+                self.state[key] = value
+            return True
 
     def check(self) -> None:
         return None
