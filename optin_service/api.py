@@ -207,10 +207,10 @@ def put_optin(correlation_id: str) -> Response:
     if state.metrics and current.request_id == record.request_id:
         consent_changed(status)
     response = Response(UPDATED_BODY, 200, mimetype="application/json")
-    retention = current_app.extensions["optin"].retention
+    retention = state.retention
     if retention is not None and retention.due():
         # Once the answer is sent: the client never waits for the prune.
-        response.call_on_close(functools.partial(retention.prune, store()))
+        response.call_on_close(functools.partial(retention.prune, state.store))
     return response
 
 
