@@ -393,8 +393,9 @@ def test_an_import_failing_keeps_the_chunks_merged_before_it_and_no_stage(
     """Chunks of 2. The whole stream is staged before any merge, so a failure while
     staging (COPY refusing a row, the stream failing) keeps nothing; a chunk whose merge
     fails is rolled back, and the chunks merged before it stay, with their changes. No
-    transaction stays open, no temporary table is left, and importing again completes."""
-    store = PostgresStore(postgres_url, import_batch=2)
+    transaction stays open, no temporary table is left, and importing again completes.
+    One session, so the chunks are the stream's (the next test shares it between two)."""
+    store = PostgresStore(postgres_url, import_batch=2, import_connections=1)
     good = [_record(f"m{i}", rid=f"r{i}").row for i in range(6)]
 
     def rows():
@@ -414,6 +415,60 @@ def test_an_import_failing_keeps_the_chunks_merged_before_it_and_no_stage(
         assert postgres_server.execute(temporary) == []
         assert store.import_rows(good) == 6 - kept
         assert [c.event.row for c in store.changes(None, 100).changes] == good
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+@pytest.mark.postgres_server
+def test_an_import_shares_members_between_two_sessions_and_stops_both_on_a_failure(
+    postgres_url, postgres_server
+):
+    """Two sessions copy at once (each member's events go to one of them). A merge
+    failing in one stops the other after its chunk: each member keeps a prefix of its
+    events, oldest first, with its changes; nothing stays open; importing again
+    completes, each member's changes numbered 1, 2, 3 in order."""
+    store = PostgresStore(postgres_url, import_batch=4, import_connections=2)
+    good = [
+        _record(f"m{i:02d}", "accepted" if n % 2 else "declined", f"r{n}", at=STAMP + n * _US).row
+        for i in range(30)
+        for n in range(3)
+    ]
+    copying = []
+
+    def rows(bad):
+        for i, row in enumerate(good):
+            if i == len(good) // 2:
+                copying.append(
+                    postgres_server.execute(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE query LIKE 'COPY optin_staged%' AND state = 'active'"
+                    )[0][0]
+                )
+            yield row
+        if bad:
+            yield ("m07", good[0][1] + 9, "r9", "maybe", "API", "")  # refused by a merge
+
+    try:
+        with pytest.raises(StorageError):
+            store.import_rows(rows(bad=True))
+        assert copying == [2]
+        assert _open_transactions(postgres_server) == []
+        temporary = "SELECT relname FROM pg_class WHERE relpersistence = 't'"
+        assert postgres_server.execute(temporary) == []
+        kept = sorted(store.rows())
+        assert len(kept) < len(good)
+        for cid in {row[0] for row in kept}:
+            mine = [row for row in good if row[0] == cid]
+            stored = [row for row in kept if row[0] == cid]
+            assert stored == mine[: len(stored)]  # the oldest ones
+        assert store.import_rows(rows(bad=False)) == len(good) - len(kept)
+        assert sorted(store.rows()) == sorted(good)
+        changes = store.changes(None, 1000).changes
+        assert len(changes) == len(good)
+        for cid in {row[0] for row in good}:
+            mine = [(c.event.row, c.version) for c in changes if c.event.correlation_id == cid]
+            assert mine == [(row, n + 1) for n, row in enumerate(r for r in good if r[0] == cid)]
     finally:
         store.close()
 

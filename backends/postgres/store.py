@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import datetime, timedelta
 
 import psycopg
@@ -246,27 +248,34 @@ class PostgresStore(PostgresFeed):
         memory), then numbered in import order, then merged ``import_batch`` events per
         transaction (:data:`~.queries.MERGE`), each appending its changes.
 
-        One connection holds the stage (temporary tables) for the whole import. A
-        failure while staging keeps nothing; one in a merge keeps the chunks merged
-        before it (each committed), and importing again completes the rest.
+        Members are shared between ``import_connections`` sessions by a hash of their
+        id (all of a member's events go to one), each holding its share in temporary
+        tables: the sessions number and merge at the same time, so the server works
+        on as many cores, and no two of them touch one member. A failure while
+        staging keeps nothing; one in a merge keeps the chunks merged before it (each
+        committed), and importing again completes the rest.
         """
-        size = self.options.import_batch
+        sessions = min(self.options.import_connections, self.options.pool_max_size)
+        with contextlib.ExitStack() as stack:
+            conns = [stack.enter_context(self._stage()) for _ in range(sessions)]
+            _copy(conns, rows)
+            stop = threading.Event()
+            with ThreadPoolExecutor(len(conns)) as threads:
+                shares = [threads.submit(self._merge_share, conn, stop) for conn in conns]
+                for done in as_completed(shares):
+                    if done.exception() is not None:
+                        stop.set()  # the others stop after their current chunk
+            return sum(share.result() for share in shares)  # raises the first failure
+
+    @contextlib.contextmanager
+    def _stage(self) -> Iterator[Connection]:
+        """A session holding an import's share in temporary tables, dropped at the end."""
         with self._session(write=True, watch=False) as conn:
             try:
                 conn.execute(queries.DROP_STAGE)  # left by a session that died mid-import
                 conn.execute(queries.STAGE)
                 conn.execute(queries.CHUNK_CHANGES)
-                with conn.transaction():
-                    for setting in BULK_SETTINGS:
-                        conn.execute(setting)
-                    with conn.cursor().copy(queries.STAGE_COPY) as copy:
-                        for row in rows:
-                            copy.write_row(row)
-                    conn.execute(queries.NUMBER)
-                    conn.execute(queries.NUMBER_KEY)
-                    conn.execute("ANALYZE optin_unique")  # temp tables have no autovacuum
-                    total = conn.execute(queries.NUMBERED).fetchone()[0]
-                return sum(self._merge(conn, lo, lo + size) for lo in range(0, total, size))
+                yield conn
             finally:
                 # Whatever stopped it, no transaction stays open and no stage is left.
                 if conn.info.transaction_status != TransactionStatus.IDLE:
@@ -274,6 +283,23 @@ class PostgresStore(PostgresFeed):
                         conn.rollback()
                 with contextlib.suppress(psycopg.Error):
                     conn.execute(queries.DROP_STAGE)
+
+    def _merge_share(self, conn: Connection, stop: threading.Event) -> int:
+        """Number one session's staged share in import order, then merge it chunk by
+        chunk (until ``stop``: another session failed): the new events."""
+        with conn.transaction():
+            for setting in BULK_SETTINGS:
+                conn.execute(setting)
+            conn.execute(queries.NUMBER)
+            conn.execute(queries.NUMBER_KEY)
+            conn.execute("ANALYZE optin_unique")  # temp tables have no autovacuum
+            total = conn.execute(queries.NUMBERED).fetchone()[0]
+        size, new = self.options.import_batch, 0
+        for lo in range(0, total, size):
+            if stop.is_set():
+                break
+            new += self._merge(conn, lo, lo + size)
+        return new
 
     @staticmethod
     def _merge(conn: Connection, lo: int, hi: int) -> int:
@@ -311,6 +337,23 @@ class PostgresStore(PostgresFeed):
             for setting in BULK_SETTINGS:
                 conn.execute(setting)
             return conn.execute(queries.COUNT).fetchone()[0]
+
+
+def _copy(conns: list[Connection], rows: Iterable[EventRow]) -> None:
+    """Copy the stream into the sessions' stages, each member's events to one session,
+    in one transaction each: a failure keeps nothing."""
+    with contextlib.ExitStack() as transactions:
+        for conn in conns:
+            transactions.enter_context(conn.transaction())
+            for setting in BULK_SETTINGS:
+                conn.execute(setting)
+        with contextlib.ExitStack() as copies:
+            writers = [
+                copies.enter_context(conn.cursor().copy(queries.STAGE_COPY)).write_row
+                for conn in conns
+            ]
+            for row in rows:
+                writers[hash(row[0]) % len(writers)](row)
 
 
 def _prune(conn: Connection) -> None:

@@ -40,6 +40,9 @@ class Options:
     pool_timeout_ms: int = 1000
     #: Events per transaction of a bulk import (``optin import`` and ``migrate``).
     import_batch: int = 50_000
+    #: Sessions an import stages and merges its members on, at once (each member's
+    #: events in one): the server merges on as many cores.
+    import_connections: int = 2
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
