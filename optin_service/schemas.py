@@ -333,7 +333,8 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         us, rid = raw.split(":", 1)
-        if not _CURSOR_US.fullmatch(us):
+        # Both parts as a cursor given out holds them: a request id of an event stored.
+        if not (_CURSOR_US.fullmatch(us) and REQUEST_ID.fullmatch(rid)):
             raise ValueError(us)
         return int(us), rid
     except (ValueError, binascii.Error, UnicodeDecodeError):

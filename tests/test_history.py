@@ -136,6 +136,17 @@ def test_cursor_with_a_time_no_cursor_can_hold_is_400(tmp_path, url, us):
     app.extensions["optin"].store.close()
 
 
+@pytest.mark.parametrize("rid", ["\x00", "r\x00", "", "a b", "\u00e9", "x" * 129])
+def test_cursor_with_a_request_id_no_event_can_have_is_400(client, rid):
+    """The request id part as strictly as the time part: a NUL reached PostgreSQL,
+    which refuses NUL in text (a 500)."""
+    put(client, {"LOYALTY_OPTIN": "accepted"})
+    cursor = base64.urlsafe_b64encode(f"1760845087558021:{rid}".encode()).rstrip(b"=").decode()
+    response = history(client, cursor=cursor)
+    assert response.status_code == 400
+    assert envelope(response)["errorMessage"] == "cursor is not one this service gave out"
+
+
 def test_an_imported_older_event_goes_to_history_only(app, client):
     put(client, {"LOYALTY_OPTIN": "declined"})
     current = client.get(URL).get_json()
