@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from .storage import OptInStore
 
@@ -82,21 +82,57 @@ def store_from_url(url: str, config: Mapping[str, Any] | None = None) -> OptInSt
     return backend.from_url(url, **options)
 
 
-# Query options holding a secret: redis-py's password, sentinel_password, ssl_password.
-_SECRET_OPTIONS = re.compile(r"(?<=[?&])([^=&#]*password)=[^&#]*", re.IGNORECASE)
+# A scheme and its slashes, if any (any number of them: libpq reads "postgresql:/"
+# as a string of its own, which its messages quote).
+_PREFIX = re.compile(r"\s*(?:[A-Za-z][A-Za-z0-9+.-]*:)?/*")
+# Options holding a secret (redis-py's password, sentinel_password, ssl_password;
+# libpq's password, sslpassword), in a URL's query or a libpq "key=value" string.
+_SECRET_OPTIONS = re.compile(
+    r"(?:(?<=[?&;\s])|^)([^=&#;\s]*password)(\s*=\s*)('[^']*'|[^&#;\s]*)", re.IGNORECASE
+)
+# Where a parser may cut a password written without percent-encoding.
+_CUTS = re.compile(r"[@/?#\s]+")
+
+
+def _userinfo(url: str) -> tuple[int, int, int] | None:
+    """Where the user part is (start, the colon before the password, the last ``@``).
+
+    The user part is everything after the scheme up to the last ``@``: a driver may
+    read a password up to an ``@`` whatever it holds (libpq: ``#`` and ``?``
+    included, where urllib would end it there and show the rest), and one written
+    with an ``@`` or a ``/`` unencoded is still hidden whole.
+    """
+    start = _PREFIX.match(url).end()  # type: ignore[union-attr]
+    if not url[:start].endswith("/"):
+        start = len(url) - len(url.lstrip())  # "user:password@host": no scheme after all
+    at = url.rfind("@", start)
+    colon = url.find(":", start, at)
+    return None if at < 0 or colon < 0 else (start, colon, at)
 
 
 def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***``, for logs and error messages.
+    """``url`` with any password replaced by ``***``, for logs and error messages."""
+    where = _userinfo(url)
+    if where is not None:
+        _, colon, at = where
+        url = f"{url[: colon + 1]}***{url[at:]}"
+    return _SECRET_OPTIONS.sub(r"\1\2***", url)
 
-    The user part is everything after ``://`` up to the last ``@`` before the
-    path, as a driver may read it: libpq takes a password up to its ``@``, ``#``
-    and ``?`` included, where urllib would end it at the ``#`` and show the rest.
-    """
-    scheme, slashes, rest = url.partition("://")
-    authority, slash, path = rest.partition("/")
-    userinfo, at, hosts = authority.rpartition("@")
-    if slashes and at and ":" in userinfo:
-        user = userinfo.split(":", 1)[0]
-        url = f"{scheme}://{user}:***@{hosts}{slash}{path}"
-    return _SECRET_OPTIONS.sub(r"\1=***", url)
+
+def scrub(text: str, url: str) -> str:
+    """``text`` (a driver's message about ``url``, which may quote it in part) with
+    ``url``'s passwords hidden: as written, percent-decoded, and each piece of
+    three characters or more between the characters a parser may cut one at."""
+    secrets: set[str] = set()
+    where = _userinfo(url)
+    if where is not None:
+        secrets.add(url[where[1] + 1 : where[2]])
+    secrets.update(match.group(3).strip("'") for match in _SECRET_OPTIONS.finditer(url))
+    for secret in list(secrets):
+        secrets.add(unquote(secret, errors="replace"))
+        secrets.update(piece for piece in _CUTS.split(secret) if len(piece) >= 3)
+    text = text.replace(url, redact(url))
+    for secret in sorted(secrets, key=len, reverse=True):  # a whole one before its pieces
+        if secret:
+            text = text.replace(secret, "***")
+    return text

@@ -127,10 +127,33 @@ def test_a_backend_missing_a_method_fails_at_construction():
         ("postgresql://app:s#cret@db/optin", "postgresql://app:***@db/optin"),
         ("postgresql://app:s?cr#t@db1,db2/optin", "postgresql://app:***@db1,db2/optin"),
         ("redis://:s#cret@host:6379/0", "redis://:***@host:6379/0"),
+        # Written without percent-encoding: hidden whole, to the last "@".
+        ("postgresql://app:s3c/ret@h/db", "postgresql://app:***@h/db"),
+        ("postgresql://app:s3c@ret@h/db", "postgresql://app:***@h/db"),
+        ("postgresql://app:s3 cret@h/db", "postgresql://app:***@h/db"),
+        # Typos and forms a driver's message may quote back.
+        (" postgresql://app:s3cret@h/db", " postgresql://app:***@h/db"),
+        ("postgresql:/app:s3cret@h/db", "postgresql:/app:***@h/db"),
+        ("//app:s3cret@h/db", "//app:***@h/db"),
+        ("app:s3cret@h/db", "app:***@h/db"),
+        ("host=h password=s3cret dbname=db", "host=h password=*** dbname=db"),
+        ("host=h password='s3 cret' dbname=db", "host=h password=*** dbname=db"),
+        # No password: nothing hidden.
+        ("redis://user@host/0", "redis://user@host/0"),
+        ("postgresql://h/db?application_name=a@b", "postgresql://h/db?application_name=a@b"),
     ],
 )
 def test_redact_hides_passwords(url, shown):
     assert registry.redact(url) == shown
+
+
+def test_scrub_hides_a_password_a_message_quotes_whole_decoded_or_cut():
+    url = "postgresql://app:s3c/r%41t@h/db?sslpassword=k3y%zz"
+    message = 'bad "s3c/r%41t", "s3cr" "s3c/rAt", port "r%41t" and "k3y%zz" in ' + url
+    scrubbed = registry.scrub(message, url)
+    for secret in ("s3c", "r%41t", "rAt", "k3y"):
+        assert secret not in scrubbed
+    assert registry.redact(url) in scrubbed
 
 
 @pytest.fixture(scope="module")

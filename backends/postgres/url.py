@@ -15,7 +15,7 @@ from urllib.parse import unquote
 from psycopg import Error as DriverError
 from psycopg.conninfo import conninfo_to_dict, timeout_from_conninfo
 
-from optin_service.registry import redact
+from optin_service.registry import redact, scrub
 
 #: libpq's ``connect_timeout`` (seconds, per host) when the URL gives none: libpq's
 #: own floor. The pool waits for a connection only ``pool_timeout_ms``, whatever it is.
@@ -88,14 +88,19 @@ def split(url: str) -> tuple[str, dict[str, int]]:
         params = conninfo_to_dict(libpq_url)
         timeout_from_conninfo(params)  # a connect_timeout libpq would refuse on connecting
     except DriverError as exc:
+        # libpq's message quotes what it could not read, a password included.
         known = ", ".join(sorted(OPTIONS))
         raise ValueError(
-            f"postgresql URL {redact(url)} refused: {str(exc).strip()} "
+            f"postgresql URL {redact(url)} refused: {scrub(str(exc).strip(), url)} "
             f"(libpq's options are accepted, and this backend's: {known})"
+        ) from None
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"postgresql URL {redact(url)} refused: a percent-encoded value is not UTF-8"
         ) from None
     problem = _checked_on_connect(params)
     if problem:
-        raise ValueError(f"postgresql URL {redact(url)} refused: {problem}")
+        raise ValueError(f"postgresql URL {redact(url)} refused: {scrub(problem, url)}")
     return libpq_url, ours
 
 
@@ -110,6 +115,10 @@ _CHOICES = {
 
 
 def _checked_on_connect(params: dict[str, object]) -> str | None:
+    if "@" in str(params.get("host", "")):
+        # libpq ends the user part at the first "@": the rest of a password went into
+        # the host name, which every failed connection would then log.
+        return "an '@' in the user name or password must be written %40"
     for name, choices in _CHOICES.items():
         value = params.get(name)
         if value is not None and value not in choices:
