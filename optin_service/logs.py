@@ -53,6 +53,9 @@ def formatter(fmt: str) -> logging.Formatter:
 LIMITER = logging.getLogger("flask-limiter")
 #: Seconds between two records of one kind from Flask-Limiter reaching the log.
 LIMITER_LOG_INTERVAL = 60.0
+#: The storage side's loggers: the built-in backends', and psycopg's (its pool logs
+#: every failed connection attempt, at WARNING; at INFO, every connection handed out).
+STORAGE = (logging.getLogger("backends"), logging.getLogger("psycopg"))
 
 
 class OncePer(logging.Filter):
@@ -83,9 +86,10 @@ class OncePer(logging.Filter):
 
 
 def configure(fmt: str) -> None:
-    """Send the package's logs, and Flask-Limiter's, to stderr in ``fmt`` (standalone
-    service only; Flask-Limiter's at most one line of a kind per
-    :data:`LIMITER_LOG_INTERVAL`, as it can log a failure on every request).
+    """Send the package's logs, Flask-Limiter's and the storage side's (:data:`STORAGE`)
+    to stderr in ``fmt`` (standalone service only). A library's at most one line of a
+    kind per :data:`LIMITER_LOG_INTERVAL`: Flask-Limiter can log a failure on every
+    request, psycopg's pool on every connection attempt while the server is down.
 
     An app that embeds the API keeps its own logging set-up: the package's
     loggers only emit records, with structured fields in ``extra``.
@@ -97,10 +101,15 @@ def configure(fmt: str) -> None:
         handler.set_name(_HANDLER)
         log.addHandler(handler)
     handler.setFormatter(formatter(fmt))
-    for logger in (log, LIMITER):
+    backends, psycopg = STORAGE
+    levels = {log: logging.INFO, LIMITER: logging.INFO, backends: logging.INFO}
+    for logger, level in {**levels, psycopg: logging.WARNING}.items():
         if logger.level == logging.NOTSET:
-            logger.setLevel(logging.INFO)
-    if handler not in LIMITER.handlers:
-        LIMITER.addHandler(handler)
-    if not any(isinstance(f, OncePer) for f in LIMITER.filters):
-        LIMITER.addFilter(OncePer(LIMITER_LOG_INTERVAL))
+            logger.setLevel(level)
+    for logger in (LIMITER, *STORAGE):
+        if handler not in logger.handlers:
+            logger.addHandler(handler)
+    # A logger's filters see the records made on it only, not its children's.
+    for library in (LIMITER, psycopg, logging.getLogger("psycopg.pool")):
+        if not any(isinstance(f, OncePer) for f in library.filters):
+            library.addFilter(OncePer(LIMITER_LOG_INTERVAL))

@@ -165,6 +165,33 @@ def test_the_standalone_service_shows_flask_limiters_records_at_most_once_a_minu
     assert [line["logger"] for line in lines] == ["flask-limiter"], lines
 
 
+@pytest.mark.parametrize("name", ["psycopg.pool", "psycopg", "backends.postgres.store"])
+def test_the_standalone_service_logs_the_storage_side_in_its_format(name):
+    """psycopg's pool logs each failed connection attempt, on several lines: they went
+    to Python's last-resort handler, as plain text among the JSON lines."""
+    create_app({"OPTIN_STORAGE_URL": "memory://", "OPTIN_LOG_FORMAT": "json"})
+    logger = logging.getLogger(name)
+    text = f"error connecting in 'optin' ({uuid.uuid4()}):\nMultiple connection attempts failed"
+    record = logger.makeRecord(name, logging.WARNING, __file__, 1, text, (), None)
+    handlers = [h for h in _handlers_of(logger) if h.get_name() == "optin_service"]
+    assert len(handlers) == 1
+    line = handlers[0].format(record)
+    assert "\n" not in line
+    assert json.loads(line) | {"time": None} == {
+        "level": "WARNING", "logger": name, "message": text, "time": None,
+    }  # fmt: skip
+    if name.startswith("psycopg"):  # a library: one line of a kind a minute
+        assert logger.filter(record)
+        assert not logger.filter(logger.makeRecord(name, 30, __file__, 1, text, (), None))
+    assert logger.isEnabledFor(logging.WARNING)
+
+
+def _handlers_of(logger):
+    while logger is not None:
+        yield from logger.handlers
+        logger = logger.parent if logger.propagate else None
+
+
 def capture(app_log_format="json"):
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
