@@ -858,6 +858,37 @@ def test_put_get_history_and_readyz_through_the_api(postgres_url):
         app.extensions["optin"].store.close()
 
 
+@pytest.mark.slow
+@pytest.mark.postgres_server
+def test_a_role_without_the_privileges_it_needs_is_a_503_naming_it(postgres_server):
+    """PostgreSQL 15 gives CREATE on the schema public to the database's owner only: a
+    role that does not own it cannot create the tables. PUT and GET were 500s with a
+    traceback while /readyz said 503; all three are a 503 naming the cause."""
+    from optin_service import create_app
+    from tests.test_api import PATH, put
+
+    name = f"np_{os.getpid()}_{int(time.monotonic() * 1000)}"
+    postgres_server.execute(f"CREATE ROLE {name} LOGIN", f"CREATE DATABASE {name}")
+    app = create_app(
+        {
+            "TESTING": True,
+            "OPTIN_STORAGE_URL": postgres_server.url(name).replace("postgres@", f"{name}@"),
+        }
+    )
+    client = app.test_client()
+    try:
+        for response in (
+            put(client, {"LOYALTY_OPTIN": "accepted"}),
+            client.get(PATH.format("member-42")),
+            client.get("/readyz"),
+        ):
+            assert response.status_code == 503, response.data
+            assert "lacks a privilege" in response.get_json()["errorMessage"]
+    finally:
+        app.extensions["optin"].store.close()
+        postgres_server.execute(f"DROP DATABASE {name}", f"DROP ROLE {name}")
+
+
 @pytest.mark.slow  # 3 waits of a second for a connection
 def test_the_api_answers_503_with_the_server_down():
     from optin_service import create_app

@@ -156,7 +156,10 @@ class PostgresStore(PostgresFeed):
             with self._session(write=True) as conn:
                 conn.execute(queries.HEALTH, (_now_us(),))
         except self.driver_errors as exc:  # any failure, transient or not, is "not ready"
-            raise StorageUnavailable(str(self.wrap_error(exc))) from exc
+            error = self.wrap_error(exc)
+            raise StorageUnavailable(str(error), reason=getattr(error, "reason", None)) from exc
+        except StorageUnavailable:
+            raise
         except StorageError as exc:
             raise StorageUnavailable(str(exc)) from exc
 
