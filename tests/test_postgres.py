@@ -113,6 +113,10 @@ def test_url_options_are_ours_or_libpqs(url, options):
         ("postgresql://h:port/db", "port 'port' is not a port number"),
         ("postgresql://h1:5432,h2:99999/db", "port '99999' is not a port number"),
         ("postgresql://h/db?sslmode=requir", "sslmode='requir' is not one of"),
+        ("postgresql://h:5432/db?host=h1,h2,h3&port=5432,5433", "2 ports for 3 hosts"),
+        ("postgresql://h1:5432/db?port=5432,5433", "2 ports for 1 hosts"),
+        ("postgresql://h/db?keepalives=maybe", "keepalives='maybe' is not a whole number"),
+        ("postgresql://h/db?keepalives_idle=1.5", "keepalives_idle='1.5' is not a whole"),
         ("postgresql://h/db?target_session_attrs=readwrite", "target_session_attrs="),
     ],
 )

@@ -123,10 +123,21 @@ def _checked_on_connect(params: dict[str, object]) -> str | None:
         value = params.get(name)
         if value is not None and value not in choices:
             return f"{name}={value!r} is not one of {', '.join(sorted(choices))}"
-    for port in str(params.get("port", "")).split(","):
+    ports = str(params.get("port", "")).split(",")
+    for port in ports:
         if port and not (port.isdigit() and 0 < int(port) < 65536):
             return f"port {port!r} is not a port number"
+    hosts = max(len(str(params.get(name, "")).split(",")) for name in ("host", "hostaddr"))
+    if len(ports) > 1 and len(ports) != hosts:
+        return f"{len(ports)} ports for {hosts} hosts (give one port, or one per host)"
+    for name in _INTEGERS:
+        value = str(params.get(name, "0")).strip()
+        if not value.lstrip("-").isdigit():
+            return f"{name}={value!r} is not a whole number"
     return None
+
+
+_INTEGERS = ("keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count")
 
 
 def connection_defaults(libpq_url: str) -> dict[str, str | int]:
