@@ -853,6 +853,7 @@ def test_redis_option_given_twice_refuses_to_start(url):
         ("redis://127.0.0.1:1/1/2", "database is /<number>, not /1/2"),  # was db 12
         ("rediss://127.0.0.1:1/x", "database is /<number>, not /x"),
         ("redis://127.0.0.1:1/0?prefx=a:", "option is unknown"),  # was a 500 per request
+        ("rediss://127.0.0.1:1/0?ssl_cert_reqs=maybe", "option is refused"),  # a traceback
     ],
 )
 def test_redis_url_mistakes_refuse_to_start(url, message):

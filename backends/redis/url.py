@@ -111,6 +111,8 @@ def refuse_unknown_driver_options(pool: redis.ConnectionPool, scheme: str) -> No
         pool.connection_class(**pool.connection_kwargs)
     except TypeError as exc:
         raise ValueError(f"a {scheme}:// option is unknown: {exc}") from None
+    except redis.RedisError as exc:  # a value it refuses: ssl_cert_reqs=maybe
+        raise ValueError(f"a {scheme}:// option is refused: {exc}") from None
 
 
 def integer(name: str, raw: str, low: int, high: int | None = None) -> int:
