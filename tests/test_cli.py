@@ -331,6 +331,8 @@ def test_storage_down_ends_a_command_with_one_error_line(args):
     named, error = result.stderr.splitlines()
     assert named == f"opt-in storage: redis://:***@127.0.0.1:{url.rsplit(':', 1)[1]}", named
     assert error.startswith("Error: storage: redis: "), result.stderr
+    # An import says what a failure halfway leaves, and how to complete it.
+    assert ("run the command again to complete it" in error) == (args[0] == "import")
     assert "s3cret" not in result.stderr + result.stdout
     assert "Traceback" not in result.stderr + result.stdout
 

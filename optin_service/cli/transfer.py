@@ -16,7 +16,7 @@ from flask.cli import with_appcontext
 from ..formats import SUBMICROSECOND, cut
 from ..registry import redact, store_from_url
 from ..schemas import load_event
-from ..storage import EARLIEST, LATEST, EventRow
+from ..storage import EARLIEST, LATEST, EventRow, StorageError
 from ._helpers import _line, _progress, _store
 from .output import replaced_when_done
 
@@ -71,6 +71,13 @@ def export_command(since: datetime | None, output: str) -> None:
     click.echo(f"exported {count} events", err=True)
 
 
+#: What to do after a failure halfway (every backend skips the events it has).
+_RUN_AGAIN = (
+    "what was stored before the failure stays: run the command again to complete it "
+    "(events already stored are skipped)"
+)
+
+
 @click.command("import")
 @with_appcontext
 @click.argument("file", type=click.File("rb"))
@@ -99,7 +106,10 @@ def import_command(file: IO[bytes]) -> None:
             read += 1
             yield row
 
-    added = store.import_rows(rows())
+    try:
+        added = store.import_rows(rows())
+    except StorageError as exc:
+        raise click.ClickException(f"storage: {exc}; {_RUN_AGAIN}") from None
     click.echo(
         f"imported {read} events: {added} new, {read - added} already present; "
         f"{failed} lines failed",
@@ -135,7 +145,10 @@ def migrate_command(target_url: str) -> None:
                         bar.update(1000)
 
             # The target batches the stream itself (pipelines, ordered transactions).
-            added = target.import_rows(counted())
+            try:
+                added = target.import_rows(counted())
+            except StorageError as exc:
+                raise click.ClickException(f"storage: {exc}; {_RUN_AGAIN}") from None
             bar.update(copied % 1000)
         seconds = time.monotonic() - started
         after = target.count_events()
