@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> None:
     # The service's start-up lines (storage in use, authentication mode) are noise
     # around a command's own output; errors still show.
     logging.getLogger("optin_service").setLevel(logging.ERROR)
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] in (["--version"], ["--help"]):  # answered before any command runs
+        optin.main(args=args, prog_name="optin")
     try:
         app = create_app()
     except (LookupError, ValueError) as exc:  # a setting the service would refuse too

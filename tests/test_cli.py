@@ -1221,3 +1221,15 @@ def test_version_is_the_one_the_package_declares(cli_env):
     assert result.exit_code == 0
     assert result.output.strip() == f"optin-service, version {__version__}"
     assert version("optin-service") == __version__  # setup.cfg reads the same number
+
+
+@pytest.mark.parametrize("flag", ["--version", "--help"])
+def test_version_and_help_need_no_working_storage(flag):
+    """They answer before any command runs: a storage URL the service would refuse
+    (here an unknown scheme) made `optin --version` fail."""
+    env = {**os.environ, "OPTIN_STORAGE_URL": "bogus://"}
+    done = subprocess.run(
+        [sys.executable, "-m", "optin_service", flag], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert ("optin-service, version" if flag == "--version" else "Usage: optin") in done.stdout
