@@ -493,6 +493,28 @@ def test_sqlite_a_replaced_file_is_refused_until_the_original_is_back(db_folder,
         store.close()
 
 
+def test_sqlite_a_deleted_wal_file_stops_writes_being_acknowledged(db_folder):
+    """`rm optin.db-wal` under a running service: commits went on into the deleted
+    file, each answered 200, all lost at the restart. A connection opened before the
+    deletion that had not written yet commits there too: refused as well."""
+    path = db_folder / "optin.db"
+    store = SQLiteStore.from_url(f"sqlite:///{path}")
+    idle = SQLiteStore.from_url(f"sqlite:///{path}")  # another worker, connected, no write yet
+    try:
+        store.set(OptInRecord("member-1", "accepted", STAMP, "r1"))
+        assert idle.get("member-1") is not None
+        os.remove(f"{path}-wal")
+        for writer in (store, idle):
+            with pytest.raises(StorageUnavailable, match="-wal") as info:
+                writer.set(OptInRecord("member-2", "declined", STAMP, "r2"))
+            assert "-wal file was deleted" in info.value.reason
+            with pytest.raises(StorageUnavailable):
+                writer.check()
+    finally:
+        store.close()
+        idle.close()
+
+
 def test_sqlite_a_write_whose_file_vanishes_before_commit_is_not_acknowledged(db_folder):
     store = SQLiteStore.from_url(f"sqlite:///{db_folder}/optin.db")
     try:

@@ -139,7 +139,7 @@ class SQLiteStore(OptInStore):
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._open(time.monotonic() + self.timeout if deadline is None else deadline)
-            self._local.conn = conn
+            self._local.conn, self._local.wal = conn, _identity(self.path + "-wal")
             with self._lock:
                 self._connections.append(conn)
         return conn
@@ -152,6 +152,23 @@ class SQLiteStore(OptInStore):
                 f"sqlite: {self.path} is no longer the database file this store started "
                 "with (deleted or replaced); nothing is written until it is back",
                 reason="the database file was deleted or replaced while the service ran",
+            )
+
+    def _check_written(self) -> None:
+        """After a COMMIT: the database file is still at its path, and so is the WAL
+        the commit went to (the one at ``<path>-wal`` when the connection opened it;
+        None: the connection keeps no WAL). While a connection is open SQLite never
+        deletes or replaces its WAL (the last connection to close deletes it), so a
+        change means someone removed it, and with it every commit since the last
+        checkpoint: none is acknowledged."""
+        self._check_file()
+        bound = self._local.wal
+        if bound is not None and _identity(self.path + "-wal") != bound:
+            raise StorageUnavailable(
+                f"sqlite: {self.path}-wal is no longer the write-ahead log this connection "
+                "commits to (deleted or replaced): recent writes live only in the old "
+                "one; nothing is acknowledged until the service restarts",
+                reason="the database's -wal file was deleted or replaced while the service ran",
             )
 
     def _open(self, deadline: float) -> sqlite3.Connection:

@@ -20,7 +20,7 @@ class _Store(Protocol):
 
     def _connection(self, deadline: float | None = None) -> sqlite3.Connection: ...
     def _queue(self) -> int | None: ...
-    def _check_file(self) -> None: ...
+    def _check_written(self) -> None: ...
 
 
 class Transaction:
@@ -43,8 +43,9 @@ class Transaction:
     the deadline, for writers that do not queue (another program) or for the lock
     when the queue was not free in time.
 
-    After COMMIT the store checks its file is still at its path: a commit into a
-    file deleted meanwhile raises :class:`StorageUnavailable`, never returns.
+    After COMMIT the store checks its file and its WAL are still at their paths: a
+    commit into a file deleted meanwhile raises :class:`StorageUnavailable`, never
+    returns.
     """
 
     __slots__ = ("_conn", "_lock", "_queued", "_store")
@@ -94,7 +95,7 @@ class Transaction:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
                     raise
-                self._store._check_file()
+                self._store._check_written()
                 return
             # The exception of the block propagates as it is, after the rollback.
             with contextlib.suppress(sqlite3.Error):
