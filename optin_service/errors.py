@@ -73,6 +73,9 @@ def envelope(status: int, message: str, error_code: str | None = None) -> str:
     """The envelope's JSON text."""
     if error_code is None:
         error_code = ERROR_CODES.get(status) or _reason_code(status)
+    # A message may quote the client's text, which may hold a lone surrogate (a JSON
+    # key "\ud800"): UTF-8 has no bytes for one, so it is written as its escape.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return json.dumps(
         {"statusCode": status, "errorCode": error_code, "errorMessage": message},
         separators=(",", ":"),

@@ -208,6 +208,12 @@ def test_limit_follows_config(monkeypatch):
         ),
         ('{"LOYALTY_OPTIN":"accepted","x":{"a":1,"a":2}}', "Duplicate key in JSON body: a"),
         ('{"a":1,"b":1,"b":2,"a":3}', "Duplicate key in JSON body: b"),  # the first repeated
+        # A lone surrogate in a quoted key: UTF-8 cannot carry it (it was a 500).
+        (
+            '{"LOYALTY_OPTIN":"accepted","\\ud800":1,"\\ud800":2}',
+            "Duplicate key in JSON body: \\ud800",
+        ),
+        ('{"\\udfff\\ud800":1,"\\udfff\\ud800":2}', "Duplicate key in JSON body: \\udfff\\ud800"),
         ('\ufeff{"LOYALTY_OPTIN":"accepted"}'.encode(), "Request body is not valid JSON"),
         ("[" * 5000 + "]" * 5000, "Request body is not valid JSON"),
     ],
