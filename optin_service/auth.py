@@ -44,7 +44,6 @@ ALL_SCOPES = frozenset({READ, WRITE})
 OPEN_ENDPOINTS = frozenset({"optin.healthz", "optin.readyz", "optin.metrics", "optin.openapi"})
 _NAME = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
 # Public key class (without "PublicKey") -> the algorithm names that use it.
-_FAMILIES = {"RSA": ("RS", "PS"), "EllipticCurve": ("ES",), "Ed25519": ("EdDSA",)}
 _DIGEST = re.compile(r"[0-9a-fA-F]{64}")
 
 
@@ -149,8 +148,13 @@ class JwtBearer:
                 self._key = serialization.load_pem_public_key(file.read())
             # A token may only name an algorithm that fits the key (an ES256 token
             # checked against an RSA key is invalid, not an error).
-            family = _FAMILIES.get(type(self._key).__name__.rsplit("PublicKey", 1)[0], ())
-            self.algorithms = [a for a in self.algorithms if a.startswith(family)]
+            fitting = [a for a in self.algorithms if a.startswith(_family(self._key))]
+            if not fitting:
+                raise ValueError(
+                    f"OPTIN_JWT_PUBLIC_KEY_FILE holds a {type(self._key).__name__}, which "
+                    f"none of OPTIN_JWT_ALGORITHMS ({', '.join(self.algorithms)}) verifies"
+                )
+            self.algorithms = fitting
         else:
             raise ValueError("OPTIN_AUTH=jwt needs OPTIN_JWT_JWKS_URL or OPTIN_JWT_PUBLIC_KEY_FILE")
 
@@ -293,3 +297,16 @@ def check_request() -> None:
 def client_name() -> str:
     """The authenticated caller of this request ("" without authentication)."""
     return g.get("optin_client", "")
+
+
+def _family(key: object) -> tuple[str, ...]:
+    """The prefixes of the JWT algorithms a public key verifies."""
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+    if isinstance(key, rsa.RSAPublicKey):
+        return ("RS", "PS")
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return ("ES",)
+    if isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+        return ("EdDSA",)
+    return ()

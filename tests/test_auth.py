@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from optin_service import create_app
 from optin_service.schemas import dump_event, load_event
@@ -299,8 +299,21 @@ def test_missing_token_is_401_without_error_code(jwt_client):
     assert response.headers["WWW-Authenticate"] == 'Bearer realm="optin"'
 
 
-def test_jwt_with_a_pem_public_key_file(tmp_path, rsa_key):
-    pem = rsa_key.public_key().public_bytes(
+@pytest.mark.parametrize(
+    ("make_key", "alg"),
+    [
+        (lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048), "RS256"),
+        (lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048), "PS256"),
+        # An EC key's class is ECPublicKey, not EllipticCurvePublicKey: every ES256
+        # token was refused ("It is required that you pass in a value for algorithms").
+        (lambda: ec.generate_private_key(ec.SECP256R1()), "ES256"),
+        (lambda: ec.generate_private_key(ec.SECP384R1()), "ES384"),
+        (ed25519.Ed25519PrivateKey.generate, "EdDSA"),
+    ],
+)
+def test_jwt_with_a_pem_public_key_file(tmp_path, make_key, alg):
+    key, other = make_key(), make_key()
+    pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     (tmp_path / "issuer.pem").write_bytes(pem)
@@ -309,16 +322,28 @@ def test_jwt_with_a_pem_public_key_file(tmp_path, rsa_key):
         OPTIN_JWT_PUBLIC_KEY_FILE=str(tmp_path / "issuer.pem"),
         OPTIN_JWT_ISSUER=ISSUER,
         OPTIN_JWT_AUDIENCE=AUDIENCE,
+        OPTIN_JWT_ALGORITHMS="RS256,PS256,ES256,ES384,EdDSA",
     ).test_client()
     assert client.get("/healthz").status_code == 200
-    assert (
-        put(client, {"LOYALTY_OPTIN": "accepted"}, headers=bearer(token(rsa_key))).status_code
-        == 200
+    body = {"LOYALTY_OPTIN": "accepted"}
+    assert put(client, body, headers=bearer(token(key, alg=alg))).status_code == 200
+    assert put(client, body, headers=bearer(token(other, alg=alg))).status_code == 401
+
+
+def test_a_pem_key_no_configured_algorithm_verifies_refuses_to_start(tmp_path):
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    pem = key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    assert (
-        put(client, {"LOYALTY_OPTIN": "accepted"}, headers=bearer(token(_other_rsa()))).status_code
-        == 401
-    )
+    (tmp_path / "issuer.pem").write_bytes(pem)
+    with pytest.raises(ValueError, match=r"none of OPTIN_JWT_ALGORITHMS \(RS256\) verifies"):
+        app_with(
+            OPTIN_AUTH="jwt",
+            OPTIN_JWT_PUBLIC_KEY_FILE=str(tmp_path / "issuer.pem"),
+            OPTIN_JWT_ISSUER=ISSUER,
+            OPTIN_JWT_AUDIENCE=AUDIENCE,
+            OPTIN_JWT_ALGORITHMS="RS256",
+        )
 
 
 def test_unreachable_jwks_is_503_not_401(rsa_key):
