@@ -571,6 +571,38 @@ def test_import_a_file_and_from_stdin(make_backend, tmp_path):
     assert backend.store.get("stdin-2") == second[1]
 
 
+def test_import_reports_an_over_long_line_without_holding_it(make_backend, tmp_path):
+    """A line over MAX_LINE_BYTES is reported and skipped, read past in pieces: a 50 MB
+    line was held whole, and /dev/zero (one endless line) grew the process by 1 GB/s."""
+    from optin_service.cli.transfer import MAX_LINE_BYTES
+
+    backend = make_backend("memory")
+    before, after = event("before", "accepted", 1), event("after", "declined", 2)
+    path = tmp_path / "events.jsonl"
+    with open(path, "w") as out:
+        out.write(jsonl([before]))
+        out.write('{"correlationId":"huge","x":"' + "x" * (3 * MAX_LINE_BYTES) + '"}\n')
+        out.write(jsonl([after]))
+        out.write("y" * (MAX_LINE_BYTES + 1))  # the last line, without its newline
+    result = check(backend.optin("import", str(path)), 1)
+    assert result.stderr.splitlines() == [
+        f"line 2: longer than {MAX_LINE_BYTES} bytes",
+        f"line 4: longer than {MAX_LINE_BYTES} bytes",
+        "imported 2 events: 2 new, 0 already present; 2 lines failed",
+    ]
+    assert set(backend.store.events()) == {before, after}
+
+
+def test_an_export_the_disk_cannot_take_is_one_error_line(make_backend):
+    backend = make_backend("memory")
+    check(backend.optin("set", "m", "accepted"))
+    result = check(backend.optin("export", "-o", "/dev/full"), 1)
+    assert (
+        result.stderr.splitlines()[-1] == "Error: cannot write /dev/full: No space left on device"
+    )
+    assert "Traceback" not in result.stderr
+
+
 def test_import_applies_zones_and_defaults_the_source(make_backend):
     backend = make_backend("memory")
     text = (
@@ -685,7 +717,7 @@ def test_a_malformed_file_reports_each_bad_line_and_stores_the_good_ones(make_ba
 def test_import_errors_quote_a_huge_value_or_key_cut_short(make_backend, tmp_path):
     """A bad line's messages name the field and quote the value, never megabytes of it."""
     backend = make_backend("sqlite")
-    huge = "x" * 5_000_000
+    huge = "x" * 30_000  # lines stay under MAX_LINE_BYTES: a longer one is not parsed
 
     def bad(**change: object) -> str:
         data = json.loads(line(event("bad", "accepted", 0)))
@@ -711,7 +743,7 @@ def test_import_errors_quote_a_huge_value_or_key_cut_short(make_backend, tmp_pat
         strict=True,
     ):
         assert len(report) < 300 and name in report, report[:300]
-        assert "(5000000 characters)" in report, report
+        assert "(30000 characters)" in report, report
     assert backend.store.count_events() == 0
 
 

@@ -61,14 +61,36 @@ def export_command(since: datetime | None, output: str) -> None:
     """Write every event as JSON Lines, streamed in constant memory."""
     store = _store()
     count = 0
-    with replaced_when_done(output) as out, _progress("exporting", store.count_events) as bar:
-        for record in store.events(since):
-            out.write(_line(record) + "\n")
-            count += 1
-            if count % 1000 == 0:
-                bar.update(1000)
-        bar.update(count % 1000)
+    try:
+        with replaced_when_done(output) as out, _progress("exporting", store.count_events) as bar:
+            for record in store.events(since):
+                out.write(_line(record) + "\n")
+                count += 1
+                if count % 1000 == 0:
+                    bar.update(1000)
+            bar.update(count % 1000)
+    except OSError as exc:  # the disk full, the device gone: the previous file is kept
+        where = "standard output" if output == "-" else output
+        raise click.ClickException(f"cannot write {where}: {exc.strerror or exc}") from None
     click.echo(f"exported {count} events", err=True)
+
+
+#: The longest line ``optin import`` reads (an event is a few hundred bytes): a longer
+#: one is reported and skipped without being held, so memory stays bounded whatever
+#: the input (``/dev/zero`` is one endless line).
+MAX_LINE_BYTES = 64 * 1024
+
+
+def _lines(file: IO[bytes]) -> Iterator[bytes | None]:
+    """``file``'s lines, None for each one over :data:`MAX_LINE_BYTES` (read past in
+    pieces of that size, never whole)."""
+    while line := file.readline(MAX_LINE_BYTES + 1):
+        if len(line) <= MAX_LINE_BYTES or line.endswith(b"\n"):
+            yield line
+            continue
+        while not line.endswith(b"\n") and (line := file.readline(MAX_LINE_BYTES)):
+            pass
+        yield None
 
 
 #: What to do after a failure halfway (every backend skips the events it has).
@@ -94,7 +116,11 @@ def import_command(file: IO[bytes]) -> None:
 
     def rows() -> Iterator[EventRow]:
         nonlocal read, failed
-        for number, line in enumerate(file, 1):
+        for number, line in enumerate(_lines(file), 1):
+            if line is None:
+                failed += 1
+                click.echo(f"line {number}: longer than {MAX_LINE_BYTES} bytes", err=True)
+                continue
             if not line.strip():
                 continue
             try:
