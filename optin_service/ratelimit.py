@@ -47,6 +47,14 @@ def init_rate_limit(app: Flask, blueprint_name: str) -> Limiter | None:
     if not rate:
         return None
     from flask_limiter import Limiter
+    from limits import parse_many
+
+    try:  # Flask-Limiter would log the mistake on each request and let every one through
+        parse_many(rate)
+    except ValueError as exc:
+        raise ValueError(
+            f"OPTIN_RATE_LIMIT={rate!r} is not a rate such as 100/minute: {exc}"
+        ) from None
 
     # Flask-Limiter puts its window's end in Retry-After on every limited route's
     # response, over the API's own (a 503's OPTIN_RETRY_AFTER_SECONDS): only a 429

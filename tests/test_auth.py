@@ -383,6 +383,13 @@ def test_incomplete_jwt_configuration_stops_start_up(config):
 # --- rate limits ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("rate", ["3/minut", "lots", "3 per fortnight", "/minute"])
+def test_a_rate_limit_that_is_not_one_refuses_to_start(rate):
+    """Flask-Limiter logged an ERROR per request and let every request through."""
+    with pytest.raises(ValueError, match=r"OPTIN_RATE_LIMIT=.* is not a rate such as 100/minute"):
+        app_with(OPTIN_RATE_LIMIT=rate)
+
+
 def test_rate_limit_per_client_with_envelope_and_retry_after():
     app = app_with(
         OPTIN_AUTH="api-key",
