@@ -1052,6 +1052,9 @@ def test_changes_prune_removes_changes_older_than_the_days_given(make_backend, k
     missing = backend.optin("changes", "prune")
     assert missing.exit_code == 2 and "--days" in missing.stderr
     assert backend.optin("changes", "prune", "--days", "-1").exit_code == 2
+    # 0 would empty the feed, where OPTIN_CHANGES_RETENTION=0 keeps every change.
+    assert backend.optin("changes", "prune", "--days", "0").exit_code == 2
+    assert [c["correlationId"] for c in listed(backend)[0]] == ["new"]
 
 
 # --- progress ----------------------------------------------------------------------

@@ -70,9 +70,10 @@ def changes_rebuild_command() -> None:
 @changes_group.command("prune")
 @click.option(
     "--days",
-    type=click.IntRange(min=0),
+    # 0 (every change) is refused: OPTIN_CHANGES_RETENTION=0 means "keep them all".
+    type=click.IntRange(min=1),
     required=True,
-    help="Remove the changes appended more than this many days ago.",
+    help="Remove the changes appended more than this many days ago (1 or more).",
 )
 def changes_prune_command(days: int) -> None:
     """Remove old changes now, once (OPTIN_CHANGES_RETENTION does it as the service runs).
