@@ -114,9 +114,10 @@ def _optin_state(worker):  # noqa: ANN001, ANN202 - gunicorn's Worker; OptInStat
 
 
 def _refuse_waits_beyond_the_worker_timeout(worker) -> None:  # noqa: ANN001
-    """Refuse a store that may block one call longer than half gunicorn's worker timeout:
-    past the timeout, gunicorn kills the worker mid-request (the client gets an empty
-    reply, not a 503), and the other half leaves room for the rest of the request."""
+    """Refuse a store that may block one call longer than half gunicorn's worker timeout,
+    or a body deadline that long: past the timeout, gunicorn kills the worker
+    mid-request (the client gets an empty reply, not a 503 or a 408), and the other
+    half leaves room for the rest of the request."""
     state = _optin_state(worker)
     wait = state.store.max_wait if state is not None else None
     limit = worker.cfg.timeout  # 0: gunicorn never kills a worker
@@ -125,6 +126,13 @@ def _refuse_waits_beyond_the_worker_timeout(worker) -> None:  # noqa: ANN001
             f"the opt-in store ({state.store_name}) may wait {wait:g} s for storage, "
             f"but gunicorn kills a worker after {limit:g} s: lower the store's wait to "
             f"at most {limit / 2:g} s (half the worker timeout), or raise --timeout"
+        )
+    body = state.body_timeout if state is not None else None
+    if body is not None and limit and body > limit / 2:
+        raise RuntimeError(
+            f"OPTIN_BODY_TIMEOUT_SECONDS is {body:g} s, but gunicorn kills a worker after "
+            f"{limit:g} s: a stalled body would cost the worker, not a 408; set it to at "
+            f"most {limit / 2:g} s (half the worker timeout), or raise --timeout"
         )
 
 

@@ -113,6 +113,22 @@ def apply(config: MutableMapping[str, Any], environ: Mapping[str, str] | None = 
     ``OptIn`` passes none: it reads only its host's config."""
     environ = environ or {}
     for name, default in DEFAULTS.items():
-        if name in config:
-            continue
-        config[name] = _from_env(name, default, environ) if name in environ else default
+        if name not in config:
+            config[name] = _from_env(name, default, environ) if name in environ else default
+        value = config[name]
+        least = _LEAST.get(name, 0)
+        if (
+            isinstance(default, int)
+            and not isinstance(default, bool)
+            and name not in _CHECKED_ELSEWHERE
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be a whole number >= {least}, not {value!r}")
+
+
+#: Whole-number settings that must be above 0 (the others may be 0, none below):
+#: OPTIN_TRUSTED_PROXIES=-1 made Werkzeug believe the client's own X-Forwarded-For.
+_LEAST = {"OPTIN_MAX_BODY_BYTES": 1, "OPTIN_WEBHOOK_TIMEOUT_SECONDS": 1}
+#: Checked where they are read, with their own messages (a body timeout may be any
+#: positive number).
+_CHECKED_ELSEWHERE = {"OPTIN_BODY_TIMEOUT_SECONDS", "OPTIN_CHANGES_RETENTION"}

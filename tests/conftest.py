@@ -9,13 +9,15 @@ import pytest
 from optin_service import create_app
 from tests.servers import PostgresServer, RedisServer
 
-#: Fixtures that start real servers (redis-server, Sentinels, a Cluster).
-SERVER_FIXTURES = frozenset({"redis_server", "sentinel_topology", "cluster_topology"})
+#: Fixtures that start real servers (redis-server, Sentinels, a Cluster, PostgreSQL).
+SERVER_FIXTURES = frozenset(
+    {"redis_server", "sentinel_topology", "cluster_topology", "postgres_server", "postgres_url"}
+)
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m "not slow" deselects
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A test that needs a real redis-server is slow, whether it says so or not: marked
+    """A test that needs a real server is slow, whether it says so or not: marked
     ``redis_server``, or using a fixture that starts one. A fixture a test fetches with
     ``request.getfixturevalue`` is invisible here: such a test carries the marker."""
     for item in items:

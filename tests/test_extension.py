@@ -311,3 +311,24 @@ def test_an_embedded_api_reads_only_its_hosts_config(monkeypatch):
         ]
         == 10
     )  # the standalone service does read it
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        # -1 made ProxyFix believe the client's own X-Forwarded-For entry.
+        ("OPTIN_TRUSTED_PROXIES", "-1"),
+        ("OPTIN_MAX_BODY_BYTES", "0"),  # every PUT a 413
+        ("OPTIN_MAX_BODY_BYTES", "-1"),
+        ("OPTIN_RETRY_AFTER_SECONDS", "-5"),
+        ("OPTIN_REDIS_MIN_REPLICAS_ACKED", "-1"),
+        ("OPTIN_WEBHOOK_TIMEOUT_SECONDS", "0"),
+    ],
+)
+def test_a_whole_number_setting_out_of_range_refuses_to_start(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"{name} must be a whole number >= [01], not {value}"):
+        create_app({"OPTIN_STORAGE_URL": "memory://"})
+    monkeypatch.delenv(name)
+    with pytest.raises(ValueError, match=f"{name} must be a whole number"):
+        create_app({"OPTIN_STORAGE_URL": "memory://", name: int(value)})

@@ -1072,3 +1072,16 @@ def test_sqlite_lock_wait_beyond_the_worker_timeout_stops_gunicorn(
     # One line says what waits how long, and the worker timeout it exceeds.
     assert re.search(r"^.*\b40(\.0)? s\b.*\b30(\.0)? s\b.*$", output, re.M), output
     print(f"sqlite timeout=40 under a 30 s worker timeout: exit {code} after {elapsed:.2f}s")
+
+
+def test_a_body_deadline_beyond_half_the_worker_timeout_stops_gunicorn(
+    servers: Servers, tmp_path: Path
+) -> None:
+    """OPTIN_BODY_TIMEOUT_SECONDS=100 was accepted: a stalled body then met gunicorn's
+    30 s worker timeout (a killed worker) before its own 408."""
+    env = {"OPTIN_STORAGE_URL": servers.sqlite_url(), "OPTIN_BODY_TIMEOUT_SECONDS": "100"}
+    refused = make_gunicorn(env, workers=2)
+    code, output, elapsed = run_to_exit(refused, tmp_path / "refused.log", timeout=15)
+    assert code != 0, output
+    assert re.search(r"OPTIN_BODY_TIMEOUT_SECONDS is 100 s\b.*\b30 s\b", output), output
+    print(f"OPTIN_BODY_TIMEOUT_SECONDS=100, 30 s worker timeout: exit {code} after {elapsed:.2f}s")

@@ -721,10 +721,13 @@ def test_a_session_the_server_terminated_is_replaced_before_use(store, postgres_
     """pg_terminate_backend (an administrator, a failover tool) ends a pooled session:
     the next operation is served on a new connection, not answered 503."""
     store.set(_record())
-    postgres_server.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+    ended = postgres_server.execute(
+        "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
         "WHERE application_name = 'optin-service' AND pid <> pg_backend_pid()"
     )
+    pids = ", ".join(str(pid) for pid, _ in ended)
+    gone = f"SELECT count(*) FROM pg_stat_activity WHERE pid IN ({pids})"
+    _until(lambda: postgres_server.execute(gone)[0][0] == 0, "the sessions ended")
     assert store.get("member-1") == _record()
 
 
