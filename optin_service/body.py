@@ -9,7 +9,8 @@ errors and holds the whole read to one deadline:
 - 400: a body the server cannot parse (a malformed chunk), or one that ends
   before its ``Content-Length`` (the client stopped: an incomplete request is
   not an answer);
-- 408: not all there within ``OPTIN_BODY_TIMEOUT_SECONDS``.
+- 408: not all there within ``OPTIN_BODY_TIMEOUT_SECONDS``;
+- 501: a transfer coding other than chunked (``gzip, chunked``).
 
 The deadline needs the connection's socket, which gunicorn puts in every
 environ as ``gunicorn.socket``. A timeout on the socket would not do: gunicorn's
@@ -33,10 +34,16 @@ from typing import IO
 
 from flask import Request
 from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge, RequestTimeout
+from werkzeug.exceptions import NotImplemented as NotImplementedHTTP
 
 
 def read_body(req: Request, limit: int, timeout: float) -> bytes:
     """The whole body of ``req``, at most ``limit`` bytes, read within ``timeout`` seconds."""
+    codings = req.headers.get("Transfer-Encoding", "")
+    if any(c.strip(" \t").lower() not in ("chunked", "") for c in codings.split(",")):
+        # gunicorn undoes the chunking of "gzip, chunked", not the gzip: read as it
+        # is, the body would be taken for what it is not.
+        raise NotImplementedHTTP("Transfer-Encoding other than chunked is not supported")
     # Set per request (Flask >= 3.1) so a host app's own limit is left alone. One
     # byte of headroom: a body without Content-Length (chunked) is cut at the limit
     # silently, and that extra byte tells a body that fits from one that does not.

@@ -79,6 +79,20 @@ def put_request(body: bytes, *, chunked: bool = False) -> bytes:
             "xchunked",
         ),
         (b"GET /healthz HTTP/1.1\r\nHost: x\r\nExpect: 200-ok\r\n\r\n", 417, "200-ok"),
+        # Without chunked last the body has no length (RFC 9112): gunicorn's 400.
+        (
+            f"PUT {PATH} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n".encode(),
+            400,
+            "TRANSFER-ENCODING",
+        ),
+        # gunicorn undoes the chunks, not the gzip: the app refuses it (it was stored as is).
+        (
+            put_request(b'{"LOYALTY_OPTIN":"declined"}', chunked=True).replace(
+                b"Transfer-Encoding: chunked", b"Transfer-Encoding: gzip, chunked"
+            ),
+            501,
+            "Transfer-Encoding other than chunked is not supported",
+        ),
     ],
     ids=[
         "bad Content-Length",
@@ -88,6 +102,8 @@ def put_request(body: bytes, *, chunked: bool = False) -> bytes:
         "a header over 8190 bytes",
         "unknown transfer coding",
         "unknown expectation",
+        "gzip without chunked",
+        "gzip before chunked",
     ],
 )
 def test_what_gunicorn_refuses_itself_gets_the_envelope_and_headers(
