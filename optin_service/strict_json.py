@@ -8,6 +8,7 @@ parser here rejects all three before marshmallow sees the data.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from .formats import cut
@@ -32,8 +33,18 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+def _finite(text: str) -> float:
+    """A JSON number as a float; one past a double's range (1e999) would be Infinity."""
+    value = float(text)
+    if math.isinf(value):
+        raise _BadJSON(f"{cut(text)} is too large for a JSON number")
+    return value
+
+
 # Built once: json.loads with hooks builds a new decoder and scanner on every call.
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_reject_duplicates)
+_DECODER = json.JSONDecoder(
+    parse_constant=_reject_constant, parse_float=_finite, object_pairs_hook=_reject_duplicates
+)
 
 
 def loads_object(text: str | bytes, what: str = "Request body") -> dict[str, Any]:

@@ -198,6 +198,9 @@ def test_limit_follows_config(monkeypatch):
         ('{"LOYALTY_OPTIN": NaN}', "NaN is not a valid JSON value"),
         ('{"LOYALTY_OPTIN": "accepted", "x": Infinity}', "Infinity is not a valid JSON value"),
         ('{"x": -Infinity, "LOYALTY_OPTIN": "accepted"}', "-Infinity is not a valid JSON value"),
+        # A number past a double's range parsed to Infinity (it was accepted).
+        ('{"LOYALTY_OPTIN": "accepted", "x": 1e999}', "1e999 is too large for a JSON number"),
+        ('{"x": -1.5E+400, "LOYALTY_OPTIN": 1}', "-1.5E+400 is too large for a JSON number"),
         (
             '{"LOYALTY_OPTIN":"accepted","LOYALTY_OPTIN":"declined"}',
             "Duplicate key in JSON body: LOYALTY_OPTIN",
