@@ -85,11 +85,11 @@ def store_from_url(url: str, config: Mapping[str, Any] | None = None) -> OptInSt
 # A scheme and its slashes, if any (any number of them: libpq reads "postgresql:/"
 # as a string of its own, which its messages quote).
 _PREFIX = re.compile(r"\s*(?:[A-Za-z][A-Za-z0-9+.-]*:)?/*")
-# Options holding a secret (redis-py's password, sentinel_password, ssl_password;
-# libpq's password, sslpassword), in a URL's query or a libpq "key=value" string.
-_SECRET_OPTIONS = re.compile(
-    r"(?:(?<=[?&;\s])|^)([^=&#;\s]*password)(\s*=\s*)('[^']*'|[^&#;\s]*)", re.IGNORECASE
-)
+# A URL query's or a libpq "key=value" string's options; those whose name ends in
+# "password" hold a secret (redis-py's password, sentinel_password, ssl_password;
+# libpq's password, sslpassword).
+# A key counts by its decoded name (drivers decode keys: "pass%77ord" is "password").
+_OPTIONS = re.compile(r"(?:(?<=[?&;\s])|^)([^=&#;\s]+)(\s*=\s*)('[^']*'|[^&#;\s]*)")
 # Where a parser may cut a password written without percent-encoding.
 _CUTS = re.compile(r"[@/?#\s]+")
 
@@ -97,15 +97,20 @@ _CUTS = re.compile(r"[@/?#\s]+")
 def _userinfo(url: str) -> tuple[int, int, int] | None:
     """Where the user part is (start, the colon before the password, the last ``@``).
 
-    The user part is everything after the scheme up to the last ``@``: a driver may
-    read a password up to an ``@`` whatever it holds (libpq: ``#`` and ``?``
-    included, where urllib would end it there and show the rest), and one written
-    with an ``@`` or a ``/`` unencoded is still hidden whole.
+    The user part is everything after the scheme up to the last ``@`` before the
+    query (or the last ``@`` of all, when what looks like a query has no path before
+    it: then its "?" is the password's): a driver may read
+    a password up to an ``@`` whatever it holds (libpq: ``#`` and ``?`` included,
+    where urllib would end it there and show the rest), and one written with an
+    ``@`` or a ``/`` unencoded is still hidden whole.
     """
     start = _PREFIX.match(url).end()  # type: ignore[union-attr]
     if not url[:start].endswith("/"):
         start = len(url) - len(url.lstrip())  # "user:password@host": no scheme after all
-    at = url.rfind("@", start)
+    query = url.find("?", start) % (len(url) + 1)  # none: the end
+    at = url.rfind("@", start, query)
+    if at < 0 and "/" not in url[start:query]:  # "u:p?x@host": the "?" is the password's
+        at = url.rfind("@", start)
     colon = url.find(":", start, at)
     return None if at < 0 or colon < 0 else (start, colon, at)
 
@@ -116,7 +121,16 @@ def redact(url: str) -> str:
     if where is not None:
         _, colon, at = where
         url = f"{url[: colon + 1]}***{url[at:]}"
-    return _SECRET_OPTIONS.sub(r"\1\2***", url)
+    return _OPTIONS.sub(_hide_secret_option, url)
+
+
+def _secret_options(url: str) -> list[re.Match[str]]:
+    return [m for m in _OPTIONS.finditer(url) if unquote(m.group(1)).lower().endswith("password")]
+
+
+def _hide_secret_option(option: re.Match[str]) -> str:
+    key, equals, _ = option.groups()
+    return f"{key}{equals}***" if unquote(key).lower().endswith("password") else option.group(0)
 
 
 def scrub(text: str, url: str) -> str:
@@ -127,7 +141,7 @@ def scrub(text: str, url: str) -> str:
     where = _userinfo(url)
     if where is not None:
         secrets.add(url[where[1] + 1 : where[2]])
-    secrets.update(match.group(3).strip("'") for match in _SECRET_OPTIONS.finditer(url))
+    secrets.update(match.group(3).strip("'") for match in _secret_options(url))
     for secret in list(secrets):
         secrets.add(unquote(secret, errors="replace"))
         secrets.update(piece for piece in _CUTS.split(secret) if len(piece) >= 3)

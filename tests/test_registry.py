@@ -138,6 +138,15 @@ def test_a_backend_missing_a_method_fails_at_construction():
         ("app:s3cret@h/db", "app:***@h/db"),
         ("host=h password=s3cret dbname=db", "host=h password=*** dbname=db"),
         ("host=h password='s3 cret' dbname=db", "host=h password=*** dbname=db"),
+        # Drivers decode an option's name: "pass%77ord" is a password.
+        ("postgresql://u@h/db?pass%77ord=s3cret", "postgresql://u@h/db?pass%77ord=***"),
+        ("redis://h/0?PASS%57ORD=s3cret&db=1", "redis://h/0?PASS%57ORD=***&db=1"),
+        # An "@" in the query is not the end of a user part.
+        (
+            "postgresql://app:s3cret@h:5432/db?application_name=a:b@c",
+            "postgresql://app:***@h:5432/db?application_name=a:b@c",
+        ),
+        ("redis://h:6379/0?client_name=foo:bar@baz", "redis://h:6379/0?client_name=foo:bar@baz"),
         # No password: nothing hidden.
         ("redis://user@host/0", "redis://user@host/0"),
         ("postgresql://h/db?application_name=a@b", "postgresql://h/db?application_name=a@b"),
