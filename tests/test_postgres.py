@@ -7,6 +7,7 @@ its own (``postgres_url``).
 
 from __future__ import annotations
 
+import _thread
 import os
 import signal
 import threading
@@ -494,6 +495,35 @@ def test_an_import_shares_members_between_two_sessions_and_stops_both_on_a_failu
         for cid in {row[0] for row in good}:
             mine = [(c.event.row, c.version) for c in changes if c.event.correlation_id == cid]
             assert mine == [(row, n + 1) for n, row in enumerate(r for r in good if r[0] == cid)]
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+@pytest.mark.postgres_server
+def test_ctrl_c_during_an_import_stops_every_session_after_its_chunk(postgres_url, postgres_server):
+    """A KeyboardInterrupt in the waiting thread went unheard until both sessions had
+    merged every chunk (`optin import` then even reported success)."""
+    store = PostgresStore(postgres_url, import_batch=10, import_connections=2)
+    rows = [_record(f"m{i:05d}", rid=f"r{i}").row for i in range(3000)]
+    merging = (
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE query LIKE '%WITH new AS%' AND pid <> pg_backend_pid()"
+    )
+
+    def interrupt_once_merging() -> None:
+        _until(lambda: postgres_server.execute(merging)[0][0] > 0, "a merge", timeout=30)
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt_once_merging, daemon=True).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            store.import_rows(iter(rows))
+        assert 0 < store.count_events() < len(rows)  # stopped early, chunks kept
+        assert _open_transactions(postgres_server) == []
+        kept = store.count_events()
+        assert store.import_rows(iter(rows)) == len(rows) - kept  # running it again completes
+        assert store.count_events() == len(rows)
     finally:
         store.close()
 

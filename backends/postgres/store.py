@@ -265,9 +265,13 @@ class PostgresStore(PostgresFeed):
             stop = threading.Event()
             with ThreadPoolExecutor(len(conns)) as threads:
                 shares = [threads.submit(self._merge_share, conn, stop) for conn in conns]
-                for done in as_completed(shares):
-                    if done.exception() is not None:
-                        stop.set()  # the others stop after their current chunk
+                try:
+                    for done in as_completed(shares):
+                        if done.exception() is not None:
+                            stop.set()  # the others stop after their current chunk
+                except BaseException:  # Ctrl-C: every session stops after its chunk
+                    stop.set()
+                    raise
             return sum(share.result() for share in shares)  # raises the first failure
 
     @contextlib.contextmanager
