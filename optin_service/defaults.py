@@ -128,7 +128,11 @@ def apply(config: MutableMapping[str, Any], environ: Mapping[str, str] | None = 
 
 #: Whole-number settings that must be above 0 (the others may be 0, none below):
 #: OPTIN_TRUSTED_PROXIES=-1 made Werkzeug believe the client's own X-Forwarded-For.
-_LEAST = {"OPTIN_MAX_BODY_BYTES": 1, "OPTIN_WEBHOOK_TIMEOUT_SECONDS": 1}
-#: Checked where they are read, with their own messages (a body timeout may be any
+_LEAST = {"OPTIN_MAX_BODY_BYTES": 1}
+#: Checked where they are read, with their own messages (a timeout may be any
 #: positive number).
-_CHECKED_ELSEWHERE = {"OPTIN_BODY_TIMEOUT_SECONDS", "OPTIN_CHANGES_RETENTION"}
+_CHECKED_ELSEWHERE = {
+    "OPTIN_BODY_TIMEOUT_SECONDS",
+    "OPTIN_CHANGES_RETENTION",
+    "OPTIN_WEBHOOK_TIMEOUT_SECONDS",
+}

@@ -322,7 +322,6 @@ def test_an_embedded_api_reads_only_its_hosts_config(monkeypatch):
         ("OPTIN_MAX_BODY_BYTES", "-1"),
         ("OPTIN_RETRY_AFTER_SECONDS", "-5"),
         ("OPTIN_REDIS_MIN_REPLICAS_ACKED", "-1"),
-        ("OPTIN_WEBHOOK_TIMEOUT_SECONDS", "0"),
     ],
 )
 def test_a_whole_number_setting_out_of_range_refuses_to_start(monkeypatch, name, value):
@@ -332,3 +331,10 @@ def test_a_whole_number_setting_out_of_range_refuses_to_start(monkeypatch, name,
     monkeypatch.delenv(name)
     with pytest.raises(ValueError, match=f"{name} must be a whole number"):
         create_app({"OPTIN_STORAGE_URL": "memory://", name: int(value)})
+
+
+def test_a_host_may_give_a_timeout_as_any_positive_number():
+    """Timeouts are checked where they are read, as positive numbers: a host app's 2.5."""
+    config = {"OPTIN_WEBHOOK_TIMEOUT_SECONDS": 2.5, "OPTIN_BODY_TIMEOUT_SECONDS": 0.5}
+    app = create_app({"OPTIN_STORAGE_URL": "memory://", **config})
+    assert app.config["OPTIN_WEBHOOK_TIMEOUT_SECONDS"] == 2.5
