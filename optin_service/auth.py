@@ -43,7 +43,6 @@ ALL_SCOPES = frozenset({READ, WRITE})
 #: Endpoints anyone may call: probes, scrapes and the API's own description.
 OPEN_ENDPOINTS = frozenset({"optin.healthz", "optin.readyz", "optin.metrics", "optin.openapi"})
 _NAME = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
-# Public key class (without "PublicKey") -> the algorithm names that use it.
 _DIGEST = re.compile(r"[0-9a-fA-F]{64}")
 
 

@@ -39,8 +39,8 @@ from werkzeug.exceptions import NotImplemented as NotImplementedHTTP
 
 def read_body(req: Request, limit: int, timeout: float) -> bytes:
     """The whole body of ``req``, at most ``limit`` bytes, read within ``timeout`` seconds."""
-    codings = req.headers.get("Transfer-Encoding", "")
-    if any(c.strip(" \t").lower() not in ("chunked", "") for c in codings.split(",")):
+    codings = req.headers.get("Transfer-Encoding")
+    if codings is not None and codings.strip(" \t").lower() != "chunked":
         # gunicorn undoes the chunking of "gzip, chunked", not the gzip: read as it
         # is, the body would be taken for what it is not.
         raise NotImplementedHTTP("Transfer-Encoding other than chunked is not supported")

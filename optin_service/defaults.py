@@ -115,15 +115,9 @@ def apply(config: MutableMapping[str, Any], environ: Mapping[str, str] | None = 
     for name, default in DEFAULTS.items():
         if name not in config:
             config[name] = _from_env(name, default, environ) if name in environ else default
-        value = config[name]
-        least = _LEAST.get(name, 0)
-        if (
-            isinstance(default, int)
-            and not isinstance(default, bool)
-            and name not in _CHECKED_ELSEWHERE
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be a whole number >= {least}, not {value!r}")
+        value, least = config[name], _LEAST.get(name, 0)
+        if name in _WHOLE_NUMBERS and (type(value) is not int or value < least):
+            raise ValueError(f"{name} must be a whole number >= {least}, not {value!r}")
 
 
 #: Whole-number settings that must be above 0 (the others may be 0, none below):
@@ -136,3 +130,4 @@ _CHECKED_ELSEWHERE = {
     "OPTIN_CHANGES_RETENTION",
     "OPTIN_WEBHOOK_TIMEOUT_SECONDS",
 }
+_WHOLE_NUMBERS = {n for n, d in DEFAULTS.items() if type(d) is int} - _CHECKED_ELSEWHERE

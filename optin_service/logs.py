@@ -49,13 +49,18 @@ def formatter(fmt: str) -> logging.Formatter:
     )
 
 
-#: Flask-Limiter's logger (it gives it a NullHandler: nothing shows unless set up).
-LIMITER = logging.getLogger("flask-limiter")
-#: Seconds between two records of one kind from Flask-Limiter reaching the log.
-LIMITER_LOG_INTERVAL = 60.0
-#: The storage side's loggers: the built-in backends', and psycopg's (its pool logs
-#: every failed connection attempt, at WARNING; at INFO, every connection handed out).
-STORAGE = (logging.getLogger("backends"), logging.getLogger("psycopg"))
+#: The loggers the standalone service shows besides its own, at this level unless set
+#: otherwise: Flask-Limiter's (it gives it a NullHandler: nothing shows unless set up),
+#: the built-in backends', and psycopg's (its pool logs every failed connection
+#: attempt at WARNING; at INFO, every connection handed out).
+SHOWN = {"flask-limiter": logging.INFO, "backends": logging.INFO, "psycopg": logging.WARNING}
+#: Libraries that can log on every request (Flask-Limiter, a failure to count; psycopg's
+#: pool, each connection attempt while the server is down): one line of a kind per
+#: :data:`LIBRARY_LOG_INTERVAL`. A filter sees its own logger's records only, not its
+#: children's, hence psycopg.pool by name.
+RATE_LIMITED = ("flask-limiter", "psycopg", "psycopg.pool")
+#: Seconds between two records of one kind from a library reaching the log.
+LIBRARY_LOG_INTERVAL = 60.0
 
 
 class OncePer(logging.Filter):
@@ -86,10 +91,8 @@ class OncePer(logging.Filter):
 
 
 def configure(fmt: str) -> None:
-    """Send the package's logs, Flask-Limiter's and the storage side's (:data:`STORAGE`)
-    to stderr in ``fmt`` (standalone service only). A library's at most one line of a
-    kind per :data:`LIMITER_LOG_INTERVAL`: Flask-Limiter can log a failure on every
-    request, psycopg's pool on every connection attempt while the server is down.
+    """Send the package's logs, and those of :data:`SHOWN`, to stderr in ``fmt``
+    (standalone service only), libraries rate-limited (:data:`RATE_LIMITED`).
 
     An app that embeds the API keeps its own logging set-up: the package's
     loggers only emit records, with structured fields in ``extra``.
@@ -101,15 +104,15 @@ def configure(fmt: str) -> None:
         handler.set_name(_HANDLER)
         log.addHandler(handler)
     handler.setFormatter(formatter(fmt))
-    backends, psycopg = STORAGE
-    levels = {log: logging.INFO, LIMITER: logging.INFO, backends: logging.INFO}
-    for logger, level in {**levels, psycopg: logging.WARNING}.items():
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
+    for name, level in SHOWN.items():
+        logger = logging.getLogger(name)
         if logger.level == logging.NOTSET:
             logger.setLevel(level)
-    for logger in (LIMITER, *STORAGE):
         if handler not in logger.handlers:
             logger.addHandler(handler)
-    # A logger's filters see the records made on it only, not its children's.
-    for library in (LIMITER, psycopg, logging.getLogger("psycopg.pool")):
+    for name in RATE_LIMITED:
+        library = logging.getLogger(name)
         if not any(isinstance(f, OncePer) for f in library.filters):
-            library.addFilter(OncePer(LIMITER_LOG_INTERVAL))
+            library.addFilter(OncePer(LIBRARY_LOG_INTERVAL))

@@ -107,7 +107,9 @@ def _userinfo(url: str) -> tuple[int, int, int] | None:
     start = _PREFIX.match(url).end()  # type: ignore[union-attr]
     if not url[:start].endswith("/"):
         start = len(url) - len(url.lstrip())  # "user:password@host": no scheme after all
-    query = url.find("?", start) % (len(url) + 1)  # none: the end
+    query = url.find("?", start)
+    if query < 0:
+        query = len(url)
     at = url.rfind("@", start, query)
     if at < 0 and "/" not in url[start:query]:  # "u:p?x@host": the "?" is the password's
         at = url.rfind("@", start)

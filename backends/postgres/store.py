@@ -268,10 +268,9 @@ class PostgresStore(PostgresFeed):
                 try:
                     for done in as_completed(shares):
                         if done.exception() is not None:
-                            stop.set()  # the others stop after their current chunk
-                except BaseException:  # Ctrl-C: every session stops after its chunk
+                            break
+                finally:  # a failure, or Ctrl-C: every session stops after its chunk
                     stop.set()
-                    raise
             return sum(share.result() for share in shares)  # raises the first failure
 
     @contextlib.contextmanager
